@@ -1,0 +1,174 @@
+//! Stable, client-visible error codes (listed in `docs/errors.md`) and input validation errors.
+
+use std::fmt;
+
+/// Every error a client can see. The snake_case string of a code never changes once released.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request body is not valid JSON, or a field has the wrong type or is missing.
+    InvalidJson,
+    /// A query parameter or other request part is malformed.
+    InvalidRequest,
+    InvalidChannel,
+    InvalidMessageId,
+    InvalidPosition,
+    InvalidTtl,
+    /// `name`, `headers` or `data` is malformed or over its own limit.
+    InvalidMessage,
+    MessageTooLarge,
+    BatchTooLarge,
+    /// The HTTP body is over the request size limit.
+    RequestTooLarge,
+    /// The same message id was published before on this channel with different content.
+    IdConflict,
+    /// The requested position is older than retention, from another epoch, or ahead of the stream.
+    ContinuityLost,
+    MessageNotFound,
+    NotFound,
+    MethodNotAllowed,
+    Unauthorized,
+    Forbidden,
+    /// The store hit an I/O error and refuses writes until a restart recovers it.
+    StorageFailed,
+    /// The store is shutting down or overloaded; nothing was accepted.
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidChannel,
+        ErrorCode::InvalidMessageId,
+        ErrorCode::InvalidPosition,
+        ErrorCode::InvalidTtl,
+        ErrorCode::InvalidMessage,
+        ErrorCode::MessageTooLarge,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::RequestTooLarge,
+        ErrorCode::IdConflict,
+        ErrorCode::ContinuityLost,
+        ErrorCode::MessageNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::StorageFailed,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::InvalidMessageId => "invalid_message_id",
+            ErrorCode::InvalidPosition => "invalid_position",
+            ErrorCode::InvalidTtl => "invalid_ttl",
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::BatchTooLarge => "batch_too_large",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::IdConflict => "id_conflict",
+            ErrorCode::ContinuityLost => "continuity_lost",
+            ErrorCode::MessageNotFound => "message_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::StorageFailed => "storage_failed",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status that carries this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidJson
+            | ErrorCode::InvalidRequest
+            | ErrorCode::InvalidChannel
+            | ErrorCode::InvalidMessageId
+            | ErrorCode::InvalidPosition
+            | ErrorCode::InvalidTtl
+            | ErrorCode::InvalidMessage => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::MessageNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::IdConflict => 409,
+            ErrorCode::ContinuityLost => 410,
+            ErrorCode::MessageTooLarge | ErrorCode::BatchTooLarge | ErrorCode::RequestTooLarge => {
+                413
+            }
+            ErrorCode::Internal => 500,
+            ErrorCode::StorageFailed | ErrorCode::Unavailable => 503,
+        }
+    }
+
+    /// Whether sending the same request again may succeed. Publishes carry ids, so a retry
+    /// after a retryable error never stores a message twice.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::StorageFailed | ErrorCode::Unavailable | ErrorCode::Internal
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Input that failed validation: a stable code plus a human message.
+#[derive(Clone, PartialEq, Eq, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidInput {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl InvalidInput {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn channel(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidChannel, message)
+    }
+    pub fn id(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidMessageId, message)
+    }
+    pub fn position(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidPosition, message)
+    }
+    pub fn ttl(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidTtl, message)
+    }
+    pub fn message(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidMessage, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let mut seen = std::collections::BTreeSet::new();
+        for code in ErrorCode::ALL {
+            let text = code.as_str();
+            assert!(text.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(seen.insert(text), "duplicate code {text}");
+            assert!((400..600).contains(&code.http_status()));
+        }
+    }
+}

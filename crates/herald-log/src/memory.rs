@@ -1,0 +1,229 @@
+//! [`MemoryStore`]: the in-memory log store, for tests and `storage.backend = "memory"`.
+//!
+//! Appends are "durable" as soon as they are in the store's record image. The image is what
+//! survives [`MemoryStore::crash_and_recover`], which rebuilds every index from it through
+//! the same recovery steps as the embedded log. Faults can be injected with
+//! [`MemoryStore::fail_next_append`].
+
+use std::sync::{Arc, RwLock};
+
+use herald_core::{ChannelName, Message, MessageId, NewMessage, Policies, StreamStatus};
+
+use crate::clock::Clock;
+use crate::store::{
+    AppendError, AppendTicket, LogStore, ReadError, ReadPage, ReadQuery, StoreError, StoreHealth,
+};
+use crate::table::{ChannelTable, ChannelTip, fetch_page};
+
+/// What the memory store keeps as its "disk".
+#[derive(Clone, Debug)]
+pub enum MemoryRecord {
+    Message(Arc<Message>),
+    Tip(ChannelTip),
+}
+
+pub struct MemoryStore {
+    state: RwLock<State>,
+    policies: Policies,
+    clock: Arc<dyn Clock>,
+}
+
+struct State {
+    table: ChannelTable<Arc<Message>>,
+    image: Vec<MemoryRecord>,
+    poisoned: Option<String>,
+    fail_next_append: Option<String>,
+}
+
+impl MemoryStore {
+    pub fn new(policies: Policies, clock: Arc<dyn Clock>) -> Self {
+        Self::from_image(Vec::new(), policies, clock).expect("an empty image is valid")
+    }
+
+    fn from_image(
+        image: Vec<MemoryRecord>,
+        policies: Policies,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let mut table = ChannelTable::default();
+        for (index, record) in image.iter().enumerate() {
+            let result = match record {
+                MemoryRecord::Message(message) => table.recover_message(message, message.clone()),
+                MemoryRecord::Tip(tip) => table.recover_tip(tip),
+            };
+            result.map_err(|detail| StoreError::Corrupt {
+                path: "memory".into(),
+                offset: index as u64,
+                detail,
+            })?;
+        }
+        Ok(Self {
+            state: RwLock::new(State {
+                table,
+                image,
+                poisoned: None,
+                fail_next_append: None,
+            }),
+            policies,
+            clock,
+        })
+    }
+
+    /// Simulates a crash and restart: a new store rebuilt from what was durable.
+    pub fn crash_and_recover(&self) -> Result<MemoryStore, StoreError> {
+        let image = self.read_state().image.clone();
+        Self::from_image(image, self.policies.clone(), self.clock.clone())
+    }
+
+    /// Makes the next append fail as a failed fsync would: the store is poisoned.
+    pub fn fail_next_append(&self, reason: &str) {
+        self.write_state().fail_next_append = Some(reason.to_owned());
+    }
+
+    /// Drops messages that are out of retention (or expired) and past the dedupe window,
+    /// preserving each emptied channel's tip. Returns how many messages were dropped.
+    pub fn reclaim(&self) -> usize {
+        let now = self.clock.now();
+        let mut state = self.write_state();
+        let state = &mut *state;
+        let mut dropped = 0;
+        let mut tips = Vec::new();
+        for stream in state.table.streams_mut() {
+            let policy = self.policies.for_channel(stream.channel()).clone();
+            let reclaimable: Vec<bool> = {
+                let mut flags = Vec::new();
+                let mut serial = stream.first_entry().map(|(serial, _)| serial);
+                while let Some(current) = serial {
+                    match stream.entry(current) {
+                        Some(entry) => {
+                            flags.push(stream.is_reclaimable(current, entry, &policy, now));
+                            serial = Some(current.next());
+                        }
+                        None => serial = None,
+                    }
+                }
+                flags
+            };
+            let mut flags = reclaimable.into_iter();
+            let count = stream.drop_front_while(|_, _| flags.next().unwrap_or(false));
+            if count > 0 {
+                dropped += count;
+                if stream.entry_count() == 0 {
+                    let (serial, chain, time) = stream.tip();
+                    tips.push(ChannelTip {
+                        channel: stream.channel().clone(),
+                        epoch: stream.epoch().clone(),
+                        serial,
+                        chain,
+                        time,
+                    });
+                }
+            }
+        }
+        if dropped > 0 {
+            let table = &state.table;
+            state.image.retain(|record| match record {
+                MemoryRecord::Message(message) => table
+                    .get(&message.channel)
+                    .and_then(|stream| stream.entry(message.serial))
+                    .is_some(),
+                MemoryRecord::Tip(_) => true,
+            });
+            state.image.extend(tips.into_iter().map(MemoryRecord::Tip));
+        }
+        dropped
+    }
+
+    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl LogStore for MemoryStore {
+    fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket {
+        let now = self.clock.now();
+        let mut state = self.write_state();
+        if let Some(reason) = state.fail_next_append.take() {
+            state.poisoned = Some(reason);
+        }
+        if let Some(reason) = &state.poisoned {
+            return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));
+        }
+        let sequenced = state
+            .table
+            .sequence(&channel, &batch, &self.policies, now, |message| {
+                Arc::new(message.clone())
+            });
+        let sequenced = match sequenced {
+            Ok(sequenced) => sequenced,
+            Err(error) => return AppendTicket::ready(Err(error)),
+        };
+        let mut top = None;
+        for message in &sequenced.new_messages {
+            let stored = state
+                .table
+                .get(&channel)
+                .and_then(|stream| stream.entry(message.serial))
+                .expect("just pushed")
+                .locator
+                .clone();
+            state.image.push(MemoryRecord::Message(stored));
+            top = Some(message.serial);
+        }
+        if let Some(top) = top {
+            state
+                .table
+                .get_mut(&channel)
+                .expect("stream exists")
+                .mark_durable(top);
+        }
+        AppendTicket::ready(Ok(sequenced.replies))
+    }
+
+    fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError> {
+        let now = self.clock.now();
+        let state = self.read_state();
+        let plan = state
+            .table
+            .plan_read(channel, query, &self.policies, now)
+            .map_err(ReadError::ContinuityLost)?;
+        fetch_page(plan, |message| Ok(Message::clone(message)))
+    }
+
+    fn message_by_id(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+    ) -> Result<Option<Message>, StoreError> {
+        let now = self.clock.now();
+        let state = self.read_state();
+        Ok(state
+            .table
+            .find_by_id(channel, id, &self.policies, now)
+            .map(|message| Message::clone(&message)))
+    }
+
+    fn channel_status(&self, channel: &ChannelName) -> Result<Option<StreamStatus>, StoreError> {
+        let now = self.clock.now();
+        Ok(self.read_state().table.status(channel, &self.policies, now))
+    }
+
+    fn health(&self) -> StoreHealth {
+        match &self.read_state().poisoned {
+            Some(reason) => StoreHealth::Poisoned(reason.clone()),
+            None => StoreHealth::Ok,
+        }
+    }
+
+    fn policies(&self) -> &Policies {
+        &self.policies
+    }
+}

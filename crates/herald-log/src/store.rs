@@ -1,0 +1,160 @@
+//! The [`LogStore`] trait: what the server needs from a durable channel log.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use herald_core::{
+    ChannelName, ContinuityLost, InvalidInput, Message, MessageId, NewMessage, Policies, Position,
+    ReadFrom, SkippedRange, StreamStatus,
+};
+use tokio::sync::oneshot;
+
+/// The outcome for one message of an accepted batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Appended {
+    pub id: MessageId,
+    pub position: Position,
+    /// True when the id was accepted before with the same content: `position` is the original.
+    pub duplicate: bool,
+}
+
+/// Why an append was refused. In every case nothing of the batch was stored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    #[error(
+        "message id {id} was already used on this channel with different content (at {position})"
+    )]
+    IdConflict { id: MessageId, position: Position },
+    #[error("{0}")]
+    Invalid(InvalidInput),
+    /// A write or fsync failed earlier; the store refuses every append until restarted.
+    #[error("storage failed: {0}; no writes are accepted until the server restarts")]
+    Poisoned(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A pending append; resolves once the batch is durable (or refused).
+pub struct AppendTicket(oneshot::Receiver<Result<Vec<Appended>, AppendError>>);
+
+impl AppendTicket {
+    /// A ticket and the sender that completes it.
+    pub fn channel() -> (
+        oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+        AppendTicket,
+    ) {
+        let (sender, receiver) = oneshot::channel();
+        (sender, AppendTicket(receiver))
+    }
+
+    /// A ticket that is already complete.
+    pub fn ready(result: Result<Vec<Appended>, AppendError>) -> AppendTicket {
+        let (sender, ticket) = Self::channel();
+        let _ = sender.send(result);
+        ticket
+    }
+
+    /// Blocks the current thread until the append completes (for tests and tools without a runtime).
+    pub fn wait(self) -> Result<Vec<Appended>, AppendError> {
+        self.0.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+}
+
+impl Future for AppendTicket {
+    type Output = Result<Vec<Appended>, AppendError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|result| result.unwrap_or(Err(AppendError::Closed)))
+    }
+}
+
+/// A read of one page of a channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadQuery {
+    /// Oldest first, starting after a position (or at the oldest retained message).
+    Forward { from: ReadFrom, limit: usize },
+    /// Newest first, strictly before a position.
+    Backward { before: Position, limit: usize },
+}
+
+/// One page of messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadPage {
+    pub messages: Vec<Message>,
+    /// Serial ranges passed over because the messages' TTL ran out.
+    pub skipped: Vec<SkippedRange>,
+    /// Cursor for the next page in the same direction (`None` for a channel with no messages).
+    pub next: Option<Position>,
+    pub top: Option<Position>,
+    pub more: bool,
+}
+
+impl ReadPage {
+    pub fn empty() -> Self {
+        Self {
+            messages: Vec::new(),
+            skipped: Vec::new(),
+            next: None,
+            top: None,
+            more: false,
+        }
+    }
+}
+
+/// Storage problems: I/O errors and detected corruption.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("I/O error on {path}: {detail}")]
+    Io { path: String, detail: String },
+    #[error("corrupt log: {path} at offset {offset}: {detail}")]
+    Corrupt {
+        path: String,
+        offset: u64,
+        detail: String,
+    },
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+    #[error("storage failed: {0}")]
+    Poisoned(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("continuity lost ({})", .0.reason.as_str())]
+    ContinuityLost(ContinuityLost),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Health of a store as reported by readiness checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Appends are refused until restart; reads of durable data still work.
+    Poisoned(String),
+}
+
+/// A durable, per-channel ordered log. All methods are cheap to call concurrently.
+///
+/// # Contract (checked by [`crate::conformance`])
+/// - `append` resolves `Ok` only once every new message of the batch is durable; a batch is
+///   all-or-nothing; ids are deduplicated per channel (same content: the original position
+///   with `duplicate: true`; different content: `IdConflict`).
+/// - reads return only durable messages, within retention, whose TTL has not run out.
+pub trait LogStore: Send + Sync + 'static {
+    fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket;
+    fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError>;
+    fn message_by_id(
+        &self,
+        channel: &ChannelName,
+        id: &MessageId,
+    ) -> Result<Option<Message>, StoreError>;
+    /// `None` when the channel has never had a message.
+    fn channel_status(&self, channel: &ChannelName) -> Result<Option<StreamStatus>, StoreError>;
+    fn health(&self) -> StoreHealth;
+    fn policies(&self) -> &Policies;
+}
