@@ -82,7 +82,7 @@ impl MemoryStore {
 
     /// Drops messages that are out of retention (or expired) and past the dedupe window,
     /// preserving each emptied channel's tip. Returns how many messages were dropped.
-    pub fn reclaim(&self) -> usize {
+    fn reclaim_now(&self) -> usize {
         let now = self.clock.now();
         let mut state = self.write_state();
         let state = &mut *state;
@@ -225,5 +225,9 @@ impl LogStore for MemoryStore {
 
     fn policies(&self) -> &Policies {
         &self.policies
+    }
+
+    fn reclaim(&self) -> Result<usize, StoreError> {
+        Ok(self.reclaim_now())
     }
 }

@@ -157,4 +157,7 @@ pub trait LogStore: Send + Sync + 'static {
     fn channel_status(&self, channel: &ChannelName) -> Result<Option<StreamStatus>, StoreError>;
     fn health(&self) -> StoreHealth;
     fn policies(&self) -> &Policies;
+    /// Frees storage of messages that are out of retention (or expired) and past the dedupe
+    /// window. Blocking; returns how many messages were dropped.
+    fn reclaim(&self) -> Result<usize, StoreError>;
 }

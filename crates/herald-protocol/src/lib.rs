@@ -1,0 +1,1 @@
+//! # herald-protocol (placeholder until the HTTP types land)
