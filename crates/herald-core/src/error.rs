@@ -25,6 +25,8 @@ pub enum ErrorCode {
     /// The requested position is older than retention, from another epoch, or ahead of the stream.
     ContinuityLost,
     MessageNotFound,
+    /// The channel has never had a message.
+    ChannelNotFound,
     NotFound,
     MethodNotAllowed,
     Unauthorized,
@@ -51,6 +53,7 @@ impl ErrorCode {
         ErrorCode::IdConflict,
         ErrorCode::ContinuityLost,
         ErrorCode::MessageNotFound,
+        ErrorCode::ChannelNotFound,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::Unauthorized,
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::IdConflict => "id_conflict",
             ErrorCode::ContinuityLost => "continuity_lost",
             ErrorCode::MessageNotFound => "message_not_found",
+            ErrorCode::ChannelNotFound => "channel_not_found",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Unauthorized => "unauthorized",
@@ -97,7 +101,7 @@ impl ErrorCode {
             | ErrorCode::InvalidMessage => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
-            ErrorCode::MessageNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MessageNotFound | ErrorCode::ChannelNotFound | ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::IdConflict => 409,
             ErrorCode::ContinuityLost => 410,
@@ -169,6 +173,27 @@ mod tests {
             assert!(text.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
             assert!(seen.insert(text), "duplicate code {text}");
             assert!((400..600).contains(&code.http_status()));
+        }
+    }
+
+    /// docs/errors.md is the published list: every code must be there with its status and
+    /// retryability, and nothing may be listed that the code does not know.
+    #[test]
+    fn docs_list_every_code() {
+        let docs = include_str!("../../../docs/errors.md");
+        let mut listed = std::collections::BTreeSet::new();
+        for line in docs.lines().filter(|line| line.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            listed.insert(cells[1].trim_matches('`').to_owned());
+            let code = ErrorCode::ALL
+                .iter()
+                .find(|code| code.as_str() == cells[1].trim_matches('`'))
+                .unwrap_or_else(|| panic!("docs/errors.md lists unknown code {}", cells[1]));
+            assert_eq!(cells[2], code.http_status().to_string(), "status of {code}");
+            assert_eq!(cells[3] == "yes", code.retryable(), "retryable of {code}");
+        }
+        for code in ErrorCode::ALL {
+            assert!(listed.contains(code.as_str()), "docs/errors.md misses {code}");
         }
     }
 }
