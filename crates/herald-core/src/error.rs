@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// The store is shutting down or overloaded; nothing was accepted.
     Unavailable,
     Internal,
+    /// The request did not complete in time; a publish may or may not have been stored
+    /// (retry it with the same id).
+    Timeout,
 }
 
 impl ErrorCode {
@@ -61,6 +64,7 @@ impl ErrorCode {
         ErrorCode::StorageFailed,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Timeout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::StorageFailed => "storage_failed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Timeout => "timeout",
         }
     }
 
@@ -109,7 +114,7 @@ impl ErrorCode {
                 413
             }
             ErrorCode::Internal => 500,
-            ErrorCode::StorageFailed | ErrorCode::Unavailable => 503,
+            ErrorCode::StorageFailed | ErrorCode::Unavailable | ErrorCode::Timeout => 503,
         }
     }
 
@@ -118,7 +123,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            ErrorCode::StorageFailed | ErrorCode::Unavailable | ErrorCode::Internal
+            ErrorCode::StorageFailed
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::Timeout
         )
     }
 }

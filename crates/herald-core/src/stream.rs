@@ -677,3 +677,750 @@ fn partition_point<T>(
         front.len() + back.partition_point(before)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::message::Data;
+    use crate::policy::{DEDUPE_WINDOW_MS_MIN, Retention};
+
+    /// Locators in these tests are the serial the entry was pushed at, so a plan's locators
+    /// can be checked against its serials.
+    type Stream = ChannelStream<u64>;
+
+    const T0: Timestamp = Timestamp(1_000_000);
+
+    fn epoch() -> Epoch {
+        Epoch::parse("e1").unwrap()
+    }
+
+    fn stream() -> Stream {
+        ChannelStream::new(ChannelName::parse("room").unwrap(), epoch())
+    }
+
+    fn at(serial: u64) -> Position {
+        Position::new(epoch(), Serial(serial))
+    }
+
+    fn message(id: &str, data: &str) -> NewMessage {
+        NewMessage {
+            id: MessageId::parse(id).unwrap(),
+            name: None,
+            headers: BTreeMap::new(),
+            data: Data::Json(Bytes::copy_from_slice(data.as_bytes())),
+            ttl_ms: None,
+        }
+    }
+
+    fn with_ttl(mut message: NewMessage, ttl_ms: u64) -> NewMessage {
+        message.ttl_ms = Some(ttl_ms);
+        message
+    }
+
+    fn policy() -> NamespacePolicy {
+        NamespacePolicy::default()
+    }
+
+    fn retention(messages_max: u64, bytes_max: u64, max_age_ms: u64) -> NamespacePolicy {
+        NamespacePolicy {
+            retention: Retention {
+                max_age_ms,
+                messages_max,
+                bytes_max,
+            },
+            ..NamespacePolicy::default()
+        }
+    }
+
+    /// Plans a batch, pushes the new messages and marks them durable, as a store does.
+    fn commit(
+        stream: &mut Stream,
+        batch: &[NewMessage],
+        policy: &NamespacePolicy,
+        now: Timestamp,
+    ) -> Result<Vec<Sequenced>, PlanRejection> {
+        let planned = stream.plan(batch, policy, now)?;
+        push_new(stream, &planned);
+        stream.mark_durable(stream.tip().0);
+        Ok(planned)
+    }
+
+    fn push_new(stream: &mut Stream, planned: &[Sequenced]) {
+        for decision in planned {
+            if let Sequenced::New(message) = decision {
+                stream.push(message, message.serial.0);
+            }
+        }
+    }
+
+    /// `n` messages `m1..mN` with 10 bytes of data each, committed one per call at `now`.
+    fn commit_numbered(stream: &mut Stream, range: std::ops::RangeInclusive<u64>, now: Timestamp) {
+        for n in range {
+            commit(
+                stream,
+                &[message(&format!("m{n}"), &format!("{n:010}"))],
+                &policy(),
+                now,
+            )
+            .unwrap();
+        }
+    }
+
+    fn new_serials(planned: &[Sequenced]) -> Vec<u64> {
+        planned
+            .iter()
+            .filter_map(|decision| match decision {
+                Sequenced::New(message) => Some(message.serial.0),
+                Sequenced::Duplicate { .. } => None,
+            })
+            .collect()
+    }
+
+    fn plan_serials(plan: &ReadPlan<u64>) -> Vec<u64> {
+        for (serial, locator) in &plan.entries {
+            assert_eq!(serial.0, *locator, "a plan's locator belongs to its serial");
+        }
+        plan.entries.iter().map(|(serial, _)| serial.0).collect()
+    }
+
+    fn skip(from: u64, to: u64) -> SkippedRange {
+        SkippedRange {
+            from: Serial(from),
+            to: Serial(to),
+            reason: SkipReason::Expired,
+        }
+    }
+
+    fn forward(stream: &Stream, from: ReadFrom, limit: usize, now: Timestamp) -> ReadPlan<u64> {
+        stream
+            .plan_read_forward(&from, limit, &policy(), now)
+            .unwrap()
+    }
+
+    // ----- sequencing ----------------------------------------------------------------------
+
+    #[test]
+    fn serials_start_at_one_and_the_chain_starts_at_genesis() {
+        let mut stream = stream();
+        let batch = [message("a", "1"), message("b", "2"), message("c", "3")];
+        let planned = commit(&mut stream, &batch, &policy(), T0).unwrap();
+        let mut chain = ChainHash::genesis(&epoch());
+        for (index, decision) in planned.iter().enumerate() {
+            let Sequenced::New(message) = decision else {
+                panic!("{decision:?} should be new");
+            };
+            let serial = Serial(index as u64 + 1);
+            chain = chain.next(serial, &batch[index].id, &batch[index].data);
+            assert_eq!(message.serial, serial);
+            assert_eq!(message.epoch, epoch());
+            assert_eq!(message.time, T0);
+            assert_eq!(message.chain, chain);
+        }
+        assert_eq!(stream.tip(), (Serial(3), chain, T0));
+        assert_eq!(stream.durable_top(), Serial(3));
+    }
+
+    #[test]
+    fn time_never_decreases_even_when_the_clock_goes_back() {
+        let mut stream = stream();
+        commit(&mut stream, &[message("a", "1")], &policy(), T0).unwrap();
+        let planned = commit(&mut stream, &[message("b", "2")], &policy(), Timestamp(5)).unwrap();
+        let Sequenced::New(second) = &planned[0] else {
+            panic!("new message expected");
+        };
+        assert_eq!(second.time, T0, "time stays at the latest time seen");
+        let later = T0.plus_ms(10);
+        let planned = commit(&mut stream, &[message("c", "3")], &policy(), later).unwrap();
+        let Sequenced::New(third) = &planned[0] else {
+            panic!("new message expected");
+        };
+        assert_eq!(third.time, later);
+    }
+
+    #[test]
+    fn duplicates_inside_a_batch_and_against_earlier_batches_get_the_original_serial() {
+        let mut stream = stream();
+        let planned = commit(
+            &mut stream,
+            &[message("a", "1"), message("a", "1"), message("b", "2")],
+            &policy(),
+            T0,
+        )
+        .unwrap();
+        assert_eq!(new_serials(&planned), vec![1, 2]);
+        assert_eq!(
+            planned[1],
+            Sequenced::Duplicate {
+                id: MessageId::parse("a").unwrap(),
+                serial: Serial(1)
+            }
+        );
+        let planned = commit(
+            &mut stream,
+            &[message("c", "3"), message("b", "2")],
+            &policy(),
+            T0,
+        )
+        .unwrap();
+        assert_eq!(new_serials(&planned), vec![3]);
+        assert_eq!(
+            planned[1],
+            Sequenced::Duplicate {
+                id: MessageId::parse("b").unwrap(),
+                serial: Serial(2)
+            }
+        );
+        // A batch of only retries assigns nothing.
+        let planned = commit(&mut stream, &[message("a", "1")], &policy(), T0).unwrap();
+        assert!(new_serials(&planned).is_empty());
+        assert_eq!(stream.tip().0, Serial(3));
+    }
+
+    #[test]
+    fn an_id_conflict_rejects_the_whole_batch_and_changes_nothing() {
+        let mut stream = stream();
+        commit(&mut stream, &[message("a", "1")], &policy(), T0).unwrap();
+        let tip = stream.tip();
+        let batch = [message("b", "2"), message("a", "changed")];
+        assert_eq!(
+            stream.plan(&batch, &policy(), T0),
+            Err(PlanRejection::IdConflict {
+                id: MessageId::parse("a").unwrap(),
+                serial: Serial(1)
+            })
+        );
+        // Reusing an id with another TTL is a conflict too: TTL is part of the content.
+        assert!(matches!(
+            stream.plan(&[with_ttl(message("a", "1"), 5_000)], &policy(), T0),
+            Err(PlanRejection::IdConflict { .. })
+        ));
+        // Inside one batch.
+        assert!(matches!(
+            stream.plan(&[message("c", "3"), message("c", "4")], &policy(), T0),
+            Err(PlanRejection::IdConflict { ref id, .. }) if id.as_str() == "c"
+        ));
+        // A TTL outside the namespace bounds.
+        match stream.plan(
+            &[message("d", "4"), with_ttl(message("e", "5"), 10)],
+            &policy(),
+            T0,
+        ) {
+            Err(PlanRejection::Invalid(invalid)) => assert_eq!(invalid.code, ErrorCode::InvalidTtl),
+            other => panic!("expected invalid ttl, got {other:?}"),
+        }
+        assert_eq!(stream.tip(), tip);
+        assert_eq!(stream.entry_count(), 1);
+        assert_eq!(stream.serial_of(&MessageId::parse("b").unwrap()), None);
+        let planned = commit(&mut stream, &[message("b", "2")], &policy(), T0).unwrap();
+        assert_eq!(new_serials(&planned), vec![2], "no serial was burnt");
+    }
+
+    // ----- durability ----------------------------------------------------------------------
+
+    #[test]
+    fn readers_only_see_durable_entries() {
+        let mut stream = stream();
+        commit(&mut stream, &[message("a", "1")], &policy(), T0).unwrap();
+        let planned = stream.plan(&[message("b", "2")], &policy(), T0).unwrap();
+        push_new(&mut stream, &planned);
+        assert_eq!(stream.tip().0, Serial(2));
+        assert_eq!(stream.durable_top(), Serial(1));
+
+        let plan = forward(&stream, ReadFrom::Oldest, 10, T0);
+        assert_eq!(plan_serials(&plan), vec![1]);
+        assert_eq!(plan.top, Some(at(1)));
+        assert!(!plan.more);
+        let backward = stream
+            .plan_read_backward(&at(2), 10, &policy(), T0)
+            .unwrap();
+        assert_eq!(plan_serials(&backward), vec![1]);
+        let lost = stream
+            .plan_read_forward(&ReadFrom::After(at(2)), 10, &policy(), T0)
+            .unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::AheadOfTop);
+        let b = MessageId::parse("b").unwrap();
+        assert_eq!(stream.find_by_id(&b, &policy(), T0), None);
+        assert_eq!(stream.status(&policy(), T0).messages, 1);
+        // A retry while the first attempt is still being written is still a duplicate.
+        assert_eq!(stream.serial_of(&b), Some(Serial(2)));
+        let retry = stream.plan(&[message("b", "2")], &policy(), T0).unwrap();
+        assert_eq!(
+            retry,
+            vec![Sequenced::Duplicate {
+                id: b.clone(),
+                serial: Serial(2)
+            }]
+        );
+
+        stream.mark_durable(Serial(2));
+        assert_eq!(
+            plan_serials(&forward(&stream, ReadFrom::Oldest, 10, T0)),
+            vec![1, 2]
+        );
+        assert_eq!(stream.find_by_id(&b, &policy(), T0), Some((Serial(2), 2)));
+    }
+
+    #[test]
+    fn a_new_stream_reads_as_empty() {
+        let stream = stream();
+        let plan = forward(&stream, ReadFrom::Oldest, 10, T0);
+        assert!(plan.entries.is_empty() && !plan.more);
+        assert_eq!(plan.top, None);
+        let lost = stream
+            .plan_read_forward(&ReadFrom::After(at(1)), 10, &policy(), T0)
+            .unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::AheadOfTop);
+        assert_eq!((lost.first_available, lost.top), (None, None));
+    }
+
+    // ----- retention -----------------------------------------------------------------------
+
+    #[test]
+    fn retention_by_count() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=8, T0);
+        let policy = retention(3, u64::MAX, u64::MAX);
+        assert_eq!(stream.first_retained(&policy, T0), Serial(6));
+        let plan = stream
+            .plan_read_forward(&ReadFrom::Oldest, 10, &policy, T0)
+            .unwrap();
+        assert_eq!(plan_serials(&plan), vec![6, 7, 8]);
+        let status = stream.status(&policy, T0);
+        assert_eq!(
+            (status.first, status.messages, status.bytes),
+            (Some(at(6)), 3, 30)
+        );
+    }
+
+    #[test]
+    fn retention_by_bytes_keeps_the_longest_suffix_that_fits() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=5, T0);
+        // 10 bytes each: 25 bytes hold two messages, 30 hold three.
+        assert_eq!(
+            stream.first_retained(&retention(100, 25, u64::MAX), T0),
+            Serial(4)
+        );
+        assert_eq!(
+            stream.first_retained(&retention(100, 30, u64::MAX), T0),
+            Serial(3)
+        );
+        assert_eq!(
+            stream.first_retained(&retention(100, 9, u64::MAX), T0),
+            Serial(6)
+        );
+        // After the front was reclaimed the bound is still a suffix of what is left.
+        stream.drop_front_while(|serial, _| serial.0 <= 2);
+        assert_eq!(
+            stream.first_retained(&retention(100, 25, u64::MAX), T0),
+            Serial(4)
+        );
+        assert_eq!(
+            stream.first_retained(&retention(100, 1000, u64::MAX), T0),
+            Serial(3)
+        );
+    }
+
+    #[test]
+    fn retention_by_age() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=2, T0);
+        commit_numbered(&mut stream, 3..=4, T0.plus_ms(5_000));
+        let policy = retention(100, u64::MAX, 10_000);
+        assert_eq!(stream.first_retained(&policy, T0.plus_ms(9_999)), Serial(1));
+        assert_eq!(
+            stream.first_retained(&policy, T0.plus_ms(10_000)),
+            Serial(3)
+        );
+        assert_eq!(
+            stream.first_retained(&policy, T0.plus_ms(15_000)),
+            Serial(5)
+        );
+        let status = stream.status(&policy, T0.plus_ms(15_000));
+        assert_eq!(
+            (status.first, status.top, status.messages),
+            (None, at(4), 0)
+        );
+    }
+
+    #[test]
+    fn the_tightest_retention_bound_wins() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=2, T0);
+        commit_numbered(&mut stream, 3..=6, T0.plus_ms(5_000));
+        let now = T0.plus_ms(10_000);
+        assert_eq!(
+            stream.first_retained(&retention(5, 45, 10_000), now),
+            Serial(3)
+        );
+        assert_eq!(
+            stream.first_retained(&retention(2, 45, 10_000), now),
+            Serial(5)
+        );
+        assert_eq!(
+            stream.first_retained(&retention(5, 15, 10_000), now),
+            Serial(6)
+        );
+    }
+
+    // ----- TTL -----------------------------------------------------------------------------
+
+    /// Serials 1..=7 where 2, 3 and 6 have a 2 s TTL (expired from `T0 + 2 s`).
+    fn stream_with_expiring_messages() -> Stream {
+        let mut stream = stream();
+        let batch: Vec<NewMessage> = (1..=7)
+            .map(|n| {
+                let message = message(&format!("m{n}"), "0");
+                if [2, 3, 6].contains(&n) {
+                    with_ttl(message, 2_000)
+                } else {
+                    message
+                }
+            })
+            .collect();
+        commit(&mut stream, &batch, &policy(), T0).unwrap();
+        stream
+    }
+
+    #[test]
+    fn expired_messages_are_skipped_forward_with_their_ranges() {
+        let stream = stream_with_expiring_messages();
+        let before_expiry = forward(&stream, ReadFrom::Oldest, 10, T0.plus_ms(1_999));
+        assert_eq!(plan_serials(&before_expiry), (1..=7).collect::<Vec<_>>());
+        assert!(before_expiry.skipped.is_empty());
+
+        let now = T0.plus_ms(2_000);
+        let plan = forward(&stream, ReadFrom::Oldest, 10, now);
+        assert_eq!(plan_serials(&plan), vec![1, 4, 5, 7]);
+        assert_eq!(plan.skipped, vec![skip(2, 3), skip(6, 6)]);
+        assert_eq!((plan.next, plan.more), (Some(at(7)), false));
+
+        // A page that fills up stops right after its last message.
+        let plan = forward(&stream, ReadFrom::After(at(1)), 1, now);
+        assert_eq!(plan_serials(&plan), vec![4]);
+        assert_eq!(plan.skipped, vec![skip(2, 3)]);
+        assert_eq!((plan.next, plan.more), (Some(at(4)), true));
+        let plan = forward(&stream, ReadFrom::After(at(5)), 5, now);
+        assert_eq!(plan_serials(&plan), vec![7]);
+        assert_eq!(plan.skipped, vec![skip(6, 6)]);
+
+        let status = stream.status(&policy(), now);
+        assert_eq!((status.first, status.messages), (Some(at(1)), 4));
+    }
+
+    #[test]
+    fn expired_messages_are_skipped_backward_newest_first() {
+        let stream = stream_with_expiring_messages();
+        let now = T0.plus_ms(2_000);
+        let plan = stream
+            .plan_read_backward(&at(8), 10, &policy(), now)
+            .unwrap();
+        assert_eq!(plan_serials(&plan), vec![7, 5, 4, 1]);
+        assert_eq!(plan.skipped, vec![skip(6, 6), skip(2, 3)]);
+        // `next` is the `before=` of the following page: the oldest serial this one covered.
+        assert_eq!((plan.next, plan.more), (Some(at(1)), false));
+        let plan = stream
+            .plan_read_backward(&at(4), 1, &policy(), now)
+            .unwrap();
+        assert_eq!(plan_serials(&plan), vec![1]);
+        assert_eq!(plan.skipped, vec![skip(2, 3)]);
+    }
+
+    #[test]
+    fn first_available_skips_expired_messages_at_the_front() {
+        let mut stream = stream();
+        let batch = [
+            with_ttl(message("a", "1"), 1_000),
+            with_ttl(message("b", "2"), 1_000),
+            message("c", "3"),
+        ];
+        commit(&mut stream, &batch, &policy(), T0).unwrap();
+        let status = stream.status(&policy(), T0.plus_ms(1_000));
+        assert_eq!(status.first, Some(at(3)));
+        let lost = stream
+            .plan_read_forward(&ReadFrom::After(at(9)), 10, &policy(), T0.plus_ms(1_000))
+            .unwrap_err();
+        assert_eq!(lost.first_available, Some(at(3)));
+    }
+
+    // ----- continuity ----------------------------------------------------------------------
+
+    #[test]
+    fn positions_that_cannot_be_continued_are_refused_with_the_reason() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=6, T0);
+        let policy = retention(3, u64::MAX, u64::MAX);
+        let read = |position: Position| {
+            stream.plan_read_forward(&ReadFrom::After(position), 10, &policy, T0)
+        };
+
+        let other = Position::new(Epoch::parse("e2").unwrap(), Serial(2));
+        let lost = read(other.clone()).unwrap_err();
+        assert_eq!(
+            lost,
+            ContinuityLost {
+                reason: ContinuityReason::EpochChanged,
+                requested: other.clone(),
+                first_available: Some(at(4)),
+                top: Some(at(6)),
+            }
+        );
+        let lost = stream
+            .plan_read_backward(&other, 10, &policy, T0)
+            .unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::EpochChanged);
+
+        let lost = read(at(2)).unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::Retention);
+        assert_eq!(lost.first_available, Some(at(4)));
+        assert_eq!(lost.requested, at(2));
+        // The position just before the first retained message continues without a gap.
+        assert_eq!(plan_serials(&read(at(3)).unwrap()), vec![4, 5, 6]);
+
+        let lost = read(at(7)).unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::AheadOfTop);
+        let lost = stream
+            .plan_read_backward(&at(8), 10, &policy, T0)
+            .unwrap_err();
+        assert_eq!(lost.reason, ContinuityReason::AheadOfTop);
+        // The top itself is a fine place to wait for more.
+        let plan = read(at(6)).unwrap();
+        assert!(plan.entries.is_empty());
+        assert_eq!((plan.next, plan.more), (Some(at(6)), false));
+    }
+
+    // ----- paging --------------------------------------------------------------------------
+
+    #[test]
+    fn forward_pages_resume_from_next_until_more_is_false() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=7, T0);
+        let mut seen = Vec::new();
+        let mut from = ReadFrom::Oldest;
+        let mut pages = 0;
+        loop {
+            let plan = forward(&stream, from.clone(), 3, T0);
+            pages += 1;
+            seen.extend(plan_serials(&plan));
+            assert_eq!(plan.next, Some(at(*seen.last().unwrap())));
+            assert_eq!(plan.top, Some(at(7)));
+            if !plan.more {
+                break;
+            }
+            from = ReadFrom::After(plan.next.unwrap());
+        }
+        assert_eq!(seen, (1..=7).collect::<Vec<_>>());
+        assert_eq!(pages, 3);
+    }
+
+    #[test]
+    fn backward_pages_resume_from_next_until_more_is_false() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=7, T0);
+        let policy = retention(6, u64::MAX, u64::MAX);
+        let mut seen = Vec::new();
+        let mut before = at(8);
+        loop {
+            let plan = stream.plan_read_backward(&before, 4, &policy, T0).unwrap();
+            seen.extend(plan_serials(&plan));
+            before = plan.next.unwrap();
+            assert_eq!(before, at(*seen.last().unwrap()));
+            if !plan.more {
+                break;
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![7, 6, 5, 4, 3, 2],
+            "stops at the first retained message"
+        );
+        let plan = stream.plan_read_backward(&at(2), 4, &policy, T0).unwrap();
+        assert!(plan.entries.is_empty() && !plan.more);
+    }
+
+    // ----- lookups -------------------------------------------------------------------------
+
+    #[test]
+    fn find_by_id_respects_retention_and_expiry() {
+        let mut stream = stream();
+        let batch = [
+            message("old", "1"),
+            with_ttl(message("short", "2"), 1_000),
+            message("kept", "3"),
+        ];
+        commit(&mut stream, &batch, &policy(), T0).unwrap();
+        let id = |text: &str| MessageId::parse(text).unwrap();
+        assert_eq!(
+            stream.find_by_id(&id("old"), &policy(), T0),
+            Some((Serial(1), 1))
+        );
+        let keep_two = retention(2, u64::MAX, u64::MAX);
+        assert_eq!(stream.find_by_id(&id("old"), &keep_two, T0), None);
+        assert_eq!(
+            stream.find_by_id(&id("short"), &policy(), T0.plus_ms(1_000)),
+            None
+        );
+        assert_eq!(
+            stream.find_by_id(&id("kept"), &policy(), T0.plus_ms(1_000)),
+            Some((Serial(3), 3))
+        );
+        assert_eq!(stream.find_by_id(&id("never"), &policy(), T0), None);
+    }
+
+    // ----- reclaim -------------------------------------------------------------------------
+
+    #[test]
+    fn drop_front_while_forgets_ids_but_keeps_the_tip() {
+        let mut stream = stream();
+        commit_numbered(&mut stream, 1..=4, T0);
+        let tip = stream.tip();
+        assert_eq!(stream.drop_front_while(|serial, _| serial.0 <= 2), 2);
+        assert_eq!(
+            stream.first_entry().map(|(serial, _)| serial),
+            Some(Serial(3))
+        );
+        assert_eq!(stream.tip(), tip);
+        assert_eq!(stream.serial_of(&MessageId::parse("m1").unwrap()), None);
+        assert_eq!(
+            plan_serials(&forward(&stream, ReadFrom::Oldest, 10, T0)),
+            vec![3, 4]
+        );
+        let lost = stream
+            .plan_read_forward(&ReadFrom::After(at(1)), 10, &policy(), T0)
+            .unwrap_err();
+        assert_eq!(
+            (lost.reason, lost.first_available),
+            (ContinuityReason::Retention, Some(at(3)))
+        );
+
+        // Never drops entries that are not durable yet.
+        let planned = stream.plan(&[message("m5", "5")], &policy(), T0).unwrap();
+        push_new(&mut stream, &planned);
+        assert_eq!(stream.drop_front_while(|_, _| true), 2);
+        assert_eq!(stream.entry_count(), 1);
+        assert_eq!(
+            stream.first_entry().map(|(serial, _)| serial),
+            Some(Serial(5))
+        );
+
+        // Dropping everything keeps serial, chain and time going.
+        stream.mark_durable(Serial(5));
+        let tip = stream.tip();
+        assert_eq!(stream.drop_front_while(|_, _| true), 1);
+        assert_eq!(stream.entry_count(), 0);
+        assert_eq!(stream.tip(), tip);
+        let planned = stream
+            .plan(&[message("m6", "6")], &policy(), Timestamp(0))
+            .unwrap();
+        let Sequenced::New(next) = &planned[0] else {
+            panic!("new message expected");
+        };
+        assert_eq!(next.serial, Serial(6));
+        assert_eq!(next.chain, tip.1.next(Serial(6), &next.id, &next.data));
+        assert_eq!(next.time, tip.2);
+    }
+
+    #[test]
+    fn entries_are_reclaimable_only_when_gone_and_past_the_dedupe_window() {
+        let mut stream = stream();
+        let batch = [
+            message("a", "1"),
+            with_ttl(message("b", "2"), 1_000),
+            message("c", "3"),
+        ];
+        commit(&mut stream, &batch, &policy(), T0).unwrap();
+        // The age bound is short, so the 2-minute minimum is the dedupe window.
+        let keep_one = retention(1, u64::MAX, 60_000);
+        let reclaimable = |serial: u64, policy: &NamespacePolicy, now: Timestamp| {
+            let entry = stream.entry(Serial(serial)).unwrap();
+            stream.is_reclaimable(Serial(serial), entry, policy, now)
+        };
+        let inside_window = T0.plus_ms(DEDUPE_WINDOW_MS_MIN - 1);
+        let past_window = T0.plus_ms(DEDUPE_WINDOW_MS_MIN);
+        // Out of retention (serial 1) or expired (serial 2), but their ids must stay known.
+        assert!(!reclaimable(1, &keep_one, inside_window));
+        assert!(!reclaimable(2, &policy(), inside_window));
+        assert!(reclaimable(1, &keep_one, past_window));
+        // The window covers the retention age (24 h by default), so an expired message's id
+        // is kept that long too.
+        assert!(!reclaimable(2, &policy(), past_window));
+        let day_later = T0.plus_ms(policy().retention.max_age_ms);
+        assert!(reclaimable(2, &policy(), day_later));
+        // Retained and unexpired: never.
+        assert!(!reclaimable(1, &policy(), past_window));
+        // A configured window longer than the minimum is honoured.
+        let long_window = NamespacePolicy {
+            dedupe_window_ms: DEDUPE_WINDOW_MS_MIN * 2,
+            ..keep_one.clone()
+        };
+        assert!(!reclaimable(1, &long_window, past_window));
+        // A window never shorter than the retention age.
+        let long_age = retention(1, u64::MAX, DEDUPE_WINDOW_MS_MIN * 3);
+        assert!(!reclaimable(
+            2,
+            &long_age,
+            T0.plus_ms(DEDUPE_WINDOW_MS_MIN * 2)
+        ));
+    }
+
+    // ----- recovery ------------------------------------------------------------------------
+
+    #[test]
+    fn push_recovered_refuses_messages_that_do_not_continue_the_stream() {
+        let mut source = stream();
+        let planned = commit(
+            &mut source,
+            &[message("a", "1"), message("b", "2"), message("c", "3")],
+            &policy(),
+            T0,
+        )
+        .unwrap();
+        let messages: Vec<Message> = planned
+            .into_iter()
+            .map(|decision| match decision {
+                Sequenced::New(message) => message,
+                Sequenced::Duplicate { .. } => panic!("no duplicates here"),
+            })
+            .collect();
+
+        let mut rebuilt = stream();
+        rebuilt.push_recovered(&messages[0], 1, true).unwrap();
+        assert!(
+            rebuilt.push_recovered(&messages[2], 3, true).is_err(),
+            "gap"
+        );
+        let mut tampered = messages[1].clone();
+        tampered.data = Data::Json(Bytes::from_static(b"9"));
+        assert!(rebuilt.push_recovered(&tampered, 2, true).is_err(), "chain");
+        let mut reused = messages[1].clone();
+        reused.id = messages[0].id.clone();
+        assert!(
+            rebuilt.push_recovered(&reused, 2, false).is_err(),
+            "duplicate id"
+        );
+        let mut foreign = messages[1].clone();
+        foreign.epoch = Epoch::parse("e2").unwrap();
+        assert!(rebuilt.push_recovered(&foreign, 2, true).is_err(), "epoch");
+        rebuilt.push_recovered(&messages[1], 2, true).unwrap();
+        rebuilt.push_recovered(&messages[2], 3, true).unwrap();
+        assert_eq!(rebuilt.tip(), source.tip());
+        assert_eq!(rebuilt.durable_top(), Serial(3));
+
+        // Starting after reclaimed history: the first record's chain is taken as stored.
+        let mut resumed = ChannelStream::starting_after(
+            ChannelName::parse("room").unwrap(),
+            epoch(),
+            Serial(1),
+            ChainHash([0; 32]),
+            T0,
+        );
+        resumed.push_recovered(&messages[1], 2, false).unwrap();
+        resumed.push_recovered(&messages[2], 3, true).unwrap();
+        assert_eq!(resumed.tip(), source.tip());
+    }
+}

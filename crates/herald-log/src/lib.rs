@@ -8,17 +8,23 @@
 //!   steps), built on `herald_core::ChannelStream`.
 //! - [`memory`]: the in-memory store (tests, `backend = "memory"`).
 //! - [`clock`]: injectable time.
+//! - [`embedded`]: the embedded segmented log (the default store), on a [`fs::Filesystem`].
+//! - [`fs`]: the filesystem the embedded log uses: real files or a simulated, crashable one.
 //!
 //! # Invariants
 //! - Nothing is acknowledged before it is durable; a failed write or fsync poisons the store.
 //! - Readers see only durable messages.
 
 pub mod clock;
+pub mod embedded;
+pub mod fs;
 pub mod memory;
 pub mod store;
 pub mod table;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use embedded::{EmbeddedLog, EmbeddedOptions, EmbeddedStats};
+pub use fs::{Filesystem, SimFs, StdFs};
 pub use memory::MemoryStore;
 pub use store::{
     AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, StoreError,

@@ -238,8 +238,17 @@ impl<L: Clone> ChannelTable<L> {
     /// Rebuild step: a message read back from storage, in storage order.
     pub fn recover_message(&mut self, message: &Message, locator: L) -> Result<(), String> {
         match self.streams.get_mut(&message.channel) {
-            Some(stream) => stream.push_recovered(message, locator, true),
-            None => {
+            // A stream known only from a tip, followed by a later message of the same epoch:
+            // the messages in between were appended after the tip was written and reclaimed
+            // since, so the stream restarts right before this message (handled below).
+            Some(stream)
+                if !(stream.entry_count() == 0
+                    && stream.epoch() == &message.epoch
+                    && message.serial > stream.tip().0.next()) =>
+            {
+                stream.push_recovered(message, locator, true)
+            }
+            _ => {
                 // History before this message was reclaimed (or this is serial 1): start the
                 // stream right before it and take its chain value as stored.
                 let previous = message.serial.prev().expect("stored serials start at 1");
@@ -302,5 +311,205 @@ impl<L: Clone> ChannelTable<L> {
             ),
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use herald_core::{ChainHash, Data, ErrorCode, Serial};
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp(1_000_000);
+
+    fn room() -> ChannelName {
+        ChannelName::parse("room").unwrap()
+    }
+
+    fn message(id: &str, data: &str) -> NewMessage {
+        NewMessage {
+            id: MessageId::parse(id).unwrap(),
+            name: None,
+            headers: BTreeMap::new(),
+            data: Data::Json(Bytes::copy_from_slice(data.as_bytes())),
+            ttl_ms: None,
+        }
+    }
+
+    /// Sequences and marks durable, returning the stored messages.
+    fn commit(table: &mut ChannelTable<u64>, batch: &[NewMessage]) -> Vec<Message> {
+        let sequenced = table
+            .sequence(&room(), batch, &Policies::default(), T0, |message| {
+                message.serial.0
+            })
+            .unwrap();
+        if let Some(last) = sequenced.new_messages.last() {
+            table.get_mut(&room()).unwrap().mark_durable(last.serial);
+        }
+        sequenced.new_messages
+    }
+
+    fn tip_of(message: &Message) -> ChannelTip {
+        ChannelTip {
+            channel: message.channel.clone(),
+            epoch: message.epoch.clone(),
+            serial: message.serial,
+            chain: message.chain,
+            time: message.time,
+        }
+    }
+
+    #[test]
+    fn a_rejected_first_batch_creates_no_channel() {
+        let mut table = ChannelTable::<u64>::default();
+        let policies = Policies::default();
+        let empty = table.sequence(&room(), &[], &policies, T0, |_| 0);
+        assert!(
+            matches!(empty, Err(AppendError::Invalid(ref invalid)) if invalid.code == ErrorCode::InvalidMessage)
+        );
+        let conflict = table.sequence(
+            &room(),
+            &[message("a", "1"), message("a", "2")],
+            &policies,
+            T0,
+            |_| 0,
+        );
+        assert!(matches!(conflict, Err(AppendError::IdConflict { .. })));
+        assert!(table.get(&room()).is_none());
+        assert_eq!(table.status(&room(), &policies, T0), None);
+    }
+
+    #[test]
+    fn duplicates_are_answered_with_the_channel_epoch() {
+        let mut table = ChannelTable::<u64>::default();
+        let stored = commit(&mut table, &[message("a", "1")]);
+        let sequenced = table
+            .sequence(
+                &room(),
+                &[message("a", "1"), message("b", "2")],
+                &Policies::default(),
+                T0,
+                |message| message.serial.0,
+            )
+            .unwrap();
+        assert_eq!(
+            sequenced.replies[0],
+            Appended {
+                id: MessageId::parse("a").unwrap(),
+                position: stored[0].position(),
+                duplicate: true
+            }
+        );
+        assert_eq!(sequenced.new_messages.len(), 1);
+        assert_eq!(sequenced.replies[1].position.epoch, stored[0].epoch);
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_same_stream() {
+        let mut table = ChannelTable::<u64>::default();
+        let stored = commit(&mut table, &[message("a", "1"), message("b", "2")]);
+        let mut rebuilt = ChannelTable::<u64>::default();
+        for message in &stored {
+            rebuilt.recover_message(message, message.serial.0).unwrap();
+        }
+        let original = table.get(&room()).unwrap();
+        let recovered = rebuilt.get(&room()).unwrap();
+        assert_eq!(recovered.tip(), original.tip());
+        assert_eq!(recovered.epoch(), original.epoch());
+        assert_eq!(recovered.durable_top(), Serial(2));
+        // A record out of order is corruption.
+        let mut out_of_order = ChannelTable::<u64>::default();
+        out_of_order.recover_message(&stored[0], 1).unwrap();
+        assert!(out_of_order.recover_message(&stored[0], 1).is_err());
+    }
+
+    #[test]
+    fn recovery_after_reclaimed_history_continues_from_the_tip() {
+        let mut table = ChannelTable::<u64>::default();
+        let stored = commit(
+            &mut table,
+            &[message("a", "1"), message("b", "2"), message("c", "3")],
+        );
+        let mut next = commit(&mut table, &[message("d", "4")]);
+
+        // Only a tip is left: the stream continues after it.
+        let mut rebuilt = ChannelTable::<u64>::default();
+        rebuilt.recover_tip(&tip_of(&stored[2])).unwrap();
+        assert_eq!(rebuilt.get(&room()).unwrap().tip().0, Serial(3));
+        rebuilt.recover_message(&next[0], 4).unwrap();
+        assert_eq!(
+            rebuilt.get(&room()).unwrap().tip(),
+            table.get(&room()).unwrap().tip()
+        );
+
+        // A tip, then messages whose predecessors were reclaimed after the tip was written.
+        let mut rebuilt = ChannelTable::<u64>::default();
+        rebuilt.recover_tip(&tip_of(&stored[0])).unwrap();
+        rebuilt.recover_message(&stored[2], 3).unwrap();
+        rebuilt.recover_message(&next[0], 4).unwrap();
+        let stream = rebuilt.get(&room()).unwrap();
+        assert_eq!(
+            stream.first_entry().map(|(serial, _)| serial),
+            Some(Serial(3))
+        );
+        assert_eq!(stream.tip(), table.get(&room()).unwrap().tip());
+
+        // A stale tip (an interrupted reclaim) changes nothing.
+        rebuilt.recover_tip(&tip_of(&stored[1])).unwrap();
+        assert_eq!(
+            rebuilt.get(&room()).unwrap().tip(),
+            table.get(&room()).unwrap().tip()
+        );
+
+        // A tip that disagrees with what is indexed, or from another epoch, is corruption.
+        let mut wrong_chain = tip_of(&next[0]);
+        wrong_chain.chain = ChainHash([7; 32]);
+        assert!(rebuilt.recover_tip(&wrong_chain).is_err());
+        let mut foreign = tip_of(&next[0]);
+        foreign.epoch = Epoch::parse("elsewhere").unwrap();
+        assert!(rebuilt.recover_tip(&foreign).is_err());
+        next[0].epoch = Epoch::parse("elsewhere").unwrap();
+        let mut tip_only = ChannelTable::<u64>::default();
+        tip_only.recover_tip(&tip_of(&stored[0])).unwrap();
+        assert!(
+            tip_only.recover_message(&next[0], 4).is_err(),
+            "epoch changed under a tip"
+        );
+    }
+
+    #[test]
+    fn unknown_channels_read_as_empty_and_refuse_positions() {
+        let table = ChannelTable::<u64>::default();
+        let policies = Policies::default();
+        let oldest = ReadQuery::Forward {
+            from: ReadFrom::Oldest,
+            limit: 10,
+        };
+        assert!(
+            table
+                .plan_read(&room(), &oldest, &policies, T0)
+                .unwrap()
+                .is_none()
+        );
+        let position = Position::new(Epoch::parse("e1").unwrap(), Serial(3));
+        for query in [
+            ReadQuery::Forward {
+                from: ReadFrom::After(position.clone()),
+                limit: 10,
+            },
+            ReadQuery::Backward {
+                before: position.clone(),
+                limit: 10,
+            },
+        ] {
+            let lost = table.plan_read(&room(), &query, &policies, T0).unwrap_err();
+            assert_eq!(lost.reason, ContinuityReason::EpochChanged);
+            assert_eq!((lost.first_available, lost.top), (None, None));
+        }
+        let page = fetch_page::<u64>(None, |_| unreachable!("nothing to fetch")).unwrap();
+        assert_eq!(page, ReadPage::empty());
     }
 }

@@ -1,1 +1,281 @@
-//! # herald-server (placeholder)
+//! # herald-server
+//!
+//! The tokio side of Herald: configuration, authentication, the HTTP API, the store behind it,
+//! periodic reclaim and graceful shutdown.
+//!
+//! # Layout
+//! - [`config`]: the typed configuration tree (defaults, TOML file, `HERALD_` environment,
+//!   flags) and its validation; `default-config.toml` is what `herald config init` prints.
+//! - [`auth`]: API keys, capabilities, the generated admin key, `--dev`.
+//! - [`http`]: the axum router and handlers.
+//! - [`error`]: the mapping of every failure onto the JSON error body.
+//!
+//! # Start-up contract
+//! [`run`] prints to stdout, in this order: `herald: generated admin key KEY, saved to PATH`
+//! (only on the start that creates the key), then exactly one line
+//! `herald: listening on http://ADDR` with the real bound address, once the store is open and
+//! the socket accepts connections. Logs go to stderr through `tracing`.
+//!
+//! # Invariants
+//! - Anonymous access exists only in dev mode, and dev mode only on a loopback bind.
+//! - Without configured API keys (and outside dev mode) the generated admin key is the only
+//!   credential; Herald is never open by accident.
+//! - On shutdown the store is closed after the HTTP server stopped, so every acknowledged
+//!   publish was durable and nothing is acknowledged afterwards.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use herald_log::{LogStore, MemoryStore, StoreError, SystemClock};
+
+pub use auth::AdminKey;
+pub use config::{Config, ConfigError, Overrides};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    DevNotLoopback(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the message log: {0}")]
+    Store(#[from] StoreError),
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// The store and how to close it.
+struct StoreHandle {
+    store: Arc<dyn LogStore>,
+    close: Box<dyn FnOnce() + Send>,
+}
+
+/// A server that is bound and has its store open, not yet serving.
+pub struct Server {
+    config: Config,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    store: StoreHandle,
+    auth: Arc<auth::Authenticator>,
+    admin_key: Option<AdminKey>,
+}
+
+impl Server {
+    /// Validates the config, prepares credentials, opens the store and binds the socket.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        auth::check_dev_bind(config.dev, config.http_addr).map_err(ServerError::DevNotLoopback)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Io {
+            what: "cannot create the data directory",
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let mut api_keys = config.api_keys.clone();
+        let mut admin_key = None;
+        if api_keys.is_empty() && !config.dev {
+            let key = auth::ensure_admin_key(&config.data_dir).map_err(|source| {
+                ServerError::Io {
+                    what: "cannot create or read the admin key in",
+                    path: config.data_dir.clone(),
+                    source,
+                }
+            })?;
+            api_keys.push(auth::admin_api_key(&key.key));
+            admin_key = Some(key);
+        } else if config.data_dir.join(auth::ADMIN_KEY_FILE).exists() {
+            tracing::warn!(
+                "api_keys are configured (or dev mode is on), so {} is not accepted",
+                config.data_dir.join(auth::ADMIN_KEY_FILE).display()
+            );
+        }
+        let auth = Arc::new(auth::Authenticator::new(&api_keys, config.dev));
+        let store = open_store(&config)?;
+        let listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
+        Ok(Server {
+            config,
+            listener,
+            local_addr,
+            store,
+            auth,
+            admin_key,
+        })
+    }
+
+    /// The address the server accepts connections on (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The admin key from the data dir, when no API keys are configured.
+    pub fn admin_key(&self) -> Option<&AdminKey> {
+        self.admin_key.as_ref()
+    }
+
+    /// The store behind the API (for tests and tools in the same process).
+    pub fn store(&self) -> Arc<dyn LogStore> {
+        self.store.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight requests for at most
+    /// `http.shutdown_grace` and closes the store.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let state = http::AppState {
+            store: self.store.store.clone(),
+            auth: self.auth,
+            limits: self.config.limits(),
+            request_timeout: self.config.http.request_timeout,
+        };
+        let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+        let reclaim = tokio::spawn(reclaim_loop(
+            self.store.store.clone(),
+            self.config.storage.reclaim_interval,
+        ));
+        let (stopping, mut stopping_seen) = tokio::sync::watch::channel(false);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stopping.send(true);
+        };
+        let grace = self.config.http.shutdown_grace;
+        let grace_expired = async move {
+            let _ = stopping_seen.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(grace).await;
+        };
+        let served = axum::serve(self.listener, router).with_graceful_shutdown(signal);
+        let result = tokio::select! {
+            result = served => result.map_err(ServerError::Serve),
+            () = grace_expired => {
+                tracing::warn!(?grace, "in-flight requests did not finish in time; stopping anyway");
+                Ok(())
+            }
+        };
+        reclaim.abort();
+        let close = self.store.close;
+        // Closing joins the committer thread, which may wait for its last fsync.
+        let _ = tokio::task::spawn_blocking(close).await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Binds, prints the start-up lines to stdout and serves until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let server = Server::bind(config).await?;
+    let mut stdout = std::io::stdout().lock();
+    if let Some(key) = server.admin_key().filter(|key| key.generated) {
+        let _ = writeln!(
+            stdout,
+            "herald: generated admin key {}, saved to {}",
+            key.key,
+            key.path.display()
+        );
+    } else if let Some(key) = server.admin_key() {
+        tracing::info!(path = %key.path.display(), "using the admin key from the data directory");
+    }
+    let _ = writeln!(stdout, "herald: listening on http://{}", server.local_addr());
+    let _ = stdout.flush();
+    drop(stdout);
+    server.serve(shutdown).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
+
+fn open_store(config: &Config) -> Result<StoreHandle, ServerError> {
+    let policies = config.policies();
+    let clock = Arc::new(SystemClock);
+    match config.storage.backend {
+        config::StorageBackend::Memory => Ok(StoreHandle {
+            store: Arc::new(MemoryStore::new(policies, clock)),
+            close: Box::new(|| {}),
+        }),
+        config::StorageBackend::Embedded => {
+            let options = config.storage.embedded_options();
+            let log = Arc::new(herald_log::embedded::EmbeddedLog::open(
+                &config.data_dir.join("log"),
+                options,
+                policies,
+                clock,
+            )?);
+            let closing = log.clone();
+            Ok(StoreHandle {
+                store: log,
+                close: Box::new(move || closing.close()),
+            })
+        }
+    }
+}
+
+/// Reclaims storage every `interval` on the blocking pool, one pass at a time.
+async fn reclaim_loop(store: Arc<dyn LogStore>, interval: std::time::Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.reclaim()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(dropped)) => tracing::debug!(dropped, "reclaimed messages"),
+            Ok(Err(error)) => tracing::warn!(%error, "reclaim failed"),
+            Err(error) => tracing::error!(%error, "reclaim task failed"),
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The committer: the log's only writer, on its own thread.
+//!
+//! It blocks for the first command, then takes whatever else is already queued (bounded by
+//! `group_bytes_max` and by the room left in the active segment), sequences every batch through
+//! the channel table, encodes all records into one buffer, and makes them durable with one
+//! write and one `fdatasync`. Only then does it mark the channels durable and answer. There is
+//! no artificial delay: the group is whatever queued while the previous sync ran.
+//!
+//! # Invariants
+//! - Nothing is acknowledged before the sync that covers it returned `Ok`.
+//! - A failed write, sync or segment creation poisons the store; the failed group and every
+//!   later append are refused with `AppendError::Poisoned`. A sync is never retried.
+//! - Reclaim deletes only sealed segments, oldest first, after writing and syncing a tip for
+//!   every channel whose last record lives in them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+
+use herald_core::{ChannelName, Serial};
+use tokio::sync::oneshot;
+
+use super::record::{self, encode_message, encode_tip, seal_message_record};
+use super::segment::{SEGMENT_HEADER_BYTES, SegmentHeader, create_segment};
+use super::{Command, EmbeddedOptions, RecordLocator, Shared};
+use crate::fs::{Filesystem, FsFile};
+use crate::store::{AppendError, Appended, StoreError};
+use crate::table::ChannelTip;
+
+/// The segment records are appended to.
+pub(crate) struct ActiveSegment {
+    pub(crate) number: u64,
+    pub(crate) file: Arc<dyn FsFile>,
+    pub(crate) capacity_bytes: u64,
+    /// Where the next record goes; everything before it is durable.
+    pub(crate) write_offset: u64,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
+
+struct PendingAppend {
+    channel: ChannelName,
+    batch: Vec<herald_core::NewMessage>,
+    reply: Reply,
+}
+
+pub(crate) struct Committer {
+    shared: Arc<Shared>,
+    fs: Arc<dyn Filesystem>,
+    options: EmbeddedOptions,
+    receiver: Receiver<Command>,
+    active: ActiveSegment,
+    /// For channels whose state may live only in a tip record: the segment holding it.
+    tip_segments: HashMap<ChannelName, u64>,
+    /// A command taken from the queue that did not fit the group being built.
+    carried: Option<Command>,
+    buffer: Vec<u8>,
+}
+
+impl Committer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        fs: Arc<dyn Filesystem>,
+        options: EmbeddedOptions,
+        receiver: Receiver<Command>,
+        active: ActiveSegment,
+        tip_segments: HashMap<ChannelName, u64>,
+    ) -> Self {
+        Self {
+            shared,
+            fs,
+            options,
+            receiver,
+            active,
+            tip_segments,
+            carried: None,
+            buffer: Vec::new(),
+        }
+    }
+
+    fn segments_dir(&self) -> &Path {
+        &self.shared.segments_dir
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            let command = match self.carried.take() {
+                Some(command) => command,
+                None => match self.receiver.recv() {
+                    Ok(command) => command,
+                    // Every handle is gone: nothing can be queued any more.
+                    Err(_) => return,
+                },
+            };
+            match command {
+                Command::Shutdown => {
+                    self.refuse_queued();
+                    return;
+                }
+                Command::Reclaim { reply } => {
+                    let _ = reply.send(self.reclaim());
+                }
+                Command::Append {
+                    channel,
+                    batch,
+                    bound_bytes,
+                    reply,
+                } => {
+                    let first = PendingAppend {
+                        channel,
+                        batch,
+                        reply,
+                    };
+                    let group = self.collect_group(first, bound_bytes);
+                    self.commit_group(group);
+                }
+            }
+        }
+    }
+
+    /// Answers everything still queued after a shutdown with `Closed`.
+    fn refuse_queued(&mut self) {
+        while let Ok(command) = self.receiver.try_recv() {
+            match command {
+                Command::Append { reply, .. } => {
+                    let _ = reply.send(Err(AppendError::Closed));
+                }
+                Command::Reclaim { reply } => {
+                    let _ = reply.send(Err(StoreError::Io {
+                        path: self.segments_dir().display().to_string(),
+                        detail: "the store is closed".into(),
+                    }));
+                }
+                Command::Shutdown => {}
+            }
+        }
+    }
+
+    /// Builds a group from `first` plus whatever is already queued and fits.
+    fn collect_group(&mut self, first: PendingAppend, first_bound: usize) -> Vec<PendingAppend> {
+        let poisoned = self.shared.read_state().poisoned.is_some();
+        if !poisoned
+            && self.active.write_offset + first_bound as u64 > self.active.capacity_bytes
+            && let Err(reason) = self.roll_over()
+        {
+            self.poison(reason);
+        }
+        let room = (self.active.capacity_bytes
+            - self.active.write_offset.min(self.active.capacity_bytes))
+        .min(self.options.group_bytes_max as u64);
+        let mut group_bytes = first_bound as u64;
+        let mut group = vec![first];
+        loop {
+            match self.receiver.try_recv() {
+                Ok(Command::Append {
+                    channel,
+                    batch,
+                    bound_bytes,
+                    reply,
+                }) if group_bytes + bound_bytes as u64 <= room => {
+                    group_bytes += bound_bytes as u64;
+                    group.push(PendingAppend {
+                        channel,
+                        batch,
+                        reply,
+                    });
+                }
+                Ok(other) => {
+                    self.carried = Some(other);
+                    break;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        group
+    }
+
+    /// Sequences, writes, syncs and answers one group.
+    fn commit_group(&mut self, group: Vec<PendingAppend>) {
+        if let Some(reason) = self.shared.read_state().poisoned.clone() {
+            for pending in group {
+                let _ = pending
+                    .reply
+                    .send(Err(AppendError::Poisoned(reason.clone())));
+            }
+            return;
+        }
+        let now = self.shared.clock.now();
+        let base_offset = self.active.write_offset;
+        let segment = self.active.number;
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut tops: Vec<(ChannelName, Serial)> = Vec::new();
+        let mut message_count = 0u64;
+        {
+            let mut state = self.shared.write_state();
+            for pending in group {
+                let mut frames: Vec<(usize, usize)> = Vec::new();
+                let result = state.table.sequence(
+                    &pending.channel,
+                    &pending.batch,
+                    &self.shared.policies,
+                    now,
+                    |message| {
+                        let start = buffer.len();
+                        let len = encode_message(&mut buffer, message);
+                        frames.push((start, len));
+                        RecordLocator {
+                            segment,
+                            offset: base_offset + start as u64,
+                            len: u32::try_from(len).expect("record fits u32"),
+                        }
+                    },
+                );
+                if let Ok(sequenced) = &result
+                    && let Some(last) = sequenced.new_messages.last()
+                {
+                    message_count += sequenced.new_messages.len() as u64;
+                    let count = frames.len();
+                    for (index, (start, len)) in frames.iter().enumerate() {
+                        let following = u32::try_from(count - 1 - index).expect("batch fits u32");
+                        seal_message_record(&mut buffer[*start..*start + *len], following);
+                    }
+                    tops.push((pending.channel.clone(), last.serial));
+                }
+                outcomes.push((pending.reply, result.map(|sequenced| sequenced.replies)));
+            }
+        }
+        let written = if buffer.is_empty() {
+            Ok(())
+        } else {
+            self.write_and_sync(&buffer, base_offset)
+        };
+        let group_len = buffer.len() as u64;
+        self.buffer = buffer;
+        match written {
+            Ok(()) => {
+                self.active.write_offset += group_len;
+                let counters = &self.shared.counters;
+                if group_len > 0 {
+                    counters.groups.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(group_len, Ordering::Relaxed);
+                }
+                let accepted = outcomes.iter().filter(|(_, result)| result.is_ok()).count();
+                counters
+                    .appends
+                    .fetch_add(accepted as u64, Ordering::Relaxed);
+                counters
+                    .messages
+                    .fetch_add(message_count, Ordering::Relaxed);
+                {
+                    let mut state = self.shared.write_state();
+                    for (channel, top) in &tops {
+                        state
+                            .table
+                            .get_mut(channel)
+                            .expect("sequenced channel exists")
+                            .mark_durable(*top);
+                    }
+                }
+                for (reply, result) in outcomes {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(reason) => {
+                self.poison(reason.clone());
+                for (reply, result) in outcomes {
+                    // A refusal (conflict, invalid) stays what it was: nothing was stored.
+                    let answer = result.and(Err(AppendError::Poisoned(reason.clone())));
+                    let _ = reply.send(answer);
+                }
+            }
+        }
+    }
+
+    fn write_and_sync(&self, bytes: &[u8], offset: u64) -> Result<(), String> {
+        let path = super::segment::segment_path(self.segments_dir(), self.active.number);
+        self.active
+            .file
+            .write_all_at(bytes, offset)
+            .map_err(|error| format!("write to {} failed: {error}", path.display()))?;
+        self.active
+            .file
+            .sync_data()
+            .map_err(|error| format!("fdatasync of {} failed: {error}", path.display()))
+    }
+
+    fn poison(&self, reason: String) {
+        let mut state = self.shared.write_state();
+        if state.poisoned.is_none() {
+            tracing::error!(%reason, "log store poisoned: appends are refused until restart");
+            state.poisoned = Some(reason);
+        }
+    }
+
+    /// Seals the active segment and starts a new, preallocated one.
+    fn roll_over(&mut self) -> Result<(), String> {
+        let header = SegmentHeader {
+            number: self.active.number + 1,
+            capacity_bytes: self.options.segment_bytes,
+            group_bytes_max: self.options.group_bytes_max as u64,
+        };
+        let file =
+            create_segment(self.fs.as_ref(), self.segments_dir(), header).map_err(|error| {
+                format!(
+                    "creating segment {} in {} failed: {error}",
+                    header.number,
+                    self.segments_dir().display()
+                )
+            })?;
+        self.shared
+            .write_state()
+            .segments
+            .insert(header.number, file.clone());
+        tracing::debug!(segment = header.number, "rolled over to a new segment");
+        self.shared
+            .counters
+            .rollovers
+            .fetch_add(1, Ordering::Relaxed);
+        self.active = ActiveSegment {
+            number: header.number,
+            file,
+            capacity_bytes: header.capacity_bytes,
+            write_offset: SEGMENT_HEADER_BYTES,
+        };
+        Ok(())
+    }
+
+    /// Deletes sealed segments in which every message is reclaimable. Returns how many
+    /// messages left the index.
+    fn reclaim(&mut self) -> Result<usize, StoreError> {
+        if let Some(reason) = self.shared.read_state().poisoned.clone() {
+            return Err(StoreError::Poisoned(reason));
+        }
+        let now = self.shared.clock.now();
+        let (keep_from, tips) = {
+            let state = self.shared.read_state();
+            let Some(oldest) = state.segments.keys().next().copied() else {
+                return Ok(0);
+            };
+            // The oldest segment holding a message that must stay; never the active one.
+            let mut keep_from = self.active.number;
+            for stream in state.table.streams() {
+                let policy = self.shared.policies.for_channel(stream.channel());
+                let mut next = stream.first_entry().map(|(serial, _)| serial);
+                while let Some(serial) = next {
+                    let Some(entry) = stream.entry(serial) else {
+                        break;
+                    };
+                    if entry.locator.segment >= keep_from {
+                        break;
+                    }
+                    if !stream.is_reclaimable(serial, entry, policy, now) {
+                        keep_from = entry.locator.segment;
+                        break;
+                    }
+                    next = Some(serial.next());
+                }
+            }
+            if keep_from <= oldest {
+                return Ok(0);
+            }
+            let mut tips = Vec::new();
+            for stream in state.table.streams() {
+                let state_segment = match stream.last_entry() {
+                    Some((_, entry)) => Some(entry.locator.segment),
+                    None => self.tip_segments.get(stream.channel()).copied(),
+                };
+                if state_segment.is_none_or(|segment| segment < keep_from) {
+                    let (serial, chain, time) = stream.tip();
+                    tips.push(ChannelTip {
+                        channel: stream.channel().clone(),
+                        epoch: stream.epoch().clone(),
+                        serial,
+                        chain,
+                        time,
+                    });
+                }
+            }
+            // Deterministic record order regardless of the table's hashing.
+            tips.sort_by(|a, b| a.channel.cmp(&b.channel));
+            (keep_from, tips)
+        };
+        if let Err(reason) = self.write_tips(&tips) {
+            self.poison(reason.clone());
+            return Err(StoreError::Poisoned(reason));
+        }
+        let (dropped, doomed) = {
+            let mut state = self.shared.write_state();
+            let mut dropped = 0;
+            for stream in state.table.streams_mut() {
+                dropped += stream.drop_front_while(|_, entry| entry.locator.segment < keep_from);
+            }
+            let doomed: Vec<u64> = state.segments.range(..keep_from).map(|(n, _)| *n).collect();
+            for number in &doomed {
+                state.segments.remove(number);
+            }
+            (dropped, doomed)
+        };
+        for number in &doomed {
+            let path = super::segment::segment_path(self.segments_dir(), *number);
+            let io_error = |error: std::io::Error| StoreError::Io {
+                path: path.display().to_string(),
+                detail: format!("removing a reclaimed segment failed: {error}"),
+            };
+            // Oldest first and one directory sync each: a crash part-way leaves a contiguous
+            // run of segments, which recovery can tell from a hole.
+            self.fs.remove_file(&path).map_err(io_error)?;
+            self.fs.sync_dir(self.segments_dir()).map_err(io_error)?;
+        }
+        tracing::info!(
+            segments = doomed.len(),
+            messages = dropped,
+            tips = tips.len(),
+            "reclaimed log segments"
+        );
+        Ok(dropped)
+    }
+
+    /// Appends and syncs tip records, in as many groups as they need.
+    fn write_tips(&mut self, tips: &[ChannelTip]) -> Result<(), String> {
+        let mut remaining = tips;
+        while !remaining.is_empty() {
+            let mut count = 0;
+            let mut bytes = 0;
+            for tip in remaining {
+                let size = record::tip_record_bytes(tip);
+                if bytes + size > self.options.group_bytes_max {
+                    break;
+                }
+                bytes += size;
+                count += 1;
+            }
+            assert!(count > 0, "a tip record is far smaller than a group");
+            if self.active.write_offset + bytes as u64 > self.active.capacity_bytes {
+                self.roll_over()?;
+            }
+            let mut buffer = Vec::with_capacity(bytes);
+            for tip in &remaining[..count] {
+                encode_tip(&mut buffer, tip);
+            }
+            self.write_and_sync(&buffer, self.active.write_offset)?;
+            self.active.write_offset += buffer.len() as u64;
+            for tip in &remaining[..count] {
+                self.tip_segments
+                    .insert(tip.channel.clone(), self.active.number);
+            }
+            remaining = &remaining[count..];
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,426 @@
+//! Record framing and the encoding of each record kind. Pure: bytes in, bytes out.
+//!
+//! A record is `len: u32 | crc32c: u32 | body[len]` (little endian), the CRC32C taken over the
+//! body. The body starts with `kind: u8` and `batch_following: u32` (how many records of the
+//! same publish batch follow this one; 0 for the last record of a batch and for records that
+//! are not part of a batch). The rest depends on the kind; see docs/log-format.md.
+//!
+//! # Invariants
+//! - A frame header of eight zero bytes never starts a valid record (bodies are never empty),
+//!   so it marks the end of the log in a zero-filled segment.
+//! - Unknown kinds are an error, never skipped: a newer writer's record that this version
+//!   cannot interpret must not be silently dropped from a stream.
+
+use bytes::Bytes;
+use herald_core::{
+    ChainHash, ChannelName, Data, Epoch, Headers, Message, MessageId, Serial, Timestamp,
+};
+
+use crate::table::ChannelTip;
+
+/// Bytes of `len | crc32c` before each body.
+pub const FRAME_HEADER_BYTES: usize = 8;
+
+/// Record kinds. Issue #5 adds subscriber positions as a new kind riding the same commits.
+pub const KIND_MESSAGE: u8 = 1;
+pub const KIND_TIP: u8 = 2;
+
+/// Largest epoch the encoding reserves room for when bounding a batch before it has one.
+const EPOCH_BYTES_BOUND: usize = herald_core::names::EPOCH_BYTES_MAX;
+
+/// A decoded record body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Message {
+        message: Message,
+        batch_following: u32,
+    },
+    Tip(ChannelTip),
+}
+
+/// What is wrong with a frame or body. `Torn` problems may be the remains of an interrupted
+/// write; `Invalid` ones can only be corruption or a bug, wherever they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The length or checksum does not match: a torn write or bit rot.
+    Torn(String),
+    /// The checksum matches but the body makes no sense (unknown kind, bad field).
+    Invalid(String),
+}
+
+impl DecodeError {
+    pub fn detail(&self) -> &str {
+        match self {
+            DecodeError::Torn(detail) | DecodeError::Invalid(detail) => detail,
+        }
+    }
+}
+
+/// Appends a message record to `out`. The `batch_following` count and the CRC are filled in by
+/// [`seal_message_record`] once the batch's size is known.
+pub fn encode_message(out: &mut Vec<u8>, message: &Message) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    out.push(KIND_MESSAGE);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    put_channel(out, &message.channel);
+    put_short(out, message.epoch.as_str().as_bytes());
+    out.extend_from_slice(&message.serial.0.to_le_bytes());
+    put_short(out, message.id.as_str().as_bytes());
+    out.extend_from_slice(&message.time.0.to_le_bytes());
+    match &message.name {
+        Some(name) => {
+            out.push(1);
+            put_long(out, name.as_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&(message.headers.len() as u32).to_le_bytes());
+    for (key, value) in &message.headers {
+        put_long(out, key.as_bytes());
+        put_long(out, value.as_bytes());
+    }
+    out.push(message.data.kind_tag());
+    put_long(out, message.data.bytes());
+    match message.ttl_ms {
+        Some(ttl) => {
+            out.push(1);
+            out.extend_from_slice(&ttl.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(&message.chain.0);
+    let body_len = out.len() - start - FRAME_HEADER_BYTES;
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out.len() - start
+}
+
+/// Sets the batch count of an encoded message record at `frame[..]` and computes its CRC.
+pub fn seal_message_record(frame: &mut [u8], batch_following: u32) {
+    frame[FRAME_HEADER_BYTES + 1..FRAME_HEADER_BYTES + 5]
+        .copy_from_slice(&batch_following.to_le_bytes());
+    seal(frame);
+}
+
+/// Appends a complete tip record to `out`; returns its length.
+pub fn encode_tip(out: &mut Vec<u8>, tip: &ChannelTip) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    out.push(KIND_TIP);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    put_channel(out, &tip.channel);
+    put_short(out, tip.epoch.as_str().as_bytes());
+    out.extend_from_slice(&tip.serial.0.to_le_bytes());
+    out.extend_from_slice(&tip.chain.0);
+    out.extend_from_slice(&tip.time.0.to_le_bytes());
+    let body_len = out.len() - start - FRAME_HEADER_BYTES;
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    seal(&mut out[start..]);
+    out.len() - start
+}
+
+fn seal(frame: &mut [u8]) {
+    let crc = crc32c::crc32c(&frame[FRAME_HEADER_BYTES..]);
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// An upper bound on the encoded size of a message record for `new` on `channel`.
+pub fn message_record_bound(channel: &ChannelName, new: &herald_core::NewMessage) -> usize {
+    FRAME_HEADER_BYTES
+        + 1 // kind
+        + 4 // batch_following
+        + 2 + channel.as_str().len()
+        + 1 + EPOCH_BYTES_BOUND
+        + 8 // serial
+        + 1 + new.id.as_str().len()
+        + 8 // time
+        + 1 + new.name.as_ref().map_or(0, |name| 4 + name.len())
+        + 4 + new.headers.iter().map(|(key, value)| 8 + key.len() + value.len()).sum::<usize>()
+        + 1 + 4 + new.data.bytes().len()
+        + 1 + 8 // ttl
+        + 32 // chain
+}
+
+/// The encoded size of a tip record (exact).
+pub fn tip_record_bytes(tip: &ChannelTip) -> usize {
+    FRAME_HEADER_BYTES
+        + 1
+        + 4
+        + 2
+        + tip.channel.as_str().len()
+        + 1
+        + tip.epoch.as_str().len()
+        + 8
+        + 32
+        + 8
+}
+
+/// Reads a frame header: `Ok(None)` for the all-zero end-of-log marker, else the body length.
+pub fn frame_body_len(header: &[u8; FRAME_HEADER_BYTES]) -> Option<usize> {
+    if header.iter().all(|&byte| byte == 0) {
+        return None;
+    }
+    Some(u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize)
+}
+
+/// Checks a whole frame's length and CRC, then decodes its body.
+pub fn decode_frame(frame: &[u8]) -> Result<Record, DecodeError> {
+    if frame.len() < FRAME_HEADER_BYTES {
+        return Err(DecodeError::Torn("frame shorter than its header".into()));
+    }
+    let body_len = u32::from_le_bytes(frame[..4].try_into().expect("4 bytes")) as usize;
+    if body_len == 0 || FRAME_HEADER_BYTES + body_len != frame.len() {
+        return Err(DecodeError::Torn(format!(
+            "record length {body_len} does not match its frame"
+        )));
+    }
+    let stored_crc = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+    let body = &frame[FRAME_HEADER_BYTES..];
+    let actual_crc = crc32c::crc32c(body);
+    if stored_crc != actual_crc {
+        return Err(DecodeError::Torn(format!(
+            "CRC mismatch (stored {stored_crc:#010x}, computed {actual_crc:#010x})"
+        )));
+    }
+    decode_body(body).map_err(DecodeError::Invalid)
+}
+
+fn decode_body(body: &[u8]) -> Result<Record, String> {
+    let mut reader = Reader { bytes: body };
+    let kind = reader.u8()?;
+    let batch_following = reader.u32()?;
+    let record = match kind {
+        KIND_MESSAGE => {
+            let channel = reader.channel()?;
+            let epoch = reader.epoch()?;
+            let serial = Serial(reader.u64()?);
+            if serial.0 == 0 {
+                return Err("message with serial 0".into());
+            }
+            let id = MessageId::parse(reader.short_str()?).map_err(|e| e.to_string())?;
+            let time = Timestamp(reader.u64()?);
+            let name = match reader.u8()? {
+                0 => None,
+                1 => Some(reader.long_str()?.to_owned()),
+                other => return Err(format!("bad name flag {other}")),
+            };
+            let header_count = reader.u32()?;
+            let mut headers = Headers::new();
+            for _ in 0..header_count {
+                let key = reader.long_str()?.to_owned();
+                let value = reader.long_str()?.to_owned();
+                headers.insert(key, value);
+            }
+            let data_kind = reader.u8()?;
+            let data_bytes = Bytes::copy_from_slice(reader.long_bytes()?);
+            let data = match data_kind {
+                0 => Data::Json(data_bytes),
+                1 => Data::Binary(data_bytes),
+                other => return Err(format!("unknown data kind {other}")),
+            };
+            let ttl_ms = match reader.u8()? {
+                0 => None,
+                1 => Some(reader.u64()?),
+                other => return Err(format!("bad ttl flag {other}")),
+            };
+            let chain = ChainHash(reader.array32()?);
+            Record::Message {
+                message: Message {
+                    channel,
+                    epoch,
+                    serial,
+                    id,
+                    time,
+                    name,
+                    headers,
+                    data,
+                    ttl_ms,
+                    chain,
+                },
+                batch_following,
+            }
+        }
+        KIND_TIP => {
+            if batch_following != 0 {
+                return Err("tip record claims batch members".into());
+            }
+            let channel = reader.channel()?;
+            let epoch = reader.epoch()?;
+            let serial = Serial(reader.u64()?);
+            let chain = ChainHash(reader.array32()?);
+            let time = Timestamp(reader.u64()?);
+            Record::Tip(ChannelTip {
+                channel,
+                epoch,
+                serial,
+                chain,
+                time,
+            })
+        }
+        other => return Err(format!("unknown record kind {other}")),
+    };
+    if !reader.bytes.is_empty() {
+        return Err(format!("{} trailing bytes in record", reader.bytes.len()));
+    }
+    Ok(record)
+}
+
+fn put_channel(out: &mut Vec<u8>, channel: &ChannelName) {
+    let bytes = channel.as_str().as_bytes();
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// A field of at most 255 bytes (epochs and ids are validated far below that).
+fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(u8::try_from(bytes.len()).expect("short field fits 255 bytes"));
+    out.extend_from_slice(bytes);
+}
+
+fn put_long(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(
+        &u32::try_from(bytes.len())
+            .expect("field fits u32")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(bytes);
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize) -> Result<&'a [u8], String> {
+        if self.bytes.len() < count {
+            return Err("record body ends early".into());
+        }
+        let (head, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn array32(&mut self) -> Result<[u8; 32], String> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+    fn short_str(&mut self) -> Result<&'a str, String> {
+        let len = usize::from(self.u8()?);
+        std::str::from_utf8(self.take(len)?).map_err(|_| "field is not UTF-8".to_string())
+    }
+    fn long_bytes(&mut self) -> Result<&'a [u8], String> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    fn long_str(&mut self) -> Result<&'a str, String> {
+        std::str::from_utf8(self.long_bytes()?).map_err(|_| "field is not UTF-8".to_string())
+    }
+    fn channel(&mut self) -> Result<ChannelName, String> {
+        let len = usize::from(self.u16()?);
+        let text =
+            std::str::from_utf8(self.take(len)?).map_err(|_| "channel is not UTF-8".to_string())?;
+        ChannelName::parse(text).map_err(|e| e.to_string())
+    }
+    fn epoch(&mut self) -> Result<Epoch, String> {
+        Epoch::parse(self.short_str()?).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        let epoch = Epoch::parse("E1").unwrap();
+        let id = MessageId::parse("m-1").unwrap();
+        let data = Data::Binary(Bytes::from_static(b"\x00\x01payload"));
+        let mut headers = Headers::new();
+        headers.insert("k".into(), "v".into());
+        Message {
+            channel: ChannelName::parse("chat:room").unwrap(),
+            chain: ChainHash::genesis(&epoch).next(Serial(1), &id, &data),
+            epoch,
+            serial: Serial(1),
+            id,
+            time: Timestamp(1234),
+            name: Some("greeting".into()),
+            headers,
+            data,
+            ttl_ms: Some(5000),
+        }
+    }
+
+    #[test]
+    fn message_round_trip_and_bound() {
+        let message = sample();
+        let mut out = Vec::new();
+        let len = encode_message(&mut out, &message);
+        seal_message_record(&mut out, 3);
+        assert_eq!(len, out.len());
+        let new = herald_core::NewMessage {
+            id: message.id.clone(),
+            name: message.name.clone(),
+            headers: message.headers.clone(),
+            data: message.data.clone(),
+            ttl_ms: message.ttl_ms,
+        };
+        assert!(message_record_bound(&message.channel, &new) >= len);
+        assert_eq!(
+            decode_frame(&out),
+            Ok(Record::Message {
+                message,
+                batch_following: 3
+            })
+        );
+    }
+
+    #[test]
+    fn tip_round_trip_and_size() {
+        let message = sample();
+        let tip = ChannelTip {
+            channel: message.channel,
+            epoch: message.epoch,
+            serial: Serial(9),
+            chain: message.chain,
+            time: Timestamp(77),
+        };
+        let mut out = Vec::new();
+        let len = encode_tip(&mut out, &tip);
+        assert_eq!(len, tip_record_bytes(&tip));
+        assert_eq!(decode_frame(&out), Ok(Record::Tip(tip)));
+    }
+
+    #[test]
+    fn flipped_bit_is_torn_and_unknown_kind_is_invalid() {
+        let mut out = Vec::new();
+        encode_message(&mut out, &sample());
+        seal_message_record(&mut out, 0);
+        let mut flipped = out.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(matches!(decode_frame(&flipped), Err(DecodeError::Torn(_))));
+        let mut unknown = out;
+        unknown[FRAME_HEADER_BYTES] = 99;
+        seal(&mut unknown);
+        assert!(matches!(
+            decode_frame(&unknown),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+}

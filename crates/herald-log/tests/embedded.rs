@@ -1,0 +1,576 @@
+//! The embedded log on real files (plus [`SimFs`] for injected sync failures): round trips,
+//! restarts, segment rollover, reclaim, corruption and torn tails, poisoning.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_core::{
+    ChainHash, ChannelName, Data, Headers, Message, MessageId, NamespacePolicy, NewMessage,
+    Policies, ReadFrom, Retention, Serial, Timestamp,
+};
+use herald_log::{
+    AppendError, Clock, EmbeddedLog, EmbeddedOptions, LogStore, ManualClock, ReadQuery, SimFs,
+    StoreError, StoreHealth,
+};
+
+const START: Timestamp = Timestamp(1_700_000_000_000);
+const YOUNG_AGE_MS: u64 = 10_000;
+
+fn small_options() -> EmbeddedOptions {
+    EmbeddedOptions {
+        segment_bytes: 64 * 1024,
+        group_bytes_max: 16 * 1024,
+        queue_depth: 1024,
+    }
+}
+
+fn policies() -> Policies {
+    let mut namespaces = BTreeMap::new();
+    namespaces.insert(
+        "young".to_owned(),
+        NamespacePolicy {
+            retention: Retention {
+                max_age_ms: YOUNG_AGE_MS,
+                ..Retention::default()
+            },
+            ..NamespacePolicy::default()
+        },
+    );
+    Policies {
+        default: NamespacePolicy::default(),
+        namespaces,
+    }
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            clock: Arc::new(ManualClock::new(START)),
+        }
+    }
+
+    fn open(&self) -> Result<EmbeddedLog, StoreError> {
+        EmbeddedLog::open(
+            self.dir.path(),
+            small_options(),
+            policies(),
+            self.clock.clone() as Arc<dyn Clock>,
+        )
+    }
+
+    fn segment_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("segments"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+fn channel(name: &str) -> ChannelName {
+    ChannelName::parse(name).unwrap()
+}
+
+fn message(id: &str, data: &str) -> NewMessage {
+    NewMessage {
+        id: MessageId::parse(id).unwrap(),
+        name: None,
+        headers: Headers::new(),
+        data: Data::Json(Bytes::from(format!("\"{data}\""))),
+        ttl_ms: None,
+    }
+}
+
+fn append(store: &EmbeddedLog, name: &str, batch: Vec<NewMessage>) -> Vec<herald_log::Appended> {
+    store.append(channel(name), batch).wait().unwrap()
+}
+
+fn read_all(store: &EmbeddedLog, name: &str) -> Vec<Message> {
+    let mut messages = Vec::new();
+    let mut from = ReadFrom::Oldest;
+    loop {
+        let page = store
+            .read(&channel(name), &ReadQuery::Forward { from, limit: 500 })
+            .unwrap();
+        messages.extend(page.messages);
+        match page.next {
+            Some(next) if page.more => from = ReadFrom::After(next),
+            _ => return messages,
+        }
+    }
+}
+
+/// Checks serials are contiguous and each chain value follows from the previous one (from
+/// genesis when the first message is serial 1).
+fn assert_chain(messages: &[Message]) {
+    let Some(first) = messages.first() else {
+        return;
+    };
+    let mut chain = if first.serial == Serial(1) {
+        ChainHash::genesis(&first.epoch)
+    } else {
+        first.chain
+    };
+    let skip = usize::from(first.serial != Serial(1));
+    for pair in messages.windows(2) {
+        assert_eq!(pair[1].serial, pair[0].serial.next(), "serials contiguous");
+    }
+    for message in &messages[skip..] {
+        chain = chain.next(message.serial, &message.id, &message.data);
+        assert_eq!(chain, message.chain, "chain breaks at {}", message.serial);
+    }
+}
+
+/// Offset just past the last record of a segment file (where the zero fill starts).
+fn log_end(path: &Path) -> usize {
+    let bytes = std::fs::read(path).unwrap();
+    let mut offset = 64;
+    loop {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            return offset;
+        }
+        offset += 8 + len;
+    }
+}
+
+#[test]
+fn append_and_read_round_trip() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    let mut headers = Headers::new();
+    headers.insert("kind".into(), "greeting".into());
+    let rich = NewMessage {
+        id: MessageId::parse("rich").unwrap(),
+        name: Some("hello".into()),
+        headers,
+        data: Data::Binary(Bytes::from_static(b"\x00\xffbinary")),
+        ttl_ms: Some(60_000),
+    };
+    let replies = append(&store, "chat:a", vec![message("m1", "one"), rich.clone()]);
+    assert_eq!(replies.len(), 2);
+    assert_eq!(replies[0].position.serial, Serial(1));
+    assert_eq!(replies[1].position.serial, Serial(2));
+    assert!(!replies[0].duplicate);
+
+    let messages = read_all(&store, "chat:a");
+    assert_eq!(messages.len(), 2);
+    let stored = &messages[1];
+    assert_eq!(stored.name, rich.name);
+    assert_eq!(stored.headers, rich.headers);
+    assert_eq!(stored.data, rich.data);
+    assert_eq!(stored.ttl_ms, Some(60_000));
+    assert_eq!(stored.time, START);
+    assert_eq!(stored.position(), replies[1].position);
+    assert_chain(&messages);
+
+    let by_id = store
+        .message_by_id(&channel("chat:a"), &rich.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&by_id, stored);
+    let status = store.channel_status(&channel("chat:a")).unwrap().unwrap();
+    assert_eq!(status.top, replies[1].position);
+    assert_eq!(status.messages, 2);
+    assert!(
+        store
+            .channel_status(&channel("chat:none"))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(store.health(), StoreHealth::Ok);
+}
+
+#[test]
+fn reopen_rebuilds_indexes_serials_dedupe_and_chain() {
+    let fixture = Fixture::new();
+    let first = {
+        let store = fixture.open().unwrap();
+        append(
+            &store,
+            "chat:a",
+            vec![message("a1", "1"), message("a2", "2")],
+        );
+        append(&store, "chat:b", vec![message("b1", "1")]);
+        append(&store, "chat:a", vec![message("a3", "3")])
+    };
+    let store = fixture.open().unwrap();
+    // A retry after the restart is recognised, with its original position.
+    let retry = append(&store, "chat:a", vec![message("a3", "3")]);
+    assert!(retry[0].duplicate);
+    assert_eq!(retry[0].position, first[0].position);
+    // Same id, different content: refused.
+    let conflict = store
+        .append(channel("chat:a"), vec![message("a1", "changed")])
+        .wait();
+    assert!(matches!(conflict, Err(AppendError::IdConflict { .. })));
+    // Serials and the chain continue.
+    let next = append(&store, "chat:a", vec![message("a4", "4")]);
+    assert_eq!(next[0].position.serial, Serial(4));
+    assert_eq!(next[0].position.epoch, first[0].position.epoch);
+    let messages = read_all(&store, "chat:a");
+    assert_eq!(messages.len(), 4);
+    assert_chain(&messages);
+    assert_eq!(read_all(&store, "chat:b").len(), 1);
+}
+
+#[test]
+fn rollover_spreads_records_over_segments_and_survives_reopen() {
+    let fixture = Fixture::new();
+    let payload = "x".repeat(200);
+    {
+        let store = fixture.open().unwrap();
+        for round in 0..100 {
+            for name in ["chat:a", "chat:b", "chat:c"] {
+                let batch = (0..5)
+                    .map(|index| message(&format!("{name}-{round}-{index}"), &payload))
+                    .collect();
+                append(&store, name, batch);
+            }
+        }
+        assert_eq!(read_all(&store, "chat:b").len(), 500);
+    }
+    let segments = fixture.segment_files();
+    assert!(
+        segments.len() >= 5,
+        "expected several segments, got {segments:?}"
+    );
+    for path in &segments {
+        assert_eq!(
+            std::fs::metadata(path).unwrap().len(),
+            64 * 1024,
+            "preallocated"
+        );
+    }
+    let store = fixture.open().unwrap();
+    for name in ["chat:a", "chat:b", "chat:c"] {
+        let messages = read_all(&store, name);
+        assert_eq!(messages.len(), 500);
+        assert_chain(&messages);
+    }
+}
+
+#[test]
+fn reclaim_deletes_dead_segments_and_keeps_tips_across_restart() {
+    let fixture = Fixture::new();
+    let payload = "y".repeat(300);
+    let last_before = {
+        let store = fixture.open().unwrap();
+        for index in 0..600 {
+            append(
+                &store,
+                "young:a",
+                vec![message(&format!("old-{index}"), &payload)],
+            );
+        }
+        let segments_before = fixture.segment_files().len();
+        assert!(segments_before >= 3);
+        // Nothing is reclaimable yet: retention and the dedupe window still hold them.
+        assert_eq!(store.reclaim().unwrap(), 0);
+        // Past retention (10 s) and the dedupe window (2 min).
+        fixture.clock.advance_ms(3 * 60 * 1000);
+        let dropped = store.reclaim().unwrap();
+        assert!(dropped > 0);
+        let segments_after = fixture.segment_files().len();
+        assert!(segments_after < segments_before);
+        read_all(&store, "young:a");
+        let status = store.channel_status(&channel("young:a")).unwrap().unwrap();
+        assert_eq!(status.top.serial, Serial(600));
+        status.top
+    };
+    // A sealed segment that still holds the last messages may be kept; the rest is gone
+    // from disk, and the tip makes the serial continue after a restart.
+    let store = fixture.open().unwrap();
+    let status = store.channel_status(&channel("young:a")).unwrap().unwrap();
+    assert_eq!(status.top, last_before);
+    let next = append(&store, "young:a", vec![message("new-1", "fresh")]);
+    assert_eq!(next[0].position.serial, Serial(601));
+    assert_eq!(next[0].position.epoch, last_before.epoch);
+    drop(store);
+    let store = fixture.open().unwrap();
+    let messages = read_all(&store, "young:a");
+    assert_eq!(messages.last().unwrap().serial, Serial(601));
+}
+
+#[test]
+fn reclaim_of_every_message_in_dead_segments_leaves_tip_only() {
+    let fixture = Fixture::new();
+    let payload = "z".repeat(300);
+    let (tip_chain, epoch) = {
+        let store = fixture.open().unwrap();
+        for index in 0..200 {
+            append(
+                &store,
+                "young:gone",
+                vec![message(&format!("g-{index}"), &payload)],
+            );
+        }
+        let last = read_all(&store, "young:gone").pop().unwrap();
+        fixture.clock.advance_ms(3 * 60 * 1000);
+        // Another channel fills segments so that all of young:gone's are sealed; once it
+        // too is past retention, only the active segment stays.
+        for index in 0..400 {
+            append(
+                &store,
+                "young:filler",
+                vec![message(&format!("f-{index}"), &payload)],
+            );
+        }
+        fixture.clock.advance_ms(3 * 60 * 1000);
+        assert!(store.reclaim().unwrap() >= 200);
+        assert!(read_all(&store, "young:gone").is_empty());
+        (last.chain, last.epoch)
+    };
+    let store = fixture.open().unwrap();
+    let next = append(&store, "young:gone", vec![message("after", "1")]);
+    assert_eq!(next[0].position.serial, Serial(201));
+    assert_eq!(next[0].position.epoch, epoch);
+    let stored = read_all(&store, "young:gone");
+    assert_eq!(stored.len(), 1);
+    let expected = tip_chain.next(Serial(201), &stored[0].id, &stored[0].data);
+    assert_eq!(stored[0].chain, expected, "chain continues from the tip");
+}
+
+#[test]
+fn corruption_in_a_sealed_segment_refuses_to_open() {
+    let fixture = Fixture::new();
+    let payload = "c".repeat(300);
+    {
+        let store = fixture.open().unwrap();
+        for index in 0..400 {
+            append(
+                &store,
+                "chat:a",
+                vec![message(&format!("m-{index}"), &payload)],
+            );
+        }
+    }
+    let segments = fixture.segment_files();
+    assert!(segments.len() >= 3);
+    let victim = &segments[1];
+    let mut bytes = std::fs::read(victim).unwrap();
+    bytes[64 + 40] ^= 0x01; // inside the first record's body
+    std::fs::write(victim, &bytes).unwrap();
+    match fixture.open() {
+        Err(StoreError::Corrupt { path, offset, .. }) => {
+            assert!(
+                path.ends_with(victim.file_name().unwrap().to_str().unwrap()),
+                "{path}"
+            );
+            assert_eq!(offset, 64);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn torn_tail_in_the_last_segment_is_truncated_but_far_garbage_is_not() {
+    let fixture = Fixture::new();
+    let kept = {
+        let store = fixture.open().unwrap();
+        for index in 0..10 {
+            append(
+                &store,
+                "chat:a",
+                vec![message(&format!("m-{index}"), "data")],
+            );
+        }
+        read_all(&store, "chat:a")
+    };
+    let last = fixture.segment_files().pop().unwrap();
+    let end = log_end(&last);
+    // A torn record: a plausible frame header, then half a body.
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[end..end + 4].copy_from_slice(&200u32.to_le_bytes());
+    bytes[end + 4..end + 8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+    bytes[end + 8..end + 100].fill(0x5a);
+    std::fs::write(&last, &bytes).unwrap();
+    {
+        let store = fixture.open().unwrap();
+        assert_eq!(read_all(&store, "chat:a"), kept);
+        let next = append(&store, "chat:a", vec![message("after", "x")]);
+        assert_eq!(next[0].position.serial, Serial(11));
+    }
+    let store = fixture.open().unwrap();
+    assert_eq!(read_all(&store, "chat:a").len(), 11);
+    drop(store);
+
+    // Damage followed by data beyond one group's reach is not a torn write.
+    let end = log_end(&last);
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[end..end + 4].copy_from_slice(&200u32.to_le_bytes());
+    let far = end + small_options().group_bytes_max + 10;
+    bytes[far] = 1;
+    std::fs::write(&last, &bytes).unwrap();
+    match fixture.open() {
+        Err(StoreError::Corrupt { offset, .. }) => assert_eq!(offset, end as u64),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn failed_sync_poisons_and_restart_recovers() {
+    let fs = SimFs::new();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(START));
+    let dir = Path::new("/data");
+    let open = |fs: &SimFs| {
+        EmbeddedLog::open_with_fs(
+            Arc::new(fs.clone()),
+            dir,
+            small_options(),
+            policies(),
+            clock.clone(),
+        )
+    };
+    let store = open(&fs).unwrap();
+    let acked = append(&store, "chat:a", vec![message("ok-1", "1")]);
+    fs.fail_next_sync("injected EIO");
+    let tickets: Vec<_> = (0..20)
+        .map(|index| store.append(channel("chat:a"), vec![message(&format!("p-{index}"), "p")]))
+        .collect();
+    for ticket in tickets {
+        assert!(matches!(ticket.wait(), Err(AppendError::Poisoned(_))));
+    }
+    assert!(matches!(store.health(), StoreHealth::Poisoned(_)));
+    let later = store
+        .append(channel("chat:a"), vec![message("later", "l")])
+        .wait();
+    assert!(matches!(later, Err(AppendError::Poisoned(_))));
+    // Durable data stays readable.
+    assert_eq!(read_all(&store, "chat:a").len(), 1);
+    assert!(store.reclaim().is_err());
+    drop(store);
+
+    // After a power loss and restart, the acknowledged message is there and appends work.
+    let fs = fs.crash(7);
+    let store = open(&fs).unwrap();
+    assert_eq!(store.health(), StoreHealth::Ok);
+    let messages = read_all(&store, "chat:a");
+    assert_eq!(messages[0].position(), acked[0].position);
+    let next = append(&store, "chat:a", vec![message("after", "a")]);
+    assert_eq!(next[0].position.serial.0, messages.len() as u64 + 1);
+}
+
+#[test]
+fn close_answers_everything_queued() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    let tickets: Vec<_> = (0..200)
+        .map(|index| store.append(channel("chat:a"), vec![message(&format!("q-{index}"), "q")]))
+        .collect();
+    store.close();
+    for ticket in tickets {
+        assert!(ticket.wait().is_ok(), "queued before close: acknowledged");
+    }
+    let after = store
+        .append(channel("chat:a"), vec![message("late", "l")])
+        .wait();
+    assert_eq!(after, Err(AppendError::Closed));
+    assert_eq!(read_all(&store, "chat:a").len(), 200);
+}
+
+#[test]
+fn options_are_validated_and_oversized_batches_refused() {
+    let fixture = Fixture::new();
+    let clock: Arc<dyn Clock> = fixture.clock.clone();
+    let bad = EmbeddedOptions {
+        segment_bytes: 8 * 1024,
+        group_bytes_max: 16 * 1024,
+        queue_depth: 10,
+    };
+    match EmbeddedLog::open(fixture.dir.path(), bad, policies(), clock.clone()) {
+        Err(StoreError::Config(detail)) => assert!(detail.contains("segment_bytes"), "{detail}"),
+        other => panic!("expected Config, got {other:?}"),
+    }
+    let zero_queue = EmbeddedOptions {
+        queue_depth: 0,
+        ..small_options()
+    };
+    assert!(matches!(
+        EmbeddedLog::open(fixture.dir.path(), zero_queue, policies(), clock),
+        Err(StoreError::Config(_))
+    ));
+    let store = fixture.open().unwrap();
+    let huge = message("huge", &"h".repeat(20 * 1024));
+    match store.append(channel("chat:a"), vec![huge]).wait() {
+        Err(AppendError::Invalid(invalid)) => {
+            assert_eq!(invalid.code, herald_core::ErrorCode::BatchTooLarge)
+        }
+        other => panic!("expected batch_too_large, got {other:?}"),
+    }
+}
+
+/// Durable throughput on real files: 100k appends of 256-byte messages from 256 threads.
+/// Run: `cargo test -p herald-log --release --test embedded -- --ignored --nocapture throughput`
+/// (set `HERALD_BENCH_DIR` to measure another disk than the target directory's).
+#[test]
+#[ignore = "benchmark; run explicitly in release mode"]
+fn throughput() {
+    const THREADS: usize = 256;
+    const MESSAGES: usize = 100_000;
+    let base =
+        std::env::var("HERALD_BENCH_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").into());
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(herald_log::SystemClock);
+    let store =
+        EmbeddedLog::open(dir.path(), EmbeddedOptions::default(), policies(), clock).unwrap();
+    let payload = "p".repeat(254); // 256 bytes as a JSON string
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (store, payload) = (&store, &payload);
+            scope.spawn(move || {
+                let name = format!("bench:{}", thread % 64);
+                for index in 0..MESSAGES / THREADS {
+                    let id = format!("t{thread}-{index}");
+                    append(store, &name, vec![message(&id, payload)]);
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    let stats = store.stats();
+    let appends = (MESSAGES / THREADS * THREADS) as f64;
+    eprintln!(
+        "embedded log: {appends} durable appends in {:.2} s = {:.0} appends/s; {} groups, mean group {:.1} appends, {} rollovers",
+        elapsed.as_secs_f64(),
+        appends / elapsed.as_secs_f64(),
+        stats.groups,
+        stats.appends as f64 / stats.groups as f64,
+        stats.rollovers,
+    );
+
+    // The raw limit of the same disk: write + fdatasync of 256 records of 256 bytes into a
+    // zero-filled file.
+    use std::os::unix::fs::FileExt;
+    let path = dir.path().join("raw");
+    let file = std::fs::File::create(&path).unwrap();
+    let batch = vec![7u8; 256 * 264];
+    let rounds = 400;
+    for round in 0..rounds {
+        file.write_all_at(&vec![0u8; batch.len()], (round * batch.len()) as u64)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    let started = std::time::Instant::now();
+    for round in 0..rounds {
+        file.write_all_at(&batch, (round * batch.len()) as u64)
+            .unwrap();
+        file.sync_data().unwrap();
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "raw write+fdatasync, batches of 256: {:.0} records/s ({:.3} ms per sync)",
+        (rounds * 256) as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1000.0 / rounds as f64
+    );
+}

@@ -1,0 +1,920 @@
+//! `herald bench publish`: durable publish throughput and ack latency against a running server,
+//! measured beside the raw group-commit limit of the same disk.
+//!
+//! # What it measures
+//!
+//! - **Publish phases**, one per `--publishers N`: N closed-loop publishers (tokio tasks sharing
+//!   one keep-alive connection pool), each sending one message and waiting for its ack before the
+//!   next. Every id is unique (`bench-<run>-<publisher>-<n>`), so each ack is a fresh durable
+//!   append. The first `--warmup` of a phase is not measured.
+//! - **Raw phases**, one per `--raw-batches B`: `B` 256-byte records written with one positioned
+//!   write and one `fdatasync` per batch into a preallocated, zero-filled, synced file under
+//!   `--raw-dir`. This is the best a single committer doing group commit can do on that disk, so
+//!   the two target ratios of issue #2 compare the server against it:
+//!   (a) publish/s at the largest N over raw records/s at the largest batch (target >= 30%),
+//!   (b) ack p50 at 1 publisher over raw p50 at batch 1 (target <= 1.5x).
+//!
+//! # Invariants
+//!
+//! - Every phase is bounded by its duration and by a maximum operation count, so the latency
+//!   vectors (the only per-operation state) are bounded too.
+//! - Any publish error (transport or HTTP) is counted by code and makes the command fail after
+//!   the report is printed; a benchmark that hid errors would overstate throughput.
+//! - The raw file is removed on every exit path (a guard with `Drop`).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+/// Size of one raw record, the size of a small message record in the embedded log.
+const RAW_RECORD_BYTES: usize = 256;
+/// Size of the preallocated raw file; writes wrap around inside it so it never grows.
+const RAW_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// A publisher gives up after this many errors in a row: the server is gone or refusing.
+const CONSECUTIVE_ERRORS_MAX: u32 = 100;
+/// No single publish may take longer than this; a hung request is an error, not a stall.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upper bound on the publishers of one phase (each one is a connection to the server).
+const PUBLISHERS_MAX: usize = 4096;
+/// Upper bound on the raw batch size (records per write+fdatasync).
+const RAW_BATCH_MAX: usize = 4096;
+
+/// Arguments of `herald bench publish`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Base URL of a running Herald server.
+    #[arg(long, default_value = "http://127.0.0.1:7600")]
+    pub url: String,
+
+    /// API key with publish capability on the bench channels. When absent, `<raw-dir>/admin.key`
+    /// is used if it exists (so pointing --raw-dir at the server's data dir is enough); a server
+    /// started with --dev needs none.
+    #[arg(long, env = "HERALD_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+
+    /// Concurrent publisher counts, one phase each (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256", value_parser = parse_publishers)]
+    pub publishers: Vec<usize>,
+
+    /// Measured time of each publish phase (after the warm-up), e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+
+    /// Unmeasured warm-up at the start of each phase.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+
+    /// Maximum messages per publish phase (warm-up included); the phase ends at whichever of
+    /// this and --duration comes first.
+    #[arg(long, default_value_t = 500_000)]
+    pub max_messages: u64,
+
+    /// Approximate size of each message's JSON `data`, in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub message_bytes: usize,
+
+    /// Number of channels the messages are spread over.
+    #[arg(long, default_value_t = 64)]
+    pub channels: usize,
+
+    /// Channels are named `<channel-prefix>:<index>`.
+    #[arg(long, default_value = "bench")]
+    pub channel_prefix: String,
+
+    /// Directory for the raw write+fdatasync file. Use the server's data directory so both
+    /// measure the same disk; defaults to the current directory.
+    #[arg(long)]
+    pub raw_dir: Option<PathBuf>,
+
+    /// Raw batch sizes (records per write+fdatasync), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256", value_parser = parse_raw_batch)]
+    pub raw_batches: Vec<usize>,
+
+    /// Measured time of each raw phase (after the warm-up).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub raw_duration: Duration,
+
+    /// Maximum write+fdatasync batches per raw phase.
+    #[arg(long, default_value_t = 200_000)]
+    pub raw_max_batches: u64,
+
+    /// Only measure the disk, not the server.
+    #[arg(long, conflicts_with = "no_raw")]
+    pub raw_only: bool,
+
+    /// Only measure the server, not the disk.
+    #[arg(long)]
+    pub no_raw: bool,
+
+    /// Repeat every measurement this many times and report medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub runs: u32,
+
+    /// Print the result as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_publishers(text: &str) -> Result<usize, String> {
+    parse_count(text, PUBLISHERS_MAX)
+}
+
+fn parse_raw_batch(text: &str) -> Result<usize, String> {
+    parse_count(text, RAW_BATCH_MAX)
+}
+
+/// One element of a comma-separated count list: an integer in `1..=max`.
+fn parse_count(text: &str, max: usize) -> Result<usize, String> {
+    let value: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if value == 0 || value > max {
+        return Err(format!("{value} is out of range 1..={max}"));
+    }
+    Ok(value)
+}
+
+/// Runs `herald bench publish`: prints progress to stderr and the report to stdout. Fails if any
+/// publish failed or the disk could not be measured.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.channels == 0 {
+        bail!("--channels must be at least 1");
+    }
+    let raw_dir = args.raw_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let key = match &args.key {
+        Some(key) => Some(key.clone()),
+        None => read_key_file(&raw_dir.join("admin.key"))?,
+    };
+    let invocation = invocation_tag();
+    let measure_server = !args.raw_only;
+    let measure_disk = !args.no_raw;
+
+    let client = if measure_server {
+        let client = build_client(&args, key.as_deref())?;
+        check_server(&client, &args.url).await?;
+        Some(client)
+    } else {
+        None
+    };
+
+    let mut publish_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
+    let mut raw_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+
+    for run_index in 0..args.runs {
+        if measure_disk {
+            for &batch_records in &args.raw_batches {
+                let config = RawConfig {
+                    dir: raw_dir.clone(),
+                    batch_records,
+                    warmup: args.warmup,
+                    duration: args.raw_duration,
+                    batches_max: args.raw_max_batches,
+                };
+                let result = tokio::task::spawn_blocking(move || measure_raw(&config))
+                    .await
+                    .context("raw disk phase panicked")??;
+                eprintln!(
+                    "run {}/{}  raw batch {batch_records:>4}: {}",
+                    run_index + 1,
+                    args.runs,
+                    result.summary("records")
+                );
+                raw_runs.entry(batch_records).or_default().push(result);
+            }
+        }
+        if let Some(client) = &client {
+            for &publishers in &args.publishers {
+                let config = PublishConfig {
+                    url: args.url.clone(),
+                    run_tag: format!("{invocation}r{run_index}n{publishers}"),
+                    publishers,
+                    warmup: args.warmup,
+                    duration: args.duration,
+                    messages_max: args.max_messages,
+                    channels: args.channels,
+                    channel_prefix: args.channel_prefix.clone(),
+                    payload: payload(args.message_bytes),
+                };
+                let outcome = measure_publish(client, config).await;
+                for (code, count) in &outcome.errors {
+                    *errors.entry(code.clone()).or_default() += count;
+                }
+                eprintln!(
+                    "run {}/{}  publishers {publishers:>4}: {}{}",
+                    run_index + 1,
+                    args.runs,
+                    outcome.result.summary("msgs"),
+                    format_errors(&outcome.errors)
+                );
+                publish_runs
+                    .entry(publishers)
+                    .or_default()
+                    .push(outcome.result);
+            }
+        }
+    }
+
+    let report = Report {
+        publish: publish_runs
+            .iter()
+            .map(|(&n, runs)| (n, PhaseResult::median(runs)))
+            .collect(),
+        raw: raw_runs
+            .iter()
+            .map(|(&n, runs)| (n, PhaseResult::median(runs)))
+            .collect(),
+        errors,
+        runs: args.runs,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        print!("{}", report.to_table());
+    }
+    if !report.errors.is_empty() {
+        let total: u64 = report.errors.values().sum();
+        bail!(
+            "{total} publishes failed:{}",
+            format_errors(&report.errors)
+        );
+    }
+    Ok(())
+}
+
+/// A tag unique to this invocation so that repeated benches against the same server never reuse
+/// an id (a reused id would be acked as a duplicate, without a new durable append).
+fn invocation_tag() -> String {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis())
+        .unwrap_or_default();
+    format!("{millis:x}")
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_owned()).filter(|key| !key.is_empty())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn build_client(args: &BenchArgs, key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = key {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key is not a valid header value")?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let publishers_max = args.publishers.iter().copied().max().unwrap_or(1);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .pool_max_idle_per_host(publishers_max)
+        .tcp_nodelay(true)
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .context("building the HTTP client")
+}
+
+/// Fails early with a clear message when nothing answers at `url`.
+async fn check_server(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let health = format!("{}/health", url.trim_end_matches('/'));
+    let response = client
+        .get(&health)
+        .send()
+        .await
+        .with_context(|| format!("no Herald server answers at {url}"))?;
+    if !response.status().is_success() {
+        bail!("{health} answered {}", response.status());
+    }
+    Ok(())
+}
+
+/// JSON data of about `bytes` bytes once serialised compactly.
+fn payload(bytes: usize) -> Value {
+    // `{"pad":""}` is 10 bytes of framing around the padding.
+    let pad_bytes = bytes.saturating_sub(10);
+    json!({ "pad": "x".repeat(pad_bytes) })
+}
+
+fn format_errors(errors: &BTreeMap<String, u64>) -> String {
+    errors
+        .iter()
+        .map(|(code, count)| format!(" {code}={count}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+/// Latency percentiles and throughput of one phase.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PhaseResult {
+    /// Operations (messages or raw records) completed in the measured window.
+    pub operations: u64,
+    /// Length of the measured window.
+    pub seconds: f64,
+    pub per_second: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+impl PhaseResult {
+    fn from_samples(operations: u64, seconds: f64, mut latencies_us: Vec<u64>) -> PhaseResult {
+        latencies_us.sort_unstable();
+        PhaseResult {
+            operations,
+            seconds,
+            per_second: if seconds > 0.0 {
+                operations as f64 / seconds
+            } else {
+                0.0
+            },
+            p50_us: percentile(&latencies_us, 50.0).unwrap_or(0),
+            p99_us: percentile(&latencies_us, 99.0).unwrap_or(0),
+            max_us: latencies_us.last().copied().unwrap_or(0),
+        }
+    }
+
+    /// The median of each figure over several runs of the same phase, taken figure by figure.
+    fn median(runs: &[PhaseResult]) -> PhaseResult {
+        let median_of = |figure: fn(&PhaseResult) -> f64| {
+            median(&runs.iter().map(figure).collect::<Vec<f64>>()).unwrap_or(0.0)
+        };
+        PhaseResult {
+            operations: median_of(|run| run.operations as f64).round() as u64,
+            seconds: median_of(|run| run.seconds),
+            per_second: median_of(|run| run.per_second),
+            p50_us: median_of(|run| run.p50_us as f64).round() as u64,
+            p99_us: median_of(|run| run.p99_us as f64).round() as u64,
+            max_us: median_of(|run| run.max_us as f64).round() as u64,
+        }
+    }
+
+    fn summary(&self, unit: &str) -> String {
+        format!(
+            "{:>10.0} {unit}/s  p50 {:>8}  p99 {:>8}  max {:>8}  ({} in {:.1}s)",
+            self.per_second,
+            format_us(self.p50_us),
+            format_us(self.p99_us),
+            format_us(self.max_us),
+            self.operations,
+            self.seconds
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "operations": self.operations,
+            "seconds": self.seconds,
+            "per_second": self.per_second,
+            "p50_us": self.p50_us,
+            "p99_us": self.p99_us,
+            "max_us": self.max_us,
+        })
+    }
+}
+
+/// Nearest-rank percentile of an ascending slice: the smallest sample such that at least
+/// `percent`% of the samples are at or below it. `None` for an empty slice.
+pub fn percentile(sorted: &[u64], percent: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    debug_assert!(sorted.is_sorted(), "percentile needs ascending samples");
+    let rank = (percent.clamp(0.0, 100.0) / 100.0 * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Median of unsorted values; the mean of the two middle ones for an even count.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[middle]
+    } else {
+        (sorted[middle - 1] + sorted[middle]) / 2.0
+    })
+}
+
+fn format_us(micros: u64) -> String {
+    format!("{:.3}ms", micros as f64 / 1000.0)
+}
+
+fn elapsed_us(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publish phase
+
+struct PublishConfig {
+    url: String,
+    run_tag: String,
+    publishers: usize,
+    warmup: Duration,
+    duration: Duration,
+    messages_max: u64,
+    channels: usize,
+    channel_prefix: String,
+    payload: Value,
+}
+
+struct PublishOutcome {
+    result: PhaseResult,
+    /// Failed publishes by error code (server codes, `http_<status>`, `transport`, ...).
+    errors: BTreeMap<String, u64>,
+}
+
+/// What one publisher task measured.
+#[derive(Default)]
+struct PublisherTally {
+    latencies_us: Vec<u64>,
+    /// When the last measured ack arrived, to close the measured window.
+    last_ack: Option<Instant>,
+    errors: BTreeMap<String, u64>,
+}
+
+async fn measure_publish(client: &reqwest::Client, config: PublishConfig) -> PublishOutcome {
+    let config = Arc::new(config);
+    let started = Instant::now();
+    let measured_from = started + config.warmup;
+    let deadline = measured_from + config.duration;
+    // Shared so that the count bound holds for the whole phase, not per publisher.
+    let issued = Arc::new(AtomicU64::new(0));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for publisher in 0..config.publishers {
+        let client = client.clone();
+        let config = Arc::clone(&config);
+        let issued = Arc::clone(&issued);
+        tasks.spawn(async move {
+            run_publisher(&client, &config, publisher, measured_from, deadline, &issued).await
+        });
+    }
+
+    let mut latencies_us = Vec::new();
+    let mut last_ack: Option<Instant> = None;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(tally) => {
+                latencies_us.extend(tally.latencies_us);
+                last_ack = last_ack.max(tally.last_ack);
+                for (code, count) in tally.errors {
+                    *errors.entry(code).or_default() += count;
+                }
+            }
+            Err(_) => *errors.entry("publisher_panicked".to_owned()).or_default() += 1,
+        }
+    }
+    let seconds = last_ack
+        .map(|last| last.saturating_duration_since(measured_from).as_secs_f64())
+        .unwrap_or(0.0);
+    PublishOutcome {
+        result: PhaseResult::from_samples(latencies_us.len() as u64, seconds, latencies_us),
+        errors,
+    }
+}
+
+async fn run_publisher(
+    client: &reqwest::Client,
+    config: &PublishConfig,
+    publisher: usize,
+    measured_from: Instant,
+    deadline: Instant,
+    issued: &AtomicU64,
+) -> PublisherTally {
+    let base = config.url.trim_end_matches('/');
+    let mut tally = PublisherTally::default();
+    let mut consecutive_errors = 0u32;
+    for sequence in 0u64.. {
+        if Instant::now() >= deadline || issued.fetch_add(1, Ordering::Relaxed) >= config.messages_max
+        {
+            break;
+        }
+        let channel_index = (publisher as u64 + sequence) % config.channels as u64;
+        let url = format!(
+            "{base}/v1/channels/{}:{channel_index}/messages",
+            config.channel_prefix
+        );
+        let body = json!({
+            "id": format!("bench-{}-{publisher}-{sequence}", config.run_tag),
+            "data": &config.payload,
+        });
+        let sent = Instant::now();
+        match publish_once(client, &url, &body).await {
+            Ok(()) => {
+                consecutive_errors = 0;
+                if sent >= measured_from {
+                    tally.latencies_us.push(elapsed_us(sent));
+                    tally.last_ack = Some(Instant::now());
+                }
+            }
+            Err(code) => {
+                *tally.errors.entry(code).or_default() += 1;
+                consecutive_errors += 1;
+                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
+                    break;
+                }
+            }
+        }
+    }
+    tally
+}
+
+/// One publish; `Err` carries the error code to count.
+async fn publish_once(client: &reqwest::Client, url: &str, body: &Value) -> Result<(), String> {
+    let response = client.post(url).json(body).send().await.map_err(|error| {
+        if error.is_timeout() {
+            "timeout".to_owned()
+        } else {
+            "transport".to_owned()
+        }
+    })?;
+    let status = response.status();
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|_| "transport".to_owned())?;
+    if !status.is_success() {
+        return Err(error_code(status.as_u16(), &bytes));
+    }
+    let ack: Value = serde_json::from_slice(&bytes).map_err(|_| "bad_ack".to_owned())?;
+    // Ids are unique per invocation: a duplicate would mean no new durable append was measured.
+    match ack.get("duplicate").and_then(Value::as_bool) {
+        Some(false) => Ok(()),
+        Some(true) => Err("unexpected_duplicate".to_owned()),
+        None => Err("bad_ack".to_owned()),
+    }
+}
+
+/// The stable code of a Herald error body, or `http_<status>` when the body is not one.
+fn error_code(status: u16, body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|value| value["error"]["code"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("http_{status}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw disk phase
+
+struct RawConfig {
+    dir: PathBuf,
+    batch_records: usize,
+    warmup: Duration,
+    duration: Duration,
+    batches_max: u64,
+}
+
+/// Removes the raw file however the phase ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn measure_raw(config: &RawConfig) -> anyhow::Result<PhaseResult> {
+    let path = config.dir.join(format!(
+        ".herald-bench-raw-{}-{}.tmp",
+        std::process::id(),
+        config.batch_records
+    ));
+    let _remove = RemoveOnDrop(path.clone());
+    let file = preallocate(&path)?;
+
+    let batch_bytes = config.batch_records * RAW_RECORD_BYTES;
+    let batch: Vec<u8> = (0..batch_bytes).map(|index| (index % 251) as u8).collect();
+    let slots = RAW_FILE_BYTES / batch_bytes as u64;
+    assert!(slots > 0, "a raw batch must fit in the raw file");
+
+    let started = Instant::now();
+    let measured_from = started + config.warmup;
+    let deadline = measured_from + config.duration;
+    let mut latencies_us = Vec::new();
+    let mut last_sync: Option<Instant> = None;
+    for batch_index in 0..config.batches_max {
+        let sent = Instant::now();
+        if sent >= deadline {
+            break;
+        }
+        // Wrap around inside the preallocated extent so fdatasync never has to persist a size
+        // change, like a preallocated log segment.
+        let offset = (batch_index % slots) * batch_bytes as u64;
+        file.write_all_at(&batch, offset)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.sync_data()
+            .with_context(|| format!("fdatasync of {}", path.display()))?;
+        if sent >= measured_from {
+            latencies_us.push(elapsed_us(sent));
+            last_sync = Some(Instant::now());
+        }
+    }
+    let seconds = last_sync
+        .map(|last| last.saturating_duration_since(measured_from).as_secs_f64())
+        .unwrap_or(0.0);
+    let records = latencies_us.len() as u64 * config.batch_records as u64;
+    Ok(PhaseResult::from_samples(records, seconds, latencies_us))
+}
+
+/// Creates the raw file zero-filled to its full size and synced, so later writes only overwrite
+/// allocated blocks.
+fn preallocate(path: &Path) -> anyhow::Result<File> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating raw bench file {}", path.display()))?;
+    let zeros = vec![0u8; 1024 * 1024];
+    let mut written = 0u64;
+    while written < RAW_FILE_BYTES {
+        file.write_all(&zeros)
+            .with_context(|| format!("preallocating {}", path.display()))?;
+        written += zeros.len() as u64;
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(file)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+struct Report {
+    publish: BTreeMap<usize, PhaseResult>,
+    raw: BTreeMap<usize, PhaseResult>,
+    errors: BTreeMap<String, u64>,
+    runs: u32,
+}
+
+/// One target ratio of issue #2, when both of its sides were measured.
+struct Target {
+    name: &'static str,
+    description: String,
+    value: f64,
+    met: bool,
+}
+
+impl Report {
+    fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        if let (Some((&publishers, publish)), Some((&batch, raw))) =
+            (self.publish.last_key_value(), self.raw.last_key_value())
+            && raw.per_second > 0.0
+        {
+            let value = publish.per_second / raw.per_second;
+            targets.push(Target {
+                name: "throughput",
+                description: format!(
+                    "publish/s at {publishers} publishers / raw records/s at batch {batch}"
+                ),
+                value,
+                met: value >= 0.30,
+            });
+        }
+        if let (Some(publish), Some(raw)) = (self.publish.get(&1), self.raw.get(&1))
+            && raw.p50_us > 0
+        {
+            let value = publish.p50_us as f64 / raw.p50_us as f64;
+            targets.push(Target {
+                name: "latency",
+                description: "ack p50 at 1 publisher / raw write+fdatasync p50 at batch 1"
+                    .to_owned(),
+                value,
+                met: value <= 1.5,
+            });
+        }
+        targets
+    }
+
+    fn to_table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "\nmedians of {} run(s)\n{:<18} {:>12} {:>11} {:>11} {:>11}\n",
+            self.runs, "phase", "per second", "p50", "p99", "max"
+        ));
+        let rows = self
+            .publish
+            .iter()
+            .map(|(n, result)| (format!("publishers {n}"), result))
+            .chain(
+                self.raw
+                    .iter()
+                    .map(|(n, result)| (format!("raw batch {n}"), result)),
+            );
+        for (label, result) in rows {
+            out.push_str(&format!(
+                "{label:<18} {:>12.0} {:>11} {:>11} {:>11}\n",
+                result.per_second,
+                format_us(result.p50_us),
+                format_us(result.p99_us),
+                format_us(result.max_us)
+            ));
+        }
+        out.push_str("(publish latency: one ack; raw latency: one write+fdatasync of a batch)\n");
+        for target in self.targets() {
+            let (value, goal) = match target.name {
+                "throughput" => (format!("{:.1}%", target.value * 100.0), ">= 30%"),
+                _ => (format!("{:.2}x", target.value), "<= 1.5x"),
+            };
+            out.push_str(&format!(
+                "target {}: {} = {value} (target {goal}) {}\n",
+                target.name,
+                target.description,
+                if target.met { "MET" } else { "NOT MET" }
+            ));
+        }
+        if !self.errors.is_empty() {
+            out.push_str(&format!("errors:{}\n", format_errors(&self.errors)));
+        }
+        out
+    }
+
+    fn to_json(&self) -> Value {
+        let phases = |results: &BTreeMap<usize, PhaseResult>| -> Value {
+            results
+                .iter()
+                .map(|(n, result)| (n.to_string(), result.to_json()))
+                .collect::<serde_json::Map<String, Value>>()
+                .into()
+        };
+        let targets: serde_json::Map<String, Value> = self
+            .targets()
+            .into_iter()
+            .map(|target| {
+                (
+                    target.name.to_owned(),
+                    json!({
+                        "description": target.description,
+                        "value": target.value,
+                        "met": target.met,
+                    }),
+                )
+            })
+            .collect();
+        json!({
+            "runs": self.runs,
+            "publish": phases(&self.publish),
+            "raw": phases(&self.raw),
+            "targets": targets,
+            "errors": self.errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .map(|cli| cli.bench)
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let samples: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&samples, 50.0), Some(50));
+        assert_eq!(percentile(&samples, 99.0), Some(99));
+        assert_eq!(percentile(&samples, 100.0), Some(100));
+        assert_eq!(percentile(&samples, 0.0), Some(1));
+        assert_eq!(percentile(&[7], 99.0), Some(7));
+        // Two samples: the median is the lower one, p99 the higher one.
+        assert_eq!(percentile(&[3, 9], 50.0), Some(3));
+        assert_eq!(percentile(&[3, 9], 99.0), Some(9));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+
+    #[test]
+    fn phase_result_from_samples() {
+        let result = PhaseResult::from_samples(400, 2.0, vec![30, 10, 20, 40]);
+        assert_eq!(result.per_second, 200.0);
+        assert_eq!((result.p50_us, result.p99_us, result.max_us), (20, 40, 40));
+        let empty = PhaseResult::from_samples(0, 0.0, Vec::new());
+        assert_eq!((empty.per_second, empty.p50_us), (0.0, 0));
+    }
+
+    #[test]
+    fn phase_median_is_taken_per_figure() {
+        let run = |per_second: f64, p50_us: u64| PhaseResult {
+            operations: 10,
+            seconds: 1.0,
+            per_second,
+            p50_us,
+            p99_us: p50_us * 2,
+            max_us: p50_us * 3,
+        };
+        let median = PhaseResult::median(&[run(100.0, 9), run(300.0, 1), run(200.0, 5)]);
+        assert_eq!(median.per_second, 200.0);
+        assert_eq!((median.p50_us, median.p99_us, median.max_us), (5, 10, 15));
+    }
+
+    #[test]
+    fn publisher_list_parses_and_rejects_bad_counts() {
+        let args = parse(&["--publishers", "1, 16,256"]).unwrap();
+        assert_eq!(args.publishers, vec![1, 16, 256]);
+        assert_eq!(parse(&[]).unwrap().publishers, vec![1, 16, 256]);
+        assert!(parse(&["--publishers", "1,0"]).is_err());
+        assert!(parse(&["--publishers", "1,x"]).is_err());
+        assert!(parse(&["--publishers", "100000"]).is_err());
+        assert!(parse(&["--raw-batches", "0"]).is_err());
+    }
+
+    #[test]
+    fn durations_and_exclusive_modes_parse() {
+        let args = parse(&["--duration", "2s", "--warmup", "250ms", "--runs", "5"]).unwrap();
+        assert_eq!(args.duration, Duration::from_secs(2));
+        assert_eq!(args.warmup, Duration::from_millis(250));
+        assert_eq!(args.runs, 5);
+        assert!(parse(&["--runs", "0"]).is_err());
+        assert!(parse(&["--raw-only", "--no-raw"]).is_err());
+    }
+
+    #[test]
+    fn payload_has_the_requested_size() {
+        let data = serde_json::to_vec(&payload(256)).unwrap();
+        assert_eq!(data.len(), 256);
+    }
+
+    #[test]
+    fn error_code_reads_herald_errors() {
+        let body = br#"{"error":{"code":"rate_limited","message":"slow down","retryable":true}}"#;
+        assert_eq!(error_code(429, body), "rate_limited");
+        assert_eq!(error_code(502, b"<html>"), "http_502");
+    }
+
+    #[test]
+    fn targets_compare_against_the_disk() {
+        let result = |per_second: f64, p50_us: u64| PhaseResult {
+            operations: 1,
+            seconds: 1.0,
+            per_second,
+            p50_us,
+            p99_us: p50_us,
+            max_us: p50_us,
+        };
+        let report = Report {
+            publish: BTreeMap::from([(1, result(500.0, 1200)), (256, result(40_000.0, 6000))]),
+            raw: BTreeMap::from([(1, result(1000.0, 1000)), (256, result(100_000.0, 2000))]),
+            errors: BTreeMap::new(),
+            runs: 1,
+        };
+        let targets = report.targets();
+        assert_eq!(targets.len(), 2);
+        assert!((targets[0].value - 0.4).abs() < 1e-9 && targets[0].met);
+        assert!((targets[1].value - 1.2).abs() < 1e-9 && targets[1].met);
+        let table = report.to_table();
+        assert!(table.contains("publishers 256") && table.contains("raw batch 256"));
+        assert_eq!(report.to_json()["targets"]["throughput"]["met"], true);
+    }
+
+    #[test]
+    fn raw_phase_measures_and_removes_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RawConfig {
+            dir: dir.path().to_owned(),
+            batch_records: 16,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(5),
+            batches_max: 20,
+        };
+        let result = measure_raw(&config).unwrap();
+        assert_eq!(result.operations, 20 * 16);
+        assert!(result.p50_us > 0 && result.p50_us <= result.max_us);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,264 @@
+//! The real `herald` binary: `serve` as a child process, `publish` and `history` against it,
+//! `config init` / `config check`, and the documented exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn herald() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+    // Client settings come only from the flags each test passes.
+    for variable in ["HERALD_URL", "HERALD_KEY", "HERALD_DATA_DIR", "HERALD_HTTP_ADDR"] {
+        command.env_remove(variable);
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A `herald serve` child, killed on drop.
+struct Served {
+    child: Child,
+    url: String,
+    stdout_lines: Vec<String>,
+}
+
+impl Served {
+    fn start(data_dir: &Path, extra: &[&str]) -> Served {
+        let mut child = herald()
+            .arg("serve")
+            .arg("--data")
+            .arg(data_dir)
+            .args(["--http", "127.0.0.1:0"])
+            .args(extra)
+            .env("HERALD_STORAGE__RECLAIM_INTERVAL", "1s")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn herald serve");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut stdout_lines = Vec::new();
+        loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("herald serve prints its listening line");
+            stdout_lines.push(line.clone());
+            if let Some(url) = line.strip_prefix("herald: listening on ") {
+                return Served {
+                    child,
+                    url: url.to_owned(),
+                    stdout_lines,
+                };
+            }
+        }
+    }
+
+    /// SIGTERM, then the exit status (graceful shutdown).
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "herald serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command.output().expect("run herald");
+    (
+        status.code().expect("exited normally"),
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+#[test]
+fn publish_and_history_against_a_real_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Served::start(dir.path(), &[]);
+    // First start: the generated admin key is announced before the listening line.
+    assert_eq!(server.stdout_lines.len(), 2, "{:?}", server.stdout_lines);
+    let key_line = &server.stdout_lines[0];
+    let key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
+    assert!(key_line.starts_with("herald: generated admin key "), "{key_line}");
+    assert!(key_line.contains(key.trim()));
+
+    let client = |args: &[&str]| {
+        let mut command = herald();
+        command
+            .args(args)
+            .args(["--url", &server.url, "--data"])
+            .arg(dir.path());
+        run(&mut command)
+    };
+
+    // The CLI finds the admin key in the data dir by itself.
+    let (code, stdout, stderr) = client(&[
+        "publish", "chat:cli", r#"{"n": 1}"#, "--id", "first", "--name", "note", "--header",
+        "lang=en", "--ttl", "1h",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.trim().ends_with(":1 id=first"), "{stdout}");
+    let epoch = stdout.split(':').next().unwrap().to_owned();
+
+    let (code, stdout, _) = client(&["publish", "chat:cli", "plain words"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with(&format!("{epoch}:2 id=")), "{stdout}");
+
+    let (code, stdout, _) = client(&["publish", "chat:cli", r#"{"n": 1}"#, "--id", "first", "--name", "note", "--header", "lang=en", "--ttl", "1h", "--json"]);
+    assert_eq!(code, 0);
+    let ack: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!((ack["duplicate"].as_bool(), ack["serial"].as_u64()), (Some(true), Some(1)));
+
+    let (code, _, stderr) = client(&["publish", "chat:cli", "2", "--id", "first"]);
+    assert_eq!(code, 3, "a reused id is a rejection");
+    assert!(stderr.contains("id_conflict"), "{stderr}");
+
+    let (code, stdout, stderr) = client(&["history", "chat:cli"]);
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].starts_with(&format!("{epoch}:1\t")));
+    assert!(lines[0].contains("\tfirst\tnote\t{\"n\":1}"), "{}", lines[0]);
+    assert!(lines[1].ends_with("\"plain words\""), "{}", lines[1]);
+
+    let (code, stdout, _) = client(&["history", "chat:cli", "--after", &format!("{epoch}:1"), "--json"]);
+    assert_eq!(code, 0);
+    let page: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(page["top"], format!("{epoch}:2"));
+
+    let (code, stdout, _) = client(&["history", "chat:cli", "--before", &format!("{epoch}:3"), "--limit", "1"]);
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with(&format!("{epoch}:2\t")), "{stdout}");
+
+    let (code, _, stderr) = client(&["history", "chat:cli", "--after", "nope"]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("invalid_position"), "{stderr}");
+
+    let (code, _, stderr) = client(&["history", "chat:cli", "--after", "Other:1"]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("continuity_lost") && stderr.contains("reason=epoch_changed"), "{stderr}");
+
+    let (code, _, stderr) = client(&["publish", "chat:cli", "1", "--ttl", "100days"]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("invalid_ttl"), "{stderr}");
+
+    // A wrong key is refused; the exit code says "rejected", not "unreachable".
+    let (code, _, stderr) = client(&["history", "chat:cli", "--key", "wrong-key-wrong-key"]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("unauthorized"), "{stderr}");
+
+    // Usage errors.
+    let (code, _, _) = client(&["history", "chat:cli", "--after", "a:1", "--before", "a:2"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = client(&["publish", "chat:cli", "1", "--header", "novalue"]);
+    assert_eq!(code, 2);
+
+    // A restart reuses the key (no new key line) and keeps the messages.
+    let status = server.terminate();
+    assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    let server = Served::start(dir.path(), &[]);
+    assert_eq!(server.stdout_lines.len(), 1, "{:?}", server.stdout_lines);
+    let mut command = herald();
+    command
+        .args(["history", "chat:cli", "--url", &server.url, "--data"])
+        .arg(dir.path());
+    let (code, stdout, _) = run(&mut command);
+    assert_eq!(code, 0);
+    assert_eq!(stdout.lines().count(), 2);
+}
+
+#[test]
+fn unreachable_server_exits_4() {
+    // Bind and drop a listener to get a local port that nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(herald()
+        .args(["publish", "x", "1", "--url", &format!("http://127.0.0.1:{port}"), "--data"])
+        .arg(dir.path()));
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+}
+
+#[test]
+fn config_init_output_checks_and_bad_configs_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stdout, _) = run(herald().args(["config", "init"]));
+    assert_eq!(code, 0);
+    let file = dir.path().join("herald.toml");
+    std::fs::write(&file, &stdout).unwrap();
+    let (code, stdout, stderr) = run(herald().args(["config", "check"]).arg(&file));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("ok"));
+
+    std::fs::write(&file, "[namespaces.chat]\ndedupe_window = \"10s\"\n").unwrap();
+    let (code, _, stderr) = run(herald().args(["config", "check"]).arg(&file));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("namespaces.chat") && stderr.contains("2 minutes"), "{stderr}");
+
+    std::fs::write(&file, "[limits]\nmessage_bytes_maxx = 1\n").unwrap();
+    let (code, _, stderr) = run(herald().args(["config", "check"]).arg(&file));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("message_bytes_maxx"), "{stderr}");
+
+    let (code, _, stderr) = run(herald().args(["config", "check"]).arg(dir.path().join("missing.toml")));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
+    let dir = tempfile::tempdir().unwrap();
+    // TEST-NET-1 is never local, so nothing could be bound here even without the check.
+    let (code, _, stderr) = run(herald()
+        .args(["serve", "--dev", "--http", "192.0.2.1:7600", "--data"])
+        .arg(dir.path()));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--dev") && stderr.contains("loopback"), "{stderr}");
+
+    let (code, _, stderr) = run(herald()
+        .args(["serve", "--http", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .env("HERALD_LIMITS__MESSAGE_BYTES_MAX", "0"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("limits") && stderr.contains("message_bytes_max"), "{stderr}");
+}
