@@ -127,7 +127,9 @@ impl MemoryStore {
                     .get(&message.channel)
                     .and_then(|stream| stream.entry(message.serial))
                     .is_some(),
-                MemoryRecord::Tip(_) => true,
+                // A newer tip of the same channel replaces this one, so the image stays
+                // bounded by one tip per channel however often a channel empties.
+                MemoryRecord::Tip(old) => !tips.iter().any(|tip| tip.channel == old.channel),
             });
             state.image.extend(tips.into_iter().map(MemoryRecord::Tip));
         }
@@ -229,5 +231,66 @@ impl LogStore for MemoryStore {
 
     fn reclaim(&self) -> Result<usize, StoreError> {
         Ok(self.reclaim_now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use herald_core::{
+        ChannelName, Data, MessageId, NewMessage, Policies, Position, ReadFrom, Serial, Timestamp,
+    };
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{LogStore, ReadQuery};
+
+    fn message(id: &str) -> NewMessage {
+        NewMessage {
+            id: MessageId::parse(id).unwrap(),
+            name: None,
+            headers: BTreeMap::new(),
+            data: Data::Json(Bytes::from_static(b"1")),
+            ttl_ms: None,
+        }
+    }
+
+    /// A channel that keeps emptying and refilling leaves one tip in the image, not one per
+    /// reclaim, and still recovers to the right top.
+    #[test]
+    fn repeated_reclaims_keep_one_tip_per_channel() {
+        let clock = Arc::new(ManualClock::new(Timestamp(1_000_000)));
+        let mut policies = Policies::default();
+        policies.default.retention.max_age_ms = 1_000;
+        let store = MemoryStore::new(policies, clock.clone());
+        let room = ChannelName::parse("room").unwrap();
+        for round in 0..5 {
+            store
+                .append(room.clone(), vec![message(&format!("m{round}"))])
+                .wait()
+                .unwrap();
+            clock.advance_ms(store.policies().default.dedupe_window_ms() + 1);
+            assert_eq!(store.reclaim().unwrap(), 1);
+        }
+        let image = store.read_state().image.clone();
+        assert_eq!(image.len(), 1, "{image:?}");
+        let recovered = store.crash_and_recover().unwrap();
+        let ack = recovered
+            .append(room.clone(), vec![message("next")])
+            .wait()
+            .unwrap();
+        assert_eq!(ack[0].position.serial, Serial(6));
+        let page = recovered
+            .read(
+                &room,
+                &ReadQuery::Forward {
+                    from: ReadFrom::After(Position::new(ack[0].position.epoch.clone(), Serial(5))),
+                    limit: 10,
+                },
+            )
+            .unwrap();
+        assert_eq!(page.messages.len(), 1);
     }
 }

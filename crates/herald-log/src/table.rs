@@ -367,9 +367,12 @@ mod tests {
         let mut table = ChannelTable::<u64>::default();
         let policies = Policies::default();
         let empty = table.sequence(&room(), &[], &policies, T0, |_| 0);
-        assert!(
-            matches!(empty, Err(AppendError::Invalid(ref invalid)) if invalid.code == ErrorCode::InvalidMessage)
-        );
+        match empty {
+            Err(AppendError::Invalid(invalid)) => {
+                assert_eq!(invalid.code, ErrorCode::InvalidMessage)
+            }
+            other => panic!("expected an invalid batch, got {other:?}"),
+        }
         let conflict = table.sequence(
             &room(),
             &[message("a", "1"), message("a", "2")],

@@ -9,7 +9,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use bytes::Bytes;
 use common::*;
@@ -71,7 +70,7 @@ fn round_trip_keeps_every_field<H: Harness>() {
         },
         json("third", "null"),
     ];
-    let acks = append_ok(&**harness.store(), &room, batch.clone());
+    let acks = append_ok(harness.store(), &room, batch.clone());
     assert_eq!(acks.len(), 3);
     let epoch = acks[0].position.epoch.clone();
     for (index, ack) in acks.iter().enumerate() {
@@ -100,14 +99,14 @@ fn round_trip_keeps_every_field<H: Harness>() {
         assert!(page.skipped.is_empty());
         page.messages
     };
-    let before = check(&**harness.store());
+    let before = check(harness.store());
     harness.restart();
-    let after = check(&**harness.store());
+    let after = check(harness.store());
     assert_eq!(before, after, "a restart returns byte-identical messages");
 
     // Time is the clock at acceptance and never goes backwards on a channel.
     clock.advance_ms(5_000);
-    let acks = append_ok(&**harness.store(), &room, vec![json("fourth", "4")]);
+    let acks = append_ok(harness.store(), &room, vec![json("fourth", "4")]);
     let fourth = harness
         .store()
         .message_by_id(&room, &id("fourth"))
@@ -123,11 +122,11 @@ fn round_trip_keeps_every_field<H: Harness>() {
 fn batch_with_a_bad_message_stores_nothing<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("room");
-    let acks = append_ok(&**harness.store(), &room, vec![json("a", "1")]);
+    let acks = append_ok(harness.store(), &room, vec![json("a", "1")]);
     let epoch = acks[0].position.epoch.clone();
 
     let conflict = append(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![json("b", "2"), json("c", "3"), json("a", "changed")],
     );
@@ -139,7 +138,7 @@ fn batch_with_a_bad_message_stores_nothing<H: Harness>() {
         })
     );
     let invalid = append(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![json("b", "2"), with_ttl(json("c", "3"), 1)],
     );
@@ -148,17 +147,17 @@ fn batch_with_a_bad_message_stores_nothing<H: Harness>() {
         other => panic!("expected invalid ttl, got {other:?}"),
     }
     let in_batch_conflict = append(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![json("d", "4"), json("d", "not 4")],
     );
-    assert!(
-        matches!(in_batch_conflict, Err(AppendError::IdConflict { ref id, .. }) if id.as_str() == "d"),
-        "{in_batch_conflict:?}"
-    );
+    match in_batch_conflict {
+        Err(AppendError::IdConflict { id, .. }) => assert_eq!(id.as_str(), "d"),
+        other => panic!("expected an id conflict, got {other:?}"),
+    }
 
     for _ in 0..2 {
-        assert_eq!(serials(&read_all(&**harness.store(), &room, 10)), vec![1]);
+        assert_eq!(serials(&read_all(harness.store(), &room, 10)), vec![1]);
         for missing in ["b", "c", "d"] {
             assert_eq!(
                 harness.store().message_by_id(&room, &id(missing)).unwrap(),
@@ -176,7 +175,7 @@ fn batch_with_a_bad_message_stores_nothing<H: Harness>() {
         );
         harness.restart();
     }
-    let acks = append_ok(&**harness.store(), &room, vec![json("b", "2")]);
+    let acks = append_ok(harness.store(), &room, vec![json("b", "2")]);
     assert_eq!(acks[0].position, position(&epoch, 2), "no serial was burnt");
 }
 
@@ -185,23 +184,15 @@ fn batch_with_a_bad_message_stores_nothing<H: Harness>() {
 fn retries_are_idempotent<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("room");
-    let first = append_ok(
-        &**harness.store(),
-        &room,
-        vec![json("a", "1"), json("b", "2")],
-    );
+    let first = append_ok(harness.store(), &room, vec![json("a", "1"), json("b", "2")]);
     let epoch = first[0].position.epoch.clone();
 
-    let retry = append_ok(&**harness.store(), &room, vec![json("a", "1")]);
+    let retry = append_ok(harness.store(), &room, vec![json("a", "1")]);
     assert_eq!(retry[0].position, position(&epoch, 1));
     assert!(retry[0].duplicate);
 
     harness.restart();
-    let retry = append_ok(
-        &**harness.store(),
-        &room,
-        vec![json("b", "2"), json("c", "3")],
-    );
+    let retry = append_ok(harness.store(), &room, vec![json("b", "2"), json("c", "3")]);
     assert_eq!(retry[0].position, position(&epoch, 2));
     assert!(retry[0].duplicate);
     assert_eq!(retry[1].position, position(&epoch, 3));
@@ -222,7 +213,7 @@ fn retries_are_idempotent<H: Harness>() {
         with_ttl(json("a", "1"), 5_000),
         binary,
     ] {
-        let result = append(&**harness.store(), &room, vec![changed.clone()]);
+        let result = append(harness.store(), &room, vec![changed.clone()]);
         assert_eq!(
             result,
             Err(AppendError::IdConflict {
@@ -233,15 +224,11 @@ fn retries_are_idempotent<H: Harness>() {
         );
     }
     assert_eq!(
-        serials(&read_all(&**harness.store(), &room, 10)),
+        serials(&read_all(harness.store(), &room, 10)),
         vec![1, 2, 3]
     );
     // Ids are per channel: the same id on another channel is a new message.
-    let elsewhere = append_ok(
-        &**harness.store(),
-        &channel("lobby"),
-        vec![json("a", "other")],
-    );
+    let elsewhere = append_ok(harness.store(), &channel("lobby"), vec![json("a", "other")]);
     assert!(!elsewhere[0].duplicate);
     assert_eq!(elsewhere[0].position.serial, Serial(1));
 }
@@ -251,7 +238,7 @@ fn duplicates_inside_a_batch_are_stored_once<H: Harness>() {
     let harness = H::open(test_policies(), new_clock());
     let room = channel("room");
     let acks = append_ok(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![
             json("a", "1"),
@@ -267,7 +254,7 @@ fn duplicates_inside_a_batch_are_stored_once<H: Harness>() {
         .collect();
     assert_eq!(summary, vec![(1, false), (1, true), (2, false), (1, true)]);
     assert_eq!(acks[2].position, position(&epoch, 2));
-    let stored = read_all(&**harness.store(), &room, 10);
+    let stored = read_all(harness.store(), &room, 10);
     assert_eq!(serials(&stored), vec![1, 2]);
     verify_chain_from_genesis(&stored);
 }
@@ -277,12 +264,12 @@ fn duplicates_inside_a_batch_are_stored_once<H: Harness>() {
 fn epoch_is_stable_and_foreign_positions_are_refused<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("room");
-    let epoch = append_ok(&**harness.store(), &room, vec![json("a", "1")])[0]
+    let epoch = append_ok(harness.store(), &room, vec![json("a", "1")])[0]
         .position
         .epoch
         .clone();
     harness.restart();
-    let ack = append_ok(&**harness.store(), &room, vec![json("b", "2")]);
+    let ack = append_ok(harness.store(), &room, vec![json("b", "2")]);
     assert_eq!(
         ack[0].position,
         position(&epoch, 2),
@@ -293,7 +280,7 @@ fn epoch_is_stable_and_foreign_positions_are_refused<H: Harness>() {
     assert_eq!(status.epoch, epoch);
 
     let other = foreign_epoch(&epoch);
-    let store = &**harness.store();
+    let store = harness.store();
     let lost = continuity_lost(forward(
         store,
         &room,
@@ -344,10 +331,10 @@ fn paging_returns_every_message_once<H: Harness>() {
             .iter()
             .map(|n| json(&format!("m{n}"), &n.to_string()))
             .collect();
-        append_ok(&**harness.store(), &room, batch);
+        append_ok(harness.store(), &room, batch);
     }
     harness.restart();
-    let store = &**harness.store();
+    let store = harness.store();
     let epoch = store.channel_status(&room).unwrap().unwrap().epoch;
     let all: Vec<u64> = (1..=total).collect();
     for page_size in [1, 4, 7, 23, 100] {
@@ -397,14 +384,10 @@ fn retention_by_count<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("few:room");
     for n in 1..=8 {
-        append_ok(
-            &**harness.store(),
-            &room,
-            vec![json(&format!("m{n}"), "{}")],
-        );
+        append_ok(harness.store(), &room, vec![json(&format!("m{n}"), "{}")]);
     }
     for _ in 0..2 {
-        let store = &**harness.store();
+        let store = harness.store();
         let epoch = store.channel_status(&room).unwrap().unwrap().epoch;
         let first = 8 - FEW_MESSAGES_MAX + 1;
         assert_eq!(
@@ -454,14 +437,10 @@ fn retention_by_bytes<H: Harness>() {
     for n in 1..=6 {
         let data = format!("\"{:028}\"", n);
         assert_eq!(data.len(), 30);
-        append_ok(
-            &**harness.store(),
-            &room,
-            vec![json(&format!("m{n}"), &data)],
-        );
+        append_ok(harness.store(), &room, vec![json(&format!("m{n}"), &data)]);
     }
     for _ in 0..2 {
-        let store = &**harness.store();
+        let store = harness.store();
         let epoch = store.channel_status(&room).unwrap().unwrap().epoch;
         assert_eq!(serials(&read_all(store, &room, 10)), vec![4, 5, 6]);
         let lost = continuity_lost(forward(
@@ -485,24 +464,24 @@ fn retention_by_age<H: Harness>() {
     let mut harness = H::open(test_policies(), clock.clone());
     let room = channel("young:room");
     append_ok(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![json("m1", "1"), json("m2", "2")],
     );
     clock.advance_ms(6_000);
     append_ok(
-        &**harness.store(),
+        harness.store(),
         &room,
         vec![json("m3", "3"), json("m4", "4")],
     );
     clock.advance_ms(YOUNG_AGE_MS - 6_000 - 1);
     assert_eq!(
-        serials(&read_all(&**harness.store(), &room, 10)),
+        serials(&read_all(harness.store(), &room, 10)),
         vec![1, 2, 3, 4]
     );
     clock.advance_ms(1);
     harness.restart();
-    let store = &**harness.store();
+    let store = harness.store();
     let epoch = store.channel_status(&room).unwrap().unwrap().epoch;
     assert_eq!(serials(&read_all(store, &room, 10)), vec![3, 4]);
     let lost = continuity_lost(forward(
@@ -546,18 +525,18 @@ fn ttl_expiry_is_reported_as_skipped<H: Harness>() {
         json("m4", "4"),
         with_ttl(json("m5", "5"), 2_000),
     ];
-    let epoch = append_ok(&**harness.store(), &room, batch)[0]
+    let epoch = append_ok(harness.store(), &room, batch)[0]
         .position
         .epoch
         .clone();
     clock.advance_ms(1_999);
     assert_eq!(
-        serials(&read_all(&**harness.store(), &room, 10)),
+        serials(&read_all(harness.store(), &room, 10)),
         vec![1, 2, 3, 4, 5]
     );
     clock.advance_ms(1);
     harness.restart();
-    let store = &**harness.store();
+    let store = harness.store();
     let skipped = |from, to| SkippedRange {
         from: Serial(from),
         to: Serial(to),
@@ -594,13 +573,9 @@ fn ttl_expiry_is_reported_as_skipped<H: Harness>() {
 fn message_by_id_finds_stored_messages<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("room");
-    append_ok(
-        &**harness.store(),
-        &room,
-        vec![json("a", "1"), json("b", "2")],
-    );
+    append_ok(harness.store(), &room, vec![json("a", "1"), json("b", "2")]);
     harness.restart();
-    let store = &**harness.store();
+    let store = harness.store();
     let stored = read_all(store, &room, 10);
     assert_eq!(
         store.message_by_id(&room, &id("b")).unwrap().as_ref(),
@@ -620,7 +595,7 @@ fn channel_status_counts_live_messages<H: Harness>() {
     assert_eq!(harness.store().channel_status(&room).unwrap(), None);
     let batch = vec![json("a", "\"hello\""), json("b", "[1,2,3]")];
     let expected_bytes = (7 + 7) as u64;
-    let epoch = append_ok(&**harness.store(), &room, batch)[0]
+    let epoch = append_ok(harness.store(), &room, batch)[0]
         .position
         .epoch
         .clone();
@@ -645,17 +620,17 @@ fn interleaved_channels_stay_independent<H: Harness>() {
             let batch = (0..=(round + index) % 3)
                 .map(|k| json(&format!("r{round}-k{k}"), &format!("{round}")))
                 .collect();
-            append_ok(&**harness.store(), name, batch);
+            append_ok(harness.store(), name, batch);
         }
     }
     let before: Vec<Vec<Message>> = channels
         .iter()
-        .map(|name| read_all(&**harness.store(), name, 7))
+        .map(|name| read_all(harness.store(), name, 7))
         .collect();
     harness.restart();
     let mut epochs = BTreeSet::new();
     for (index, name) in channels.iter().enumerate() {
-        let messages = read_all(&**harness.store(), name, 7);
+        let messages = read_all(harness.store(), name, 7);
         assert_eq!(messages, before[index]);
         let expected: usize = (0..10).map(|round| (round + index) % 3 + 1).sum();
         assert_eq!(messages.len(), expected);
@@ -685,7 +660,7 @@ fn concurrent_appends_get_contiguous_serials<H: Harness>() {
     let acks = runtime.block_on(async {
         let mut tasks = Vec::new();
         for task in 0..TASKS {
-            let store = Arc::clone(harness.store());
+            let store = harness.shared_store();
             let room = room.clone();
             tasks.push(tokio::spawn(async move {
                 let mut acks = Vec::new();
@@ -734,7 +709,7 @@ fn concurrent_appends_get_contiguous_serials<H: Harness>() {
     let expected_new = TASKS * (APPENDS_PER_TASK + APPENDS_PER_TASK.div_ceil(3));
     assert_eq!(new_serials, (1..=expected_new as u64).collect::<Vec<_>>());
     harness.restart();
-    let stored = read_all(&**harness.store(), &room, 50);
+    let stored = read_all(harness.store(), &room, 50);
     verify_chain_from_genesis(&stored);
     for ack in acks.iter().flatten() {
         let message = &stored[ack.position.serial.0 as usize - 1];
@@ -757,34 +732,34 @@ fn reclaim_keeps_serials_epoch_and_chain<H: Harness>() {
     let payload = format!("\"{}\"", "x".repeat(200));
     for n in 1..=40 {
         append_ok(
-            &**harness.store(),
+            harness.store(),
             &few,
             vec![json(&format!("f{n}"), &payload)],
         );
         append_ok(
-            &**harness.store(),
+            harness.store(),
             &young,
             vec![json(&format!("y{n}"), &payload)],
         );
     }
-    let young_last = read_all(&**harness.store(), &young, 100).pop().unwrap();
+    let young_last = read_all(harness.store(), &young, 100).pop().unwrap();
     // Past retention and the dedupe window for everything so far. The window covers the
     // retention age (24 h for `few`), so that is the wait before `few` messages can go.
     clock.advance_ms(test_policies().namespaces["few"].dedupe_window_ms() + 1);
     for n in 41..=45 {
         append_ok(
-            &**harness.store(),
+            harness.store(),
             &few,
             vec![json(&format!("f{n}"), &payload)],
         );
     }
-    let few_before = read_all(&**harness.store(), &few, 100);
+    let few_before = read_all(harness.store(), &few, 100);
     assert_eq!(serials(&few_before), (41..=45).collect::<Vec<_>>());
 
     let reclaimed = harness.store().reclaim().unwrap();
     assert!(reclaimed > 0, "something was reclaimable");
     harness.restart();
-    let store = &**harness.store();
+    let store = harness.store();
 
     // The `few` channel: same retained messages, same epoch, chain continues.
     assert_eq!(read_all(store, &few, 100), few_before);
@@ -838,7 +813,7 @@ fn reclaim_twice_then_restart<H: Harness>() {
     let mut harness = H::open(test_policies(), clock.clone());
     let young = channel("young:room");
     let epoch = append_ok(
-        &**harness.store(),
+        harness.store(),
         &young,
         vec![json("a", "1"), json("b", "2")],
     )[0]
@@ -847,17 +822,17 @@ fn reclaim_twice_then_restart<H: Harness>() {
     .clone();
     clock.advance_ms(herald_core::policy::DEDUPE_WINDOW_MS_MIN + 1);
     harness.store().reclaim().unwrap();
-    append_ok(&**harness.store(), &young, vec![json("c", "3")]);
+    append_ok(harness.store(), &young, vec![json("c", "3")]);
     clock.advance_ms(herald_core::policy::DEDUPE_WINDOW_MS_MIN + 1);
-    append_ok(&**harness.store(), &young, vec![json("d", "4")]);
+    append_ok(harness.store(), &young, vec![json("d", "4")]);
     harness.store().reclaim().unwrap();
-    let before = read_all(&**harness.store(), &young, 10);
+    let before = read_all(harness.store(), &young, 10);
     assert_eq!(serials(&before), vec![4]);
     harness.restart();
-    assert_eq!(read_all(&**harness.store(), &young, 10), before);
-    let ack = append_ok(&**harness.store(), &young, vec![json("e", "5")]);
+    assert_eq!(read_all(harness.store(), &young, 10), before);
+    let ack = append_ok(harness.store(), &young, vec![json("e", "5")]);
     assert_eq!(ack[0].position, position(&epoch, 5));
-    verify_chain_links(&read_all(&**harness.store(), &young, 10));
+    verify_chain_links(&read_all(harness.store(), &young, 10));
 }
 
 /// After a failed fsync the store refuses every append (readiness says so) until a restart,
@@ -866,7 +841,7 @@ fn reclaim_twice_then_restart<H: Harness>() {
 fn failed_write_poisons_until_restart<H: Harness>() {
     let mut harness = H::open(test_policies(), new_clock());
     let room = channel("room");
-    let epoch = append_ok(&**harness.store(), &room, vec![json("a", "1")])[0]
+    let epoch = append_ok(harness.store(), &room, vec![json("a", "1")])[0]
         .position
         .epoch
         .clone();
@@ -874,15 +849,15 @@ fn failed_write_poisons_until_restart<H: Harness>() {
         eprintln!("this store cannot inject an fsync failure; covered by its own tests");
         return;
     }
-    let failed = append(&**harness.store(), &room, vec![json("b", "2")]);
+    let failed = append(harness.store(), &room, vec![json("b", "2")]);
     assert!(
         matches!(failed, Err(AppendError::Poisoned(_))),
         "{failed:?}"
     );
-    let later = append(&**harness.store(), &channel("other"), vec![json("c", "3")]);
+    let later = append(harness.store(), &channel("other"), vec![json("c", "3")]);
     assert!(matches!(later, Err(AppendError::Poisoned(_))), "{later:?}");
     assert!(matches!(harness.store().health(), StoreHealth::Poisoned(_)));
-    assert_eq!(serials(&read_all(&**harness.store(), &room, 10)), vec![1]);
+    assert_eq!(serials(&read_all(harness.store(), &room, 10)), vec![1]);
 
     harness.restart();
     assert_eq!(harness.store().health(), StoreHealth::Ok);
@@ -893,7 +868,7 @@ fn failed_write_poisons_until_restart<H: Harness>() {
     if let Some(message) = &recovered {
         assert_eq!(message.position(), position(&epoch, 2));
     }
-    let ack = append_ok(&**harness.store(), &room, vec![json("b", "2")]);
+    let ack = append_ok(harness.store(), &room, vec![json("b", "2")]);
     assert_eq!(ack[0].position, position(&epoch, 2));
     assert_eq!(ack[0].duplicate, recovered.is_some());
     // A batch refused because the store was already poisoned was never written.
@@ -903,7 +878,7 @@ fn failed_write_poisons_until_restart<H: Harness>() {
         None
     );
     assert_eq!(harness.store().channel_status(&other).unwrap(), None);
-    verify_chain_from_genesis(&read_all(&**harness.store(), &room, 10));
+    verify_chain_from_genesis(&read_all(harness.store(), &room, 10));
 }
 
 // ----- instantiation -------------------------------------------------------------------------

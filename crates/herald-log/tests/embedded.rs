@@ -509,37 +509,50 @@ fn options_are_validated_and_oversized_batches_refused() {
     }
 }
 
-/// Durable throughput on real files: 100k appends of 256-byte messages from 256 threads.
+/// Durable throughput on real files: 100k appends of 256-byte messages (one per batch) from
+/// 256 concurrent publishers, as tokio tasks like the server's, over 64 channels.
 /// Run: `cargo test -p herald-log --release --test embedded -- --ignored --nocapture throughput`
 /// (set `HERALD_BENCH_DIR` to measure another disk than the target directory's).
 #[test]
 #[ignore = "benchmark; run explicitly in release mode"]
 fn throughput() {
-    const THREADS: usize = 256;
+    const PUBLISHERS: usize = 256;
     const MESSAGES: usize = 100_000;
     let base =
         std::env::var("HERALD_BENCH_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").into());
     let dir = tempfile::tempdir_in(base).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(herald_log::SystemClock);
-    let store =
-        EmbeddedLog::open(dir.path(), EmbeddedOptions::default(), policies(), clock).unwrap();
-    let payload = "p".repeat(254); // 256 bytes as a JSON string
+    let store = Arc::new(
+        EmbeddedLog::open(dir.path(), EmbeddedOptions::default(), policies(), clock).unwrap(),
+    );
+    let payload = Arc::new("p".repeat(254)); // 256 bytes as a JSON string
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
     let started = std::time::Instant::now();
-    std::thread::scope(|scope| {
-        for thread in 0..THREADS {
-            let (store, payload) = (&store, &payload);
-            scope.spawn(move || {
-                let name = format!("bench:{}", thread % 64);
-                for index in 0..MESSAGES / THREADS {
-                    let id = format!("t{thread}-{index}");
-                    append(store, &name, vec![message(&id, payload)]);
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for publisher in 0..PUBLISHERS {
+            let (store, payload) = (store.clone(), payload.clone());
+            tasks.push(tokio::spawn(async move {
+                let name = channel(&format!("bench:{}", publisher % 64));
+                for index in 0..MESSAGES / PUBLISHERS {
+                    let id = format!("p{publisher}-{index}");
+                    store
+                        .append(name.clone(), vec![message(&id, &payload)])
+                        .await
+                        .unwrap();
                 }
-            });
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
         }
     });
     let elapsed = started.elapsed();
     let stats = store.stats();
-    let appends = (MESSAGES / THREADS * THREADS) as f64;
+    let appends = (MESSAGES / PUBLISHERS * PUBLISHERS) as f64;
     eprintln!(
         "embedded log: {appends} durable appends in {:.2} s = {:.0} appends/s; {} groups, mean group {:.1} appends, {} rollovers",
         elapsed.as_secs_f64(),

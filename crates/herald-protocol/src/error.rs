@@ -66,10 +66,9 @@ impl ErrorBody {
                 "position {} belongs to another epoch of this channel; its history was reset",
                 lost.requested
             ),
-            herald_core::ContinuityReason::AheadOfTop => format!(
-                "position {} is ahead of the channel's top",
-                lost.requested
-            ),
+            herald_core::ContinuityReason::AheadOfTop => {
+                format!("position {} is ahead of the channel's top", lost.requested)
+            }
         };
         let mut body = Self::new(ErrorCode::ContinuityLost, message);
         body.error.reason = Some(lost.reason.as_str().to_owned());

@@ -102,39 +102,30 @@ pub struct PageBody {
     pub skipped: Vec<SkippedBody>,
 }
 
-/// `GET /v1/channels/{channel}`. A channel that never had a message has `epoch`, `first` and
-/// `top` null and zero counts (channels exist implicitly; there is nothing to "not find").
+/// `GET /v1/channels/{channel}`. A channel that never had a message has no status: the server
+/// answers `404 channel_not_found` instead.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelStatusBody {
     pub channel: String,
-    pub epoch: Option<String>,
-    /// First readable position (null when no message is readable).
+    pub epoch: String,
+    /// First readable position (null when no message is readable: all expired or reclaimed).
     pub first: Option<String>,
-    pub top: Option<String>,
+    /// The newest position ever accepted, readable or not.
+    pub top: String,
     /// Retained messages whose TTL has not run out, and their size in bytes.
     pub messages: u64,
     pub bytes: u64,
 }
 
 impl ChannelStatusBody {
-    pub fn new(channel: &str, status: Option<&StreamStatus>) -> Self {
-        match status {
-            Some(status) => Self {
-                channel: channel.to_owned(),
-                epoch: Some(status.epoch.to_string()),
-                first: status.first.as_ref().map(ToString::to_string),
-                top: Some(status.top.to_string()),
-                messages: status.messages,
-                bytes: status.bytes,
-            },
-            None => Self {
-                channel: channel.to_owned(),
-                epoch: None,
-                first: None,
-                top: None,
-                messages: 0,
-                bytes: 0,
-            },
+    pub fn new(channel: &str, status: &StreamStatus) -> Self {
+        Self {
+            channel: channel.to_owned(),
+            epoch: status.epoch.to_string(),
+            first: status.first.as_ref().map(ToString::to_string),
+            top: status.top.to_string(),
+            messages: status.messages,
+            bytes: status.bytes,
         }
     }
 }

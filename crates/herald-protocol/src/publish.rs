@@ -346,3 +346,97 @@ pub enum PublishResponse {
     Batch(PublishBatchAck),
     Single(PublishAck),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> MessageId {
+        MessageId::parse("generated").unwrap()
+    }
+
+    #[test]
+    fn compact_json_keeps_order_numbers_and_strings() {
+        assert_eq!(
+            compact_json("{ \"b\" : 1.50 ,\n \"a\": [ 1e3, \"x  \\\" y\" ] }"),
+            "{\"b\":1.50,\"a\":[1e3,\"x  \\\" y\"]}"
+        );
+        assert_eq!(compact_json("\"\\\\\"  "), "\"\\\\\"");
+    }
+
+    #[test]
+    fn single_and_batch_bodies() {
+        let single =
+            PublishRequest::from_json(br#"{"id":"a","data":{"k":[1, 2]},"ttl":"10s"}"#).unwrap();
+        let PublishRequest::Single(message) = single else {
+            panic!("single expected")
+        };
+        let new = message.into_new_message(id).unwrap();
+        assert_eq!(new.id.as_str(), "a");
+        assert_eq!(new.data, Data::Json(Bytes::from_static(b"{\"k\":[1,2]}")));
+        assert_eq!(new.ttl_ms, Some(10_000));
+
+        let batch = PublishRequest::from_json(
+            br#"{"messages":[{"data":null},{"data":"aGk","encoding":"base64"}]}"#,
+        )
+        .unwrap();
+        let messages = batch.into_messages();
+        let first = messages[0].clone().into_new_message(id).unwrap();
+        assert_eq!(first.id.as_str(), "generated");
+        assert_eq!(first.data, Data::Json(Bytes::from_static(b"null")));
+        let second = messages[1].clone().into_new_message(id).unwrap();
+        assert_eq!(second.data, Data::Binary(Bytes::from_static(b"hi")));
+
+        for bad in [
+            &br#"{}"#[..],
+            br#"{"data":1,"extra":2}"#,
+            br#"{"messages":[],"data":1}"#,
+            br#"{"messages":[{"data":1,"typo":1}]}"#,
+            br#"{"data":1,"ttl":[1]}"#,
+        ] {
+            assert!(
+                PublishRequest::from_json(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn ttl_forms() {
+        let ms = |json: &str| serde_json::from_str::<Ttl>(json).unwrap().to_ms();
+        assert_eq!(ms("10"), Ok(10_000));
+        assert_eq!(ms("1.5"), Ok(1_500));
+        assert_eq!(ms("\"500ms\""), Ok(500));
+        assert_eq!(ms("\"1h 30m\""), Ok(5_400_000));
+        for bad in ["-1", "\"soon\"", "\"10\"", "1e300"] {
+            assert_eq!(
+                ms(bad).map_err(|error| error.code),
+                Err(herald_core::ErrorCode::InvalidTtl),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_serialises_to_what_the_server_parses() {
+        let message = PublishMessage {
+            ttl: Some(Ttl::Text("5s".into())),
+            ..PublishMessage::json(RawValue::from_string("{\"a\":1}".into()).unwrap())
+        };
+        for request in [
+            PublishRequest::Single(message.clone()),
+            PublishRequest::Batch(vec![message.clone(), message]),
+        ] {
+            let text = serde_json::to_vec(&request).unwrap();
+            let parsed = PublishRequest::from_json(&text).unwrap();
+            assert_eq!(parsed.is_batch(), request.is_batch());
+            let new = parsed
+                .into_messages()
+                .remove(0)
+                .into_new_message(id)
+                .unwrap();
+            assert_eq!(new.ttl_ms, Some(5000));
+        }
+    }
+}

@@ -253,7 +253,12 @@ pub fn random_base62(length: usize) -> String {
 mod tests {
     use super::*;
 
-    fn key(name: &str, secret: &str, namespaces: &[&str], operations: &[Operation]) -> ApiKeyConfig {
+    fn key(
+        name: &str,
+        secret: &str,
+        namespaces: &[&str],
+        operations: &[Operation],
+    ) -> ApiKeyConfig {
         ApiKeyConfig {
             name: name.into(),
             key: secret.into(),
@@ -268,9 +273,19 @@ mod tests {
     fn capabilities_by_namespace_and_operation() {
         let auth = Authenticator::new(
             &[
-                key("chat", "chat-secret-0123456", &["chat"], &[Operation::Publish]),
+                key(
+                    "chat",
+                    "chat-secret-0123456",
+                    &["chat"],
+                    &[Operation::Publish],
+                ),
                 key("root", "root-secret-0123456", &["*"], &[Operation::Admin]),
-                key("plain", "plain-secret-012345", &["default"], &[Operation::History]),
+                key(
+                    "plain",
+                    "plain-secret-012345",
+                    &["default"],
+                    &[Operation::History],
+                ),
             ],
             false,
         );
@@ -281,7 +296,10 @@ mod tests {
             auth.check(header.as_deref().map(str::as_bytes), channel, operation)
                 .map_err(|denied| denied.code)
         };
-        assert_eq!(check(Some("chat-secret-0123456"), &chat, Operation::Publish), Ok(()));
+        assert_eq!(
+            check(Some("chat-secret-0123456"), &chat, Operation::Publish),
+            Ok(())
+        );
         assert_eq!(
             check(Some("chat-secret-0123456"), &chat, Operation::History),
             Err(ErrorCode::Forbidden)
@@ -290,13 +308,22 @@ mod tests {
             check(Some("chat-secret-0123456"), &bare, Operation::Publish),
             Err(ErrorCode::Forbidden)
         );
-        assert_eq!(check(Some("root-secret-0123456"), &bare, Operation::History), Ok(()));
-        assert_eq!(check(Some("plain-secret-012345"), &bare, Operation::History), Ok(()));
+        assert_eq!(
+            check(Some("root-secret-0123456"), &bare, Operation::History),
+            Ok(())
+        );
+        assert_eq!(
+            check(Some("plain-secret-012345"), &bare, Operation::History),
+            Ok(())
+        );
         assert_eq!(
             check(Some("plain-secret-012345"), &chat, Operation::History),
             Err(ErrorCode::Forbidden)
         );
-        assert_eq!(check(None, &chat, Operation::Publish), Err(ErrorCode::Unauthorized));
+        assert_eq!(
+            check(None, &chat, Operation::Publish),
+            Err(ErrorCode::Unauthorized)
+        );
         assert_eq!(
             check(Some("chat-secret-012345X"), &chat, Operation::Publish),
             Err(ErrorCode::Unauthorized)
@@ -309,9 +336,13 @@ mod tests {
         let channel = ChannelName::parse("x").unwrap();
         assert!(auth.check(None, &channel, Operation::Admin).is_ok());
         assert_eq!(
-            auth.check(Some(b"Bearer nope-nope-nope-nope"), &channel, Operation::Publish)
-                .unwrap_err()
-                .code,
+            auth.check(
+                Some(b"Bearer nope-nope-nope-nope"),
+                &channel,
+                Operation::Publish
+            )
+            .unwrap_err()
+            .code,
             ErrorCode::Unauthorized
         );
     }

@@ -191,18 +191,30 @@ impl LimitsConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceConfig {
-    #[serde(with = "human_duration_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "human_duration_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub retention_max_age: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_messages_max: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_bytes_max: Option<u64>,
-    #[serde(with = "human_duration_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "human_duration_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl_min: Option<Duration>,
-    #[serde(with = "human_duration_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "human_duration_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl_max: Option<Duration>,
     /// At least 2 minutes; the effective window also covers the retention age.
-    #[serde(with = "human_duration_option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "human_duration_option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub dedupe_window: Option<Duration>,
 }
 
@@ -650,21 +662,30 @@ mod tests {
         assert_eq!(config.limits.message_bytes_max, 2000);
         assert_eq!(config.http_addr.port(), 9999);
         let policies = config.policies();
-        assert_eq!(
-            policies.namespaces["chat"].retention.max_age_ms,
-            3_600_000
-        );
+        assert_eq!(policies.namespaces["chat"].retention.max_age_ms, 3_600_000);
         // Unset keys of a namespace come from the default namespace.
-        assert_eq!(policies.namespaces["chat"].ttl_max_ms, policies.default.ttl_max_ms);
+        assert_eq!(
+            policies.namespaces["chat"].ttl_max_ms,
+            policies.default.ttl_max_ms
+        );
     }
 
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            ("[limits]\nmessage_bytes_max = \"big\"\n", "limits.message_bytes_max"),
+            (
+                "[limits]\nmessage_bytes_max = \"big\"\n",
+                "limits.message_bytes_max",
+            ),
             ("[limits]\nmesage_bytes_max = 5\n", "limits"),
-            ("[namespaces.chat]\ndedupe_window = \"30s\"\n", "namespaces.chat"),
-            ("[namespaces.chat]\nttl_min = \"soon\"\n", "namespaces.chat.ttl_min"),
+            (
+                "[namespaces.chat]\ndedupe_window = \"30s\"\n",
+                "namespaces.chat",
+            ),
+            (
+                "[namespaces.chat]\nttl_min = \"soon\"\n",
+                "namespaces.chat.ttl_min",
+            ),
             ("[limits]\nmessage_bytes_max = 0\n", "limits"),
             ("[storage]\nbackend = \"s3\"\n", "storage.backend"),
             (
@@ -678,7 +699,10 @@ mod tests {
         ];
         for (text, key) in cases {
             let error = parse_str(text).expect_err(text).to_string();
-            assert!(error.contains(key), "{text:?} gave {error:?}, expected {key}");
+            assert!(
+                error.contains(key),
+                "{text:?} gave {error:?}, expected {key}"
+            );
         }
         let error = load(
             None,
@@ -701,6 +725,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.api_keys[0].name, "svc");
-        assert_eq!(config.api_keys[0].capabilities[0].operations, vec![Operation::Publish]);
+        assert_eq!(
+            config.api_keys[0].capabilities[0].operations,
+            vec![Operation::Publish]
+        );
     }
 }

@@ -10,11 +10,12 @@ use herald_protocol::ErrorBody;
 use crate::auth::Denied;
 
 #[derive(Debug)]
-pub struct ApiError(pub ErrorBody);
+/// Boxed: error paths are rare and `Result<_, ApiError>` stays small on the happy path.
+pub struct ApiError(pub Box<ErrorBody>);
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self(ErrorBody::new(code, message))
+        Self(Box::new(ErrorBody::new(code, message)))
     }
 
     pub fn code(&self) -> &str {
@@ -22,7 +23,7 @@ impl ApiError {
     }
 
     fn continuity_lost(lost: &ContinuityLost) -> Self {
-        Self(ErrorBody::continuity_lost(lost))
+        Self(Box::new(ErrorBody::continuity_lost(lost)))
     }
 }
 
@@ -71,7 +72,7 @@ impl From<AppendError> for ApiError {
                 );
                 body.error.id = Some(id.to_string());
                 body.error.position = Some(position.to_string());
-                Self(body)
+                Self(Box::new(body))
             }
             AppendError::Invalid(invalid) => invalid.into(),
             AppendError::Poisoned(reason) => Self::new(
@@ -99,6 +100,6 @@ impl IntoResponse for ApiError {
             .unwrap_or(ErrorCode::Internal);
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(self.0)).into_response()
+        (status, axum::Json(*self.0)).into_response()
     }
 }

@@ -7,8 +7,8 @@
 //! - `GET /v1/channels/{channel}/messages?after=POS|before=POS&limit=N`: sync (oldest first,
 //!   after a position or from the oldest retained message) or history (`before`, newest first).
 //! - `GET /v1/channels/{channel}/messages/by-id/{id}`
-//! - `GET /v1/channels/{channel}`: status; a channel never published to answers 200 with null
-//!   positions and zero counts.
+//! - `GET /v1/channels/{channel}`: status; a channel never published to is
+//!   `404 channel_not_found` (reads of it simply return an empty page).
 //! - `GET /health` (the process is up), `GET /ready` (503 `storage_failed` when the store is
 //!   poisoned).
 //!
@@ -81,7 +81,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::from_fn_with_state(state.clone(), request_timeout))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            request_timeout,
+        ))
         .with_state(state)
 }
 
@@ -126,7 +129,9 @@ fn authorize(
     channel: &str,
     operation: Operation,
 ) -> Result<ChannelName, ApiError> {
-    let authorization = headers.get(header::AUTHORIZATION).map(|value| value.as_bytes());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.as_bytes());
     // Authenticate before looking at the request, so strangers learn nothing from validation.
     let principal = state.auth.authenticate(authorization)?;
     let channel = ChannelName::parse(channel)?;
@@ -187,8 +192,9 @@ fn validate_batch(
     let is_batch = request.is_batch();
     let messages = request.into_messages();
     if messages.is_empty() {
+        // docs/errors.md files an empty batch under batch_too_large (outside its bounds).
         return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
+            ErrorCode::BatchTooLarge,
             "a batch needs at least one message",
         ));
     }
@@ -213,9 +219,7 @@ fn validate_batch(
                 ApiError::from(error)
             }
         };
-        let message = message
-            .into_new_message(generate_id)
-            .map_err(in_context)?;
+        let message = message.into_new_message(generate_id).map_err(in_context)?;
         message.validate(limits).map_err(in_context)?;
         if let Some(ttl_ms) = message.ttl_ms {
             policy.check_ttl(ttl_ms).map_err(in_context)?;
@@ -300,7 +304,11 @@ async fn read_messages(
     let store = state.store.clone();
     let page = blocking(move || store.read(&channel, &query)).await??;
     Ok(axum::Json(PageBody {
-        messages: page.messages.iter().map(MessageBody::from_message).collect(),
+        messages: page
+            .messages
+            .iter()
+            .map(MessageBody::from_message)
+            .collect(),
         next: page.next.as_ref().map(ToString::to_string),
         top: page.top.as_ref().map(ToString::to_string),
         more: page.more,
@@ -339,8 +347,13 @@ async fn channel_status(
     let channel = authorize(&state, &headers, &channel, Operation::History)?;
     let store = state.store.clone();
     let name = channel.to_string();
-    let status = blocking(move || store.channel_status(&channel)).await??;
-    Ok(axum::Json(ChannelStatusBody::new(&name, status.as_ref())).into_response())
+    match blocking(move || store.channel_status(&channel)).await?? {
+        Some(status) => Ok(axum::Json(ChannelStatusBody::new(&name, &status)).into_response()),
+        None => Err(ApiError::new(
+            ErrorCode::ChannelNotFound,
+            format!("channel {name} has never had a message"),
+        )),
+    }
 }
 
 async fn health() -> Response {

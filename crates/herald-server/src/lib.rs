@@ -19,7 +19,8 @@
 //! # Invariants
 //! - Anonymous access exists only in dev mode, and dev mode only on a loopback bind.
 //! - Without configured API keys (and outside dev mode) the generated admin key is the only
-//!   credential; Herald is never open by accident.
+//!   credential; Herald is never open by accident. With configured keys, `admin.key` is
+//!   ignored.
 //! - On shutdown the store is closed after the HTTP server stopped, so every acknowledged
 //!   publish was durable and nothing is acknowledged afterwards.
 
@@ -92,20 +93,24 @@ impl Server {
         })?;
         let mut api_keys = config.api_keys.clone();
         let mut admin_key = None;
-        if api_keys.is_empty() && !config.dev {
-            let key = auth::ensure_admin_key(&config.data_dir).map_err(|source| {
-                ServerError::Io {
-                    what: "cannot create or read the admin key in",
-                    path: config.data_dir.clone(),
-                    source,
-                }
-            })?;
-            api_keys.push(auth::admin_api_key(&key.key));
-            admin_key = Some(key);
-        } else if config.data_dir.join(auth::ADMIN_KEY_FILE).exists() {
+        let admin_key_path = config.data_dir.join(auth::ADMIN_KEY_FILE);
+        if api_keys.is_empty() {
+            // Outside dev mode the admin key is created if needed; in dev mode an existing one
+            // keeps working, so the CLI (which sends it when it finds it) is not refused.
+            if !config.dev || admin_key_path.exists() {
+                let key =
+                    auth::ensure_admin_key(&config.data_dir).map_err(|source| ServerError::Io {
+                        what: "cannot create or read the admin key in",
+                        path: config.data_dir.clone(),
+                        source,
+                    })?;
+                api_keys.push(auth::admin_api_key(&key.key));
+                admin_key = Some(key);
+            }
+        } else if admin_key_path.exists() {
             tracing::warn!(
-                "api_keys are configured (or dev mode is on), so {} is not accepted",
-                config.data_dir.join(auth::ADMIN_KEY_FILE).display()
+                "api_keys are configured, so {} is not accepted",
+                admin_key_path.display()
             );
         }
         let auth = Arc::new(auth::Authenticator::new(&api_keys, config.dev));
@@ -207,7 +212,11 @@ pub async fn run(
     } else if let Some(key) = server.admin_key() {
         tracing::info!(path = %key.path.display(), "using the admin key from the data directory");
     }
-    let _ = writeln!(stdout, "herald: listening on http://{}", server.local_addr());
+    let _ = writeln!(
+        stdout,
+        "herald: listening on http://{}",
+        server.local_addr()
+    );
     let _ = stdout.flush();
     drop(stdout);
     server.serve(shutdown).await

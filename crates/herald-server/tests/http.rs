@@ -50,7 +50,12 @@ impl TestServer {
             api_key("admin", ADMIN, &["*"], &[Operation::Admin]),
             api_key("chat", CHAT_PUBLISHER, &["chat"], &[Operation::Publish]),
             api_key("reader", READER, &["*"], &[Operation::History]),
-            api_key("plain", PLAIN, &["default"], &[Operation::Publish, Operation::History]),
+            api_key(
+                "plain",
+                PLAIN,
+                &["default"],
+                &[Operation::Publish, Operation::History],
+            ),
         ];
         config.namespaces.insert(
             "small".into(),
@@ -131,7 +136,8 @@ impl TestServer {
     }
 
     async fn read(&self, channel: &str, query: &str) -> (u16, Value) {
-        self.get(&format!("/v1/channels/{channel}/messages{query}")).await
+        self.get(&format!("/v1/channels/{channel}/messages{query}"))
+            .await
     }
 }
 
@@ -144,7 +150,9 @@ impl Drop for TestServer {
 }
 
 fn error_code(body: &Value) -> &str {
-    body["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {body}"))
+    body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {body}"))
 }
 
 fn serials(page: &Value) -> Vec<u64> {
@@ -221,7 +229,9 @@ async fn publish_single_and_batch_then_read_back_from_the_embedded_log() {
     assert_eq!(messages[3]["prev"], 3);
 
     // The sync cursor continues where the page ended.
-    let (_, rest) = server.read("chat:room-1", &format!("?after={epoch}:2&limit=1")).await;
+    let (_, rest) = server
+        .read("chat:room-1", &format!("?after={epoch}:2&limit=1"))
+        .await;
     assert_eq!(serials(&rest), vec![3]);
     assert_eq!(rest["next"], format!("{epoch}:3"));
     assert_eq!(rest["more"], true);
@@ -242,13 +252,19 @@ async fn retries_are_idempotent_and_reused_ids_conflict() {
 
     // Whitespace differences are not content differences.
     let (status, spaced) = server
-        .post_raw("orders", r#"{ "id" : "order-7", "data" : { "total" : 12 } }"#)
+        .post_raw(
+            "orders",
+            r#"{ "id" : "order-7", "data" : { "total" : 12 } }"#,
+        )
         .await;
     assert_eq!((status, spaced["duplicate"].clone()), (200, json!(true)));
 
     // A batch mixing a retry and a new message: 201, the retry flagged.
     let (status, batch) = server
-        .publish("orders", json!({"messages": [body.clone(), {"id": "order-8", "data": 1}]}))
+        .publish(
+            "orders",
+            json!({"messages": [body.clone(), {"id": "order-8", "data": 1}]}),
+        )
         .await;
     assert_eq!(status, 201);
     assert_eq!(batch["results"][0]["duplicate"], true);
@@ -276,7 +292,9 @@ async fn retries_are_idempotent_and_reused_ids_conflict() {
 
     let (_, page) = server.read("orders", "").await;
     assert_eq!(serials(&page), vec![1, 2]);
-    let (status, _) = server.get("/v1/channels/orders/messages/by-id/order-9").await;
+    let (status, _) = server
+        .get("/v1/channels/orders/messages/by-id/order-9")
+        .await;
     assert_eq!(status, 404);
     server.stop().await;
 }
@@ -293,16 +311,66 @@ async fn bad_input_gets_a_stable_code_and_stores_nothing() {
         ("not an object", "[1, 2]".into(), 400, "invalid_json"),
         ("empty body", String::new(), 400, "invalid_json"),
         ("missing data", r#"{"id": "a"}"#.into(), 400, "invalid_json"),
-        ("name not a string", r#"{"data": 1, "name": 5}"#.into(), 400, "invalid_json"),
-        ("header not a string", r#"{"data": 1, "headers": {"a": 1}}"#.into(), 400, "invalid_json"),
-        ("unknown field", r#"{"data": 1, "ttl_ms": 5}"#.into(), 400, "invalid_json"),
-        ("unknown encoding", r#"{"data": "x", "encoding": "hex"}"#.into(), 400, "invalid_json"),
-        ("messages not a list", r#"{"messages": {}}"#.into(), 400, "invalid_json"),
-        ("batch with single fields", r#"{"messages": [{"data": 1}], "data": 2}"#.into(), 400, "invalid_json"),
-        ("batch message missing data", r#"{"messages": [{"data": 1}, {"id": "b"}]}"#.into(), 400, "invalid_json"),
-        ("ttl wrong type", r#"{"data": 1, "ttl": true}"#.into(), 400, "invalid_json"),
-        ("empty batch", r#"{"messages": []}"#.into(), 400, "invalid_request"),
-        ("message over 64 KiB", json!({"data": big}).to_string(), 413, "message_too_large"),
+        (
+            "name not a string",
+            r#"{"data": 1, "name": 5}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "header not a string",
+            r#"{"data": 1, "headers": {"a": 1}}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "unknown field",
+            r#"{"data": 1, "ttl_ms": 5}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "unknown encoding",
+            r#"{"data": "x", "encoding": "hex"}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "messages not a list",
+            r#"{"messages": {}}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "batch with single fields",
+            r#"{"messages": [{"data": 1}], "data": 2}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "batch message missing data",
+            r#"{"messages": [{"data": 1}, {"id": "b"}]}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "ttl wrong type",
+            r#"{"data": 1, "ttl": true}"#.into(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "empty batch",
+            r#"{"messages": []}"#.into(),
+            413,
+            "batch_too_large",
+        ),
+        (
+            "message over 64 KiB",
+            json!({"data": big}).to_string(),
+            413,
+            "message_too_large",
+        ),
         (
             "batch over message count",
             json!({"messages": vec![json!({"data": 1}); 101]}).to_string(),
@@ -315,31 +383,109 @@ async fn bad_input_gets_a_stable_code_and_stores_nothing() {
             413,
             "batch_too_large",
         ),
-        ("ttl below minimum", r#"{"data": 1, "ttl": 0.5}"#.into(), 400, "invalid_ttl"),
-        ("ttl above maximum", r#"{"data": 1, "ttl": "73h"}"#.into(), 400, "invalid_ttl"),
-        ("ttl zero", r#"{"data": 1, "ttl": 0}"#.into(), 400, "invalid_ttl"),
-        ("ttl negative", r#"{"data": 1, "ttl": -5}"#.into(), 400, "invalid_ttl"),
-        ("ttl not a duration", r#"{"data": 1, "ttl": "soon"}"#.into(), 400, "invalid_ttl"),
-        ("id too long", json!({"id": id_129, "data": 1}).to_string(), 400, "invalid_message_id"),
-        ("id with a space", r#"{"id": "a b", "data": 1}"#.into(), 400, "invalid_message_id"),
-        ("id not ASCII", r#"{"id": "é", "data": 1}"#.into(), 400, "invalid_message_id"),
-        ("id with a control", r#"{"id": "a\u0001", "data": 1}"#.into(), 400, "invalid_message_id"),
-        ("empty id", r#"{"id": "", "data": 1}"#.into(), 400, "invalid_message_id"),
+        (
+            "ttl below minimum",
+            r#"{"data": 1, "ttl": 0.5}"#.into(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "ttl above maximum",
+            r#"{"data": 1, "ttl": "73h"}"#.into(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "ttl zero",
+            r#"{"data": 1, "ttl": 0}"#.into(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "ttl negative",
+            r#"{"data": 1, "ttl": -5}"#.into(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "ttl not a duration",
+            r#"{"data": 1, "ttl": "soon"}"#.into(),
+            400,
+            "invalid_ttl",
+        ),
+        (
+            "id too long",
+            json!({"id": id_129, "data": 1}).to_string(),
+            400,
+            "invalid_message_id",
+        ),
+        (
+            "id with a space",
+            r#"{"id": "a b", "data": 1}"#.into(),
+            400,
+            "invalid_message_id",
+        ),
+        (
+            "id not ASCII",
+            r#"{"id": "é", "data": 1}"#.into(),
+            400,
+            "invalid_message_id",
+        ),
+        (
+            "id with a control",
+            r#"{"id": "a\u0001", "data": 1}"#.into(),
+            400,
+            "invalid_message_id",
+        ),
+        (
+            "empty id",
+            r#"{"id": "", "data": 1}"#.into(),
+            400,
+            "invalid_message_id",
+        ),
         (
             "bad id late in a batch",
             r#"{"messages": [{"data": 1}, {"id": "a b", "data": 2}]}"#.into(),
             400,
             "invalid_message_id",
         ),
-        ("bad base64", r#"{"data": "!!", "encoding": "base64"}"#.into(), 400, "invalid_message"),
-        ("base64 not a string", r#"{"data": 5, "encoding": "base64"}"#.into(), 400, "invalid_message"),
-        ("empty name", r#"{"data": 1, "name": ""}"#.into(), 400, "invalid_message"),
-        ("empty header name", r#"{"data": 1, "headers": {"": "v"}}"#.into(), 400, "invalid_message"),
+        (
+            "bad base64",
+            r#"{"data": "!!", "encoding": "base64"}"#.into(),
+            400,
+            "invalid_message",
+        ),
+        (
+            "base64 not a string",
+            r#"{"data": 5, "encoding": "base64"}"#.into(),
+            400,
+            "invalid_message",
+        ),
+        (
+            "empty name",
+            r#"{"data": 1, "name": ""}"#.into(),
+            400,
+            "invalid_message",
+        ),
+        (
+            "empty header name",
+            r#"{"data": 1, "headers": {"": "v"}}"#.into(),
+            400,
+            "invalid_message",
+        ),
     ];
     for (what, body, status, code) in cases {
         let (got_status, got) = server.post_raw(channel, body).await;
-        assert_eq!((got_status, error_code(&got)), (status, code), "{what}: {got}");
-        assert!(got["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            (got_status, error_code(&got)),
+            (status, code),
+            "{what}: {got}"
+        );
+        assert!(
+            got["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
         assert_eq!(got["error"]["retryable"], false, "{what}");
     }
 
@@ -357,7 +503,11 @@ async fn bad_input_gets_a_stable_code_and_stores_nothing() {
         (":x", "invalid_channel"),
     ] {
         let (status, got) = server.post_raw(path, r#"{"data": 1}"#).await;
-        assert_eq!((status, error_code(&got)), (400, code), "channel {path:?}: {got}");
+        assert_eq!(
+            (status, error_code(&got)),
+            (400, code),
+            "channel {path:?}: {got}"
+        );
         if !path.is_empty() {
             let (status, got) = server.read(path, "").await;
             assert_eq!((status, error_code(&got)), (400, code), "read {path:?}");
@@ -380,7 +530,10 @@ async fn bad_input_gets_a_stable_code_and_stores_nothing() {
         assert_eq!((status, error_code(&got)), (400, code), "{query}: {got}");
     }
     let (status, got) = server
-        .get(&format!("/v1/channels/{channel}/messages/by-id/{}", "i".repeat(129)))
+        .get(&format!(
+            "/v1/channels/{channel}/messages/by-id/{}",
+            "i".repeat(129)
+        ))
         .await;
     assert_eq!((status, error_code(&got)), (400, "invalid_message_id"));
 
@@ -390,9 +543,10 @@ async fn bad_input_gets_a_stable_code_and_stores_nothing() {
     assert_eq!(page["messages"], json!([]));
     assert_eq!(page["top"], Value::Null);
     let (status, channel_status) = server.get(&format!("/v1/channels/{channel}")).await;
-    assert_eq!(status, 200);
-    assert_eq!(channel_status["messages"], 0);
-    assert_eq!(channel_status["top"], Value::Null);
+    assert_eq!(
+        (status, error_code(&channel_status)),
+        (404, "channel_not_found")
+    );
     for other in ["c", "a", "x"] {
         let (_, page) = server.read(other, "").await;
         assert_eq!(page["messages"], json!([]));
@@ -411,7 +565,10 @@ async fn router_rejections_are_json() {
     let (status, body) = server.get("/v2/nothing").await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
     let (status, body) = server
-        .send(server.http.delete(server.url("/v1/channels/x/messages")), None)
+        .send(
+            server.http.delete(server.url("/v1/channels/x/messages")),
+            None,
+        )
         .await;
     assert_eq!((status, error_code(&body)), (405, "method_not_allowed"));
     let (status, body) = server
@@ -445,15 +602,23 @@ async fn continuity_lost_for_another_epoch_retention_and_ahead_of_top() {
     assert_eq!(status, 200);
     assert_eq!(serials(&page), vec![4, 5]);
 
-    let (status, body) = server.read("small:feed", &format!("?after={epoch}:1")).await;
-    assert_eq!((status, error_code(&body)), (410, "continuity_lost"), "{body}");
+    let (status, body) = server
+        .read("small:feed", &format!("?after={epoch}:1"))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (410, "continuity_lost"),
+        "{body}"
+    );
     assert_eq!(body["error"]["reason"], "retention");
     assert_eq!(body["error"]["requested"], format!("{epoch}:1"));
     assert_eq!(body["error"]["first_available"], format!("{epoch}:4"));
     assert_eq!(body["error"]["top"], format!("{epoch}:5"));
 
     // Right before the first retained message is still continuous.
-    let (status, page) = server.read("small:feed", &format!("?after={epoch}:3")).await;
+    let (status, page) = server
+        .read("small:feed", &format!("?after={epoch}:3"))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(serials(&page), vec![4, 5]);
 
@@ -462,8 +627,13 @@ async fn continuity_lost_for_another_epoch_retention_and_ahead_of_top() {
     assert_eq!(body["error"]["reason"], "epoch_changed");
     assert_eq!(body["error"]["first_available"], format!("{epoch}:4"));
 
-    let (status, body) = server.read("small:feed", &format!("?after={epoch}:9")).await;
-    assert_eq!((status, body["error"]["reason"].as_str()), (410, Some("ahead_of_top")));
+    let (status, body) = server
+        .read("small:feed", &format!("?after={epoch}:9"))
+        .await;
+    assert_eq!(
+        (status, body["error"]["reason"].as_str()),
+        (410, Some("ahead_of_top"))
+    );
     server.stop().await;
 }
 
@@ -472,12 +642,7 @@ async fn before_pages_newest_first_and_by_id_and_status() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), |_| {}).await;
     let (status, body) = server.get("/v1/channels/chat:log").await;
-    assert_eq!(status, 200);
-    assert_eq!(
-        body,
-        json!({"channel": "chat:log", "epoch": null, "first": null, "top": null,
-               "messages": 0, "bytes": 0})
-    );
+    assert_eq!((status, error_code(&body)), (404, "channel_not_found"));
     let mut epoch = String::new();
     for n in 1..=5 {
         let (_, ack) = server
@@ -503,7 +668,10 @@ async fn before_pages_newest_first_and_by_id_and_status() {
 
     let (status, message) = server.get("/v1/channels/chat:log/messages/by-id/m3").await;
     assert_eq!(status, 200);
-    assert_eq!((message["serial"].as_u64(), message["data"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(
+        (message["serial"].as_u64(), message["data"].as_u64()),
+        (Some(3), Some(3))
+    );
     let (status, body) = server.get("/v1/channels/chat:log/messages/by-id/m9").await;
     assert_eq!((status, error_code(&body)), (404, "message_not_found"));
 
@@ -538,7 +706,10 @@ async fn api_keys_and_capabilities() {
             (status, body["error"]["code"].as_str().map(str::to_owned))
         }
     };
-    assert_eq!(publish("chat:a", None).await, (401, Some("unauthorized".into())));
+    assert_eq!(
+        publish("chat:a", None).await,
+        (401, Some("unauthorized".into()))
+    );
     assert_eq!(
         publish("chat:a", Some("not-a-key-at-all-xxxxx")).await,
         (401, Some("unauthorized".into()))
@@ -548,15 +719,26 @@ async fn api_keys_and_capabilities() {
         publish("orders:a", Some(CHAT_PUBLISHER)).await,
         (403, Some("forbidden".into()))
     );
-    assert_eq!(publish("chat:a", Some(READER)).await, (403, Some("forbidden".into())));
+    assert_eq!(
+        publish("chat:a", Some(READER)).await,
+        (403, Some("forbidden".into()))
+    );
     // Bare names belong to the namespace "default".
     assert_eq!(publish("plain", Some(PLAIN)).await, (201, None));
-    assert_eq!(publish("chat:a", Some(PLAIN)).await, (403, Some("forbidden".into())));
+    assert_eq!(
+        publish("chat:a", Some(PLAIN)).await,
+        (403, Some("forbidden".into()))
+    );
     assert_eq!(publish("anything:x", Some(ADMIN)).await, (201, None));
     // Unauthenticated requests learn nothing about validation.
-    assert_eq!(publish("bad*name", None).await, (401, Some("unauthorized".into())));
+    assert_eq!(
+        publish("bad*name", None).await,
+        (401, Some("unauthorized".into()))
+    );
 
-    let (status, _) = server.get_as("/v1/channels/chat:a/messages", Some(READER)).await;
+    let (status, _) = server
+        .get_as("/v1/channels/chat:a/messages", Some(READER))
+        .await;
     assert_eq!(status, 200);
     let (status, body) = server
         .get_as("/v1/channels/chat:a/messages", Some(CHAT_PUBLISHER))
@@ -615,7 +797,9 @@ async fn generated_admin_key_is_reused_across_restarts() {
     assert!(admin.generated);
     assert_eq!(admin.path, dir.path().join("admin.key"));
     server.key = Some(admin.key.clone());
-    let (status, ack) = server.publish("keep:me", json!({"id": "k1", "data": 1})).await;
+    let (status, ack) = server
+        .publish("keep:me", json!({"id": "k1", "data": 1}))
+        .await;
     assert_eq!(status, 201);
     server.key = None;
     let (status, body) = server.publish("keep:me", json!({"data": 2})).await;
@@ -631,7 +815,9 @@ async fn generated_admin_key_is_reused_across_restarts() {
     let (status, page) = server.read("keep:me", "").await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"][0]["position"], ack["position"]);
-    let (status, retry) = server.publish("keep:me", json!({"id": "k1", "data": 1})).await;
+    let (status, retry) = server
+        .publish("keep:me", json!({"id": "k1", "data": 1}))
+        .await;
     assert_eq!((status, retry["duplicate"].as_bool()), (200, Some(true)));
     server.stop().await;
 }
@@ -676,5 +862,88 @@ async fn a_poisoned_store_fails_readiness_and_publishes() {
     assert_eq!(ready.status().as_u16(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["error"]["code"], "storage_failed");
+    serving.abort();
+}
+
+/// A store whose appends never complete, as when a disk hangs.
+struct HangingStore {
+    inner: MemoryStore,
+    held: std::sync::Mutex<Vec<Box<dyn Send>>>,
+}
+
+impl LogStore for HangingStore {
+    fn append(
+        &self,
+        _channel: herald_core::ChannelName,
+        _batch: Vec<herald_core::NewMessage>,
+    ) -> herald_log::AppendTicket {
+        let (sender, ticket) = herald_log::AppendTicket::channel();
+        // Kept alive so the ticket stays pending instead of resolving to `Closed`.
+        self.held.lock().unwrap().push(Box::new(sender));
+        ticket
+    }
+    fn read(
+        &self,
+        channel: &herald_core::ChannelName,
+        query: &herald_log::ReadQuery,
+    ) -> Result<herald_log::ReadPage, herald_log::ReadError> {
+        self.inner.read(channel, query)
+    }
+    fn message_by_id(
+        &self,
+        channel: &herald_core::ChannelName,
+        id: &herald_core::MessageId,
+    ) -> Result<Option<herald_core::Message>, herald_log::StoreError> {
+        self.inner.message_by_id(channel, id)
+    }
+    fn channel_status(
+        &self,
+        channel: &herald_core::ChannelName,
+    ) -> Result<Option<herald_core::StreamStatus>, herald_log::StoreError> {
+        self.inner.channel_status(channel)
+    }
+    fn health(&self) -> herald_log::StoreHealth {
+        self.inner.health()
+    }
+    fn policies(&self) -> &herald_core::Policies {
+        self.inner.policies()
+    }
+    fn reclaim(&self) -> Result<usize, herald_log::StoreError> {
+        self.inner.reclaim()
+    }
+}
+
+#[tokio::test]
+async fn a_publish_that_outlasts_the_request_timeout_gets_a_retryable_timeout() {
+    let store = Arc::new(HangingStore {
+        inner: MemoryStore::new(Config::default().policies(), Arc::new(SystemClock)),
+        held: std::sync::Mutex::new(Vec::new()),
+    });
+    let state = herald_server::http::AppState {
+        store,
+        auth: Arc::new(Authenticator::new(&[], true)),
+        limits: Config::default().limits(),
+        request_timeout: Duration::from_millis(200),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(async move {
+        axum::serve(listener, herald_server::http::router(state))
+            .await
+            .unwrap();
+    });
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = std::time::Instant::now();
+    let response = http
+        .post(format!("{base}/v1/channels/x/messages"))
+        .body(r#"{"id": "slow", "data": 1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+    assert_eq!(body["error"]["retryable"], true);
     serving.abort();
 }

@@ -152,7 +152,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let raw_dir = args.raw_dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let key = match &args.key {
         Some(key) => Some(key.clone()),
-        None => read_key_file(&raw_dir.join("admin.key"))?,
+        None => read_key_file(&raw_dir.join(herald_server::auth::ADMIN_KEY_FILE))?,
     };
     let invocation = invocation_tag();
     let measure_server = !args.raw_only;
@@ -243,10 +243,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !report.errors.is_empty() {
         let total: u64 = report.errors.values().sum();
-        bail!(
-            "{total} publishes failed:{}",
-            format_errors(&report.errors)
-        );
+        bail!("{total} publishes failed:{}", format_errors(&report.errors));
     }
     Ok(())
 }
@@ -464,7 +461,15 @@ async fn measure_publish(client: &reqwest::Client, config: PublishConfig) -> Pub
         let config = Arc::clone(&config);
         let issued = Arc::clone(&issued);
         tasks.spawn(async move {
-            run_publisher(&client, &config, publisher, measured_from, deadline, &issued).await
+            run_publisher(
+                &client,
+                &config,
+                publisher,
+                measured_from,
+                deadline,
+                &issued,
+            )
+            .await
         });
     }
 
@@ -504,7 +509,8 @@ async fn run_publisher(
     let mut tally = PublisherTally::default();
     let mut consecutive_errors = 0u32;
     for sequence in 0u64.. {
-        if Instant::now() >= deadline || issued.fetch_add(1, Ordering::Relaxed) >= config.messages_max
+        if Instant::now() >= deadline
+            || issued.fetch_add(1, Ordering::Relaxed) >= config.messages_max
         {
             break;
         }
@@ -548,10 +554,7 @@ async fn publish_once(client: &reqwest::Client, url: &str, body: &Value) -> Resu
         }
     })?;
     let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|_| "transport".to_owned())?;
+    let bytes = response.bytes().await.map_err(|_| "transport".to_owned())?;
     if !status.is_success() {
         return Err(error_code(status.as_u16(), &bytes));
     }

@@ -71,7 +71,7 @@ enum Command {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// TOML config file (see `herald config init`). HERALD_* variables override it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "HERALD_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory [config: data_dir, default ./herald-data].
     #[arg(long = "data", value_name = "DIR")]
@@ -175,7 +175,7 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
 /// A failure with its exit code.
 enum Failure {
     /// The server answered with an error.
-    Rejected { status: u16, body: ErrorBody },
+    Rejected { status: u16, body: Box<ErrorBody> },
     /// Anything else, with the exit code to use.
     Other { exit: u8, error: anyhow::Error },
 }
@@ -246,14 +246,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            config::load(Some(&file), std::iter::empty(), &Overrides::default())
-                .map_err(|error| Failure::other(1, anyhow::anyhow!("{}: {error}", file.display())))?;
+            config::load(Some(&file), std::iter::empty(), &Overrides::default()).map_err(
+                |error| Failure::other(1, anyhow::anyhow!("{}: {error}", file.display())),
+            )?;
             println!("{}: ok", file.display());
             Ok(())
         }
-        Command::Bench(BenchCommand::Publish(args)) => {
-            bench::run(args).await.map_err(|error| Failure::other(1, error))
-        }
+        Command::Bench(BenchCommand::Publish(args)) => bench::run(args)
+            .await
+            .map_err(|error| Failure::other(1, error)),
     }
 }
 
@@ -347,7 +348,10 @@ impl Client {
             return Ok((status, body.to_vec()));
         }
         match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(body) => Err(Failure::Rejected { status, body }),
+            Ok(body) => Err(Failure::Rejected {
+                status,
+                body: Box::new(body),
+            }),
             Err(_) => Err(Failure::other(
                 EXIT_REJECTED,
                 anyhow::anyhow!(
@@ -435,9 +439,8 @@ async fn history(args: HistoryArgs) -> Result<(), Failure> {
     }
     let page: PageBody = serde_json::from_slice(&body).map_err(unexpected_body)?;
     for message in &page.messages {
-        let time = humantime::format_rfc3339_millis(
-            UNIX_EPOCH + Duration::from_millis(message.time),
-        );
+        let time =
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(message.time));
         let data = match message.encoding {
             Some(herald_protocol::Encoding::Base64) => {
                 format!("base64:{}", message.data.get().trim_matches('"'))
@@ -445,7 +448,10 @@ async fn history(args: HistoryArgs) -> Result<(), Failure> {
             _ => message.data.get().to_owned(),
         };
         let name = message.name.as_deref().unwrap_or("-");
-        println!("{}\t{time}\t{}\t{name}\t{data}", message.position, message.id);
+        println!(
+            "{}\t{time}\t{}\t{name}\t{data}",
+            message.position, message.id
+        );
     }
     for skipped in &page.skipped {
         eprintln!(

@@ -14,7 +14,12 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 fn herald() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
     // Client settings come only from the flags each test passes.
-    for variable in ["HERALD_URL", "HERALD_KEY", "HERALD_DATA_DIR", "HERALD_HTTP_ADDR"] {
+    for variable in [
+        "HERALD_URL",
+        "HERALD_KEY",
+        "HERALD_DATA_DIR",
+        "HERALD_HTTP_ADDR",
+    ] {
         command.env_remove(variable);
     }
     command.stdin(Stdio::null());
@@ -51,19 +56,21 @@ impl Served {
                 }
             }
         });
+        // Owned by `Served` from here on, so a failed start still kills the process.
+        let mut served = Served {
+            child,
+            url: String::new(),
+            stdout_lines: Vec::new(),
+        };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let mut stdout_lines = Vec::new();
         loop {
             let line = lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("herald serve prints its listening line");
-            stdout_lines.push(line.clone());
+            served.stdout_lines.push(line.clone());
             if let Some(url) = line.strip_prefix("herald: listening on ") {
-                return Served {
-                    child,
-                    url: url.to_owned(),
-                    stdout_lines,
-                };
+                served.url = url.to_owned();
+                return served;
             }
         }
     }
@@ -114,7 +121,10 @@ fn publish_and_history_against_a_real_server() {
     assert_eq!(server.stdout_lines.len(), 2, "{:?}", server.stdout_lines);
     let key_line = &server.stdout_lines[0];
     let key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
-    assert!(key_line.starts_with("herald: generated admin key "), "{key_line}");
+    assert!(
+        key_line.starts_with("herald: generated admin key "),
+        "{key_line}"
+    );
     assert!(key_line.contains(key.trim()));
 
     let client = |args: &[&str]| {
@@ -128,8 +138,17 @@ fn publish_and_history_against_a_real_server() {
 
     // The CLI finds the admin key in the data dir by itself.
     let (code, stdout, stderr) = client(&[
-        "publish", "chat:cli", r#"{"n": 1}"#, "--id", "first", "--name", "note", "--header",
-        "lang=en", "--ttl", "1h",
+        "publish",
+        "chat:cli",
+        r#"{"n": 1}"#,
+        "--id",
+        "first",
+        "--name",
+        "note",
+        "--header",
+        "lang=en",
+        "--ttl",
+        "1h",
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.trim().ends_with(":1 id=first"), "{stdout}");
@@ -139,10 +158,26 @@ fn publish_and_history_against_a_real_server() {
     assert_eq!(code, 0);
     assert!(stdout.starts_with(&format!("{epoch}:2 id=")), "{stdout}");
 
-    let (code, stdout, _) = client(&["publish", "chat:cli", r#"{"n": 1}"#, "--id", "first", "--name", "note", "--header", "lang=en", "--ttl", "1h", "--json"]);
+    let (code, stdout, _) = client(&[
+        "publish",
+        "chat:cli",
+        r#"{"n": 1}"#,
+        "--id",
+        "first",
+        "--name",
+        "note",
+        "--header",
+        "lang=en",
+        "--ttl",
+        "1h",
+        "--json",
+    ]);
     assert_eq!(code, 0);
     let ack: Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!((ack["duplicate"].as_bool(), ack["serial"].as_u64()), (Some(true), Some(1)));
+    assert_eq!(
+        (ack["duplicate"].as_bool(), ack["serial"].as_u64()),
+        (Some(true), Some(1))
+    );
 
     let (code, _, stderr) = client(&["publish", "chat:cli", "2", "--id", "first"]);
     assert_eq!(code, 3, "a reused id is a rejection");
@@ -153,16 +188,33 @@ fn publish_and_history_against_a_real_server() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(lines[0].starts_with(&format!("{epoch}:1\t")));
-    assert!(lines[0].contains("\tfirst\tnote\t{\"n\":1}"), "{}", lines[0]);
+    assert!(
+        lines[0].contains("\tfirst\tnote\t{\"n\":1}"),
+        "{}",
+        lines[0]
+    );
     assert!(lines[1].ends_with("\"plain words\""), "{}", lines[1]);
 
-    let (code, stdout, _) = client(&["history", "chat:cli", "--after", &format!("{epoch}:1"), "--json"]);
+    let (code, stdout, _) = client(&[
+        "history",
+        "chat:cli",
+        "--after",
+        &format!("{epoch}:1"),
+        "--json",
+    ]);
     assert_eq!(code, 0);
     let page: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(page["messages"].as_array().unwrap().len(), 1);
     assert_eq!(page["top"], format!("{epoch}:2"));
 
-    let (code, stdout, _) = client(&["history", "chat:cli", "--before", &format!("{epoch}:3"), "--limit", "1"]);
+    let (code, stdout, _) = client(&[
+        "history",
+        "chat:cli",
+        "--before",
+        &format!("{epoch}:3"),
+        "--limit",
+        "1",
+    ]);
     assert_eq!(code, 0);
     assert!(stdout.starts_with(&format!("{epoch}:2\t")), "{stdout}");
 
@@ -172,7 +224,10 @@ fn publish_and_history_against_a_real_server() {
 
     let (code, _, stderr) = client(&["history", "chat:cli", "--after", "Other:1"]);
     assert_eq!(code, 3);
-    assert!(stderr.contains("continuity_lost") && stderr.contains("reason=epoch_changed"), "{stderr}");
+    assert!(
+        stderr.contains("continuity_lost") && stderr.contains("reason=epoch_changed"),
+        "{stderr}"
+    );
 
     let (code, _, stderr) = client(&["publish", "chat:cli", "1", "--ttl", "100days"]);
     assert_eq!(code, 3);
@@ -191,7 +246,10 @@ fn publish_and_history_against_a_real_server() {
 
     // A restart reuses the key (no new key line) and keeps the messages.
     let status = server.terminate();
-    assert!(status.success(), "graceful shutdown exits 0, got {status:?}");
+    assert!(
+        status.success(),
+        "graceful shutdown exits 0, got {status:?}"
+    );
     let server = Served::start(dir.path(), &[]);
     assert_eq!(server.stdout_lines.len(), 1, "{:?}", server.stdout_lines);
     let mut command = herald();
@@ -213,7 +271,14 @@ fn unreachable_server_exits_4() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let (code, _, stderr) = run(herald()
-        .args(["publish", "x", "1", "--url", &format!("http://127.0.0.1:{port}"), "--data"])
+        .args([
+            "publish",
+            "x",
+            "1",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--data",
+        ])
         .arg(dir.path()));
     assert_eq!(code, 4, "{stderr}");
     assert!(stderr.contains("cannot reach"), "{stderr}");
@@ -233,14 +298,19 @@ fn config_init_output_checks_and_bad_configs_name_the_key() {
     std::fs::write(&file, "[namespaces.chat]\ndedupe_window = \"10s\"\n").unwrap();
     let (code, _, stderr) = run(herald().args(["config", "check"]).arg(&file));
     assert_eq!(code, 1);
-    assert!(stderr.contains("namespaces.chat") && stderr.contains("2 minutes"), "{stderr}");
+    assert!(
+        stderr.contains("namespaces.chat") && stderr.contains("2 minutes"),
+        "{stderr}"
+    );
 
     std::fs::write(&file, "[limits]\nmessage_bytes_maxx = 1\n").unwrap();
     let (code, _, stderr) = run(herald().args(["config", "check"]).arg(&file));
     assert_eq!(code, 1);
     assert!(stderr.contains("message_bytes_maxx"), "{stderr}");
 
-    let (code, _, stderr) = run(herald().args(["config", "check"]).arg(dir.path().join("missing.toml")));
+    let (code, _, stderr) = run(herald()
+        .args(["config", "check"])
+        .arg(dir.path().join("missing.toml")));
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read"), "{stderr}");
 }
@@ -253,12 +323,18 @@ fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
         .args(["serve", "--dev", "--http", "192.0.2.1:7600", "--data"])
         .arg(dir.path()));
     assert_eq!(code, 1);
-    assert!(stderr.contains("--dev") && stderr.contains("loopback"), "{stderr}");
+    assert!(
+        stderr.contains("--dev") && stderr.contains("loopback"),
+        "{stderr}"
+    );
 
     let (code, _, stderr) = run(herald()
         .args(["serve", "--http", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .env("HERALD_LIMITS__MESSAGE_BYTES_MAX", "0"));
     assert_eq!(code, 1);
-    assert!(stderr.contains("limits") && stderr.contains("message_bytes_max"), "{stderr}");
+    assert!(
+        stderr.contains("limits") && stderr.contains("message_bytes_max"),
+        "{stderr}"
+    );
 }

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use herald_core::{ChainHash, Data, Epoch, MessageId, Serial};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 const CYCLES: u64 = 3;
@@ -111,7 +112,11 @@ impl Server {
         );
         self.child.kill().expect("SIGKILL the server");
         let status = self.child.wait().expect("reap the server");
-        assert_eq!(status.signal(), Some(9), "server status after kill: {status:?}");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "server status after kill: {status:?}"
+        );
     }
 }
 
@@ -292,19 +297,28 @@ async fn verify(
             }
             let response = client.get(&url).send().await.expect("sync read");
             let status = response.status();
-            let page: Value = response.json().await.expect("sync page json");
-            assert!(status.is_success(), "GET {url}: {status} {page}");
-            let messages = page["messages"].as_array().expect("messages array");
-            for message in messages {
-                let id = message["id"].as_str().expect("message id").to_owned();
-                let serial = message["serial"].as_u64().expect("message serial");
-                let epoch_text = message["epoch"].as_str().expect("message epoch").to_owned();
+            let body = response.text().await.expect("sync page body");
+            assert!(status.is_success(), "GET {url}: {status} {body}");
+            let page: Value = serde_json::from_str(&body).expect("sync page json");
+            let messages = ReadMessage::parse_page(&body);
+            for message in &messages {
+                let id = message.id.clone();
+                let serial = message.serial;
+                let epoch_text = message.epoch.clone();
                 let position = format!("{epoch_text}:{serial}");
-                if let Some(text) = message["position"].as_str() {
-                    assert_eq!(text, position, "{channel} {id}: position field");
+                if let Some(text) = &message.position {
+                    assert_eq!(*text, position, "{channel} {id}: position field");
                 }
-                assert_eq!(serial, last_serial + 1, "{channel}: serials not contiguous at {id}");
-                assert_eq!(prev_serial(&message["prev"]), serial - 1, "{channel} {id}: prev");
+                assert_eq!(
+                    serial,
+                    last_serial + 1,
+                    "{channel}: serials not contiguous at {id}"
+                );
+                assert_eq!(
+                    prev_serial(&message.prev),
+                    serial - 1,
+                    "{channel} {id}: prev"
+                );
 
                 let known_epoch = epochs
                     .entry(channel.to_owned())
@@ -312,31 +326,41 @@ async fn verify(
                 assert_eq!(*known_epoch, epoch_text, "{channel}: the epoch changed");
                 let epoch = Epoch::parse(&epoch_text).expect("valid epoch");
                 let previous = chain.unwrap_or_else(|| ChainHash::genesis(&epoch));
-                let data = Data::Json(Bytes::from(
-                    serde_json::to_vec(&message["data"]).expect("serialise data"),
-                ));
+                // The chain covers the data bytes exactly as stored, which the read returns
+                // verbatim: hash the raw text, not a re-serialisation.
+                let data = Data::Json(Bytes::copy_from_slice(message.data.get().as_bytes()));
                 let expected = previous.next(
                     Serial(serial),
                     &MessageId::parse(&id).expect("valid id"),
                     &data,
                 );
-                let claimed = message["chain"]
-                    .as_str()
-                    .and_then(ChainHash::from_hex)
-                    .expect("chain is 64 hex chars");
-                assert_eq!(claimed, expected, "{channel}: chain breaks at serial {serial}");
+                let claimed = ChainHash::from_hex(&message.chain).expect("chain is 64 hex chars");
+                assert_eq!(
+                    claimed, expected,
+                    "{channel}: chain breaks at serial {serial}"
+                );
                 chain = Some(expected);
 
                 let published = ledger
                     .get(&id)
                     .unwrap_or_else(|| panic!("{channel}: stored id {id} was never published"));
-                assert_eq!(published.channel, channel, "{id} stored on the wrong channel");
-                assert_eq!(message["data"], published.data, "{id}: data differs");
+                assert_eq!(
+                    published.channel, channel,
+                    "{id} stored on the wrong channel"
+                );
+                let data_value: Value = serde_json::from_str(message.data.get()).expect("data");
+                assert_eq!(data_value, published.data, "{id}: data differs");
                 if let Some(acked) = &published.position {
-                    assert_eq!(*acked, position, "{id}: stored at another position than acked");
+                    assert_eq!(
+                        *acked, position,
+                        "{id}: stored at another position than acked"
+                    );
                 }
                 let earlier = stored.insert(id.clone(), position.clone());
-                assert!(earlier.is_none(), "{id} stored twice: {earlier:?} and {position}");
+                assert!(
+                    earlier.is_none(),
+                    "{id} stored twice: {earlier:?} and {position}"
+                );
                 last_serial = serial;
                 last_position = Some(position);
             }
@@ -345,9 +369,16 @@ async fn verify(
                 assert_eq!(top, last_position, "{channel}: top is not the last message");
                 break;
             }
-            let next = page["next"].as_str().expect("next cursor when more").to_owned();
+            let next = page["next"]
+                .as_str()
+                .expect("next cursor when more")
+                .to_owned();
             assert!(!messages.is_empty(), "{channel}: empty page with more=true");
-            assert_ne!(Some(&next), after.as_ref(), "{channel}: cursor did not advance");
+            assert_ne!(
+                Some(&next),
+                after.as_ref(),
+                "{channel}: cursor did not advance"
+            );
             after = Some(next);
         }
     }
@@ -362,6 +393,52 @@ async fn verify(
         }
     }
     stored
+}
+
+/// One message of a sync page, with `data` kept as the exact text the server sent.
+struct ReadMessage {
+    id: String,
+    serial: u64,
+    epoch: String,
+    position: Option<String>,
+    prev: Value,
+    chain: String,
+    data: Box<RawValue>,
+}
+
+impl ReadMessage {
+    fn parse_page(body: &str) -> Vec<ReadMessage> {
+        type RawObject = BTreeMap<String, Box<RawValue>>;
+        let page: RawObject = serde_json::from_str(body).expect("page is an object");
+        let messages: Vec<RawObject> =
+            serde_json::from_str(page["messages"].get()).expect("messages array");
+        messages
+            .into_iter()
+            .map(|mut fields| {
+                let field = |name: &str| -> Value {
+                    fields
+                        .get(name)
+                        .map(|raw| serde_json::from_str(raw.get()).expect("field json"))
+                        .unwrap_or(Value::Null)
+                };
+                let text = |value: Value, name: &str| -> String {
+                    value
+                        .as_str()
+                        .unwrap_or_else(|| panic!("message {name} is not a string"))
+                        .to_owned()
+                };
+                ReadMessage {
+                    id: text(field("id"), "id"),
+                    serial: field("serial").as_u64().expect("message serial"),
+                    epoch: text(field("epoch"), "epoch"),
+                    position: field("position").as_str().map(str::to_owned),
+                    prev: field("prev"),
+                    chain: text(field("chain"), "chain"),
+                    data: fields.remove("data").expect("message data"),
+                }
+            })
+            .collect()
+    }
 }
 
 /// `prev` as a serial, whether the server sends it as a number, a position string or null.
@@ -415,7 +492,10 @@ async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
         // Let the load flow, then kill at a random moment with requests in flight.
         let flowing_deadline = Instant::now() + Duration::from_secs(10);
         while acked.load(Ordering::Relaxed) == 0 {
-            assert!(Instant::now() < flowing_deadline, "no publish was acked in 10 s");
+            assert!(
+                Instant::now() < flowing_deadline,
+                "no publish was acked in 10 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let delay_ms =
@@ -476,17 +556,27 @@ async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
             let (position, duplicate) = parse_ack(&ack, id);
             match stored.get(id) {
                 Some(found) => {
-                    assert!(duplicate, "{id} was stored at {found} but the retry stored it again");
+                    assert!(
+                        duplicate,
+                        "{id} was stored at {found} but the retry stored it again"
+                    );
                     assert_eq!(*found, position, "{id}: duplicate ack at another position");
                     unknown_stored += 1;
                 }
-                None => assert!(!duplicate, "{id} was not readable but the retry says duplicate"),
+                None => assert!(
+                    !duplicate,
+                    "{id} was not readable but the retry says duplicate"
+                ),
             }
             ledger.get_mut(id).expect("retried id").position = Some(position);
         }
         let stored = verify(&client, &server.base_url, &ledger, &mut epochs).await;
         let acked_so_far = ledger.values().filter(|p| p.position.is_some()).count();
-        assert_eq!(stored.len(), acked_so_far, "stored ids beyond the acknowledged ones");
+        assert_eq!(
+            stored.len(),
+            acked_so_far,
+            "stored ids beyond the acknowledged ones"
+        );
 
         eprintln!(
             "cycle {cycle}: killed after {delay_ms} ms; {cycle_acks} acked, {} unknown \
@@ -494,7 +584,10 @@ async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
             cycle_unknown.len(),
             stored.len()
         );
-        assert!(cycle_acks > 0, "cycle {cycle} acknowledged nothing before the kill");
+        assert!(
+            cycle_acks > 0,
+            "cycle {cycle} acknowledged nothing before the kill"
+        );
         acked_total += cycle_acks;
         unknown_total += cycle_unknown.len();
     }

@@ -140,7 +140,7 @@ impl Committer {
 
     /// Builds a group from `first` plus whatever is already queued and fits.
     fn collect_group(&mut self, first: PendingAppend, first_bound: usize) -> Vec<PendingAppend> {
-        let poisoned = self.shared.read_state().poisoned.is_some();
+        let poisoned = self.shared.poisoned.get().is_some();
         if !poisoned
             && self.active.write_offset + first_bound as u64 > self.active.capacity_bytes
             && let Err(reason) = self.roll_over()
@@ -179,7 +179,7 @@ impl Committer {
 
     /// Sequences, writes, syncs and answers one group.
     fn commit_group(&mut self, group: Vec<PendingAppend>) {
-        if let Some(reason) = self.shared.read_state().poisoned.clone() {
+        if let Some(reason) = self.shared.poisoned.get().cloned() {
             for pending in group {
                 let _ = pending
                     .reply
@@ -289,10 +289,8 @@ impl Committer {
     }
 
     fn poison(&self, reason: String) {
-        let mut state = self.shared.write_state();
-        if state.poisoned.is_none() {
+        if self.shared.poisoned.set(reason.clone()).is_ok() {
             tracing::error!(%reason, "log store poisoned: appends are refused until restart");
-            state.poisoned = Some(reason);
         }
     }
 
@@ -332,7 +330,7 @@ impl Committer {
     /// Deletes sealed segments in which every message is reclaimable. Returns how many
     /// messages left the index.
     fn reclaim(&mut self) -> Result<usize, StoreError> {
-        if let Some(reason) = self.shared.read_state().poisoned.clone() {
+        if let Some(reason) = self.shared.poisoned.get().cloned() {
             return Err(StoreError::Poisoned(reason));
         }
         let now = self.shared.clock.now();

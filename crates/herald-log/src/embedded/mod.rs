@@ -10,7 +10,7 @@
 //!
 //! # Threads and state
 //! One committer thread owns the active segment and is the only writer. Everything readers
-//! need (the [`ChannelTable`] index, the open segment files, the poisoned flag) sits behind one
+//! need (the [`ChannelTable`] index, the open segment files) sits behind one
 //! `RwLock`; the committer takes the write lock only to sequence a group, to mark it durable
 //! and to drop reclaimed entries, never across I/O. Readers plan under the read lock, clone
 //! the handles of the segments they need, release the lock and then `pread`.
@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
 use herald_core::{
@@ -143,6 +143,9 @@ pub(crate) struct Counters {
 /// What readers and the committer share.
 pub(crate) struct Shared {
     pub(crate) counters: Counters,
+    /// Why the store refuses appends, once a write or sync failed. Set once, read lock-free
+    /// on every append.
+    pub(crate) poisoned: OnceLock<String>,
     state: RwLock<State>,
     policies: Policies,
     clock: Arc<dyn Clock>,
@@ -153,7 +156,6 @@ pub(crate) struct State {
     pub(crate) table: ChannelTable<RecordLocator>,
     /// Every segment file still on disk, by number; readers clone handles out of it.
     pub(crate) segments: BTreeMap<u64, Arc<dyn FsFile>>,
-    pub(crate) poisoned: Option<String>,
 }
 
 impl Shared {
@@ -232,10 +234,10 @@ impl EmbeddedLog {
         let recovered = recovery::recover(fs.as_ref(), &segments_dir, &options)?;
         let shared = Arc::new(Shared {
             counters: Counters::default(),
+            poisoned: OnceLock::new(),
             state: RwLock::new(State {
                 table: recovered.table,
                 segments: recovered.segments,
-                poisoned: None,
             }),
             policies,
             clock,
@@ -358,7 +360,7 @@ impl LogStore for EmbeddedLog {
                 ),
             ))));
         }
-        if let Some(reason) = &self.shared.read_state().poisoned {
+        if let Some(reason) = self.shared.poisoned.get() {
             return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));
         }
         let (reply, ticket) = AppendTicket::channel();
@@ -425,7 +427,7 @@ impl LogStore for EmbeddedLog {
     }
 
     fn health(&self) -> StoreHealth {
-        match &self.shared.read_state().poisoned {
+        match self.shared.poisoned.get() {
             Some(reason) => StoreHealth::Poisoned(reason.clone()),
             None => StoreHealth::Ok,
         }

@@ -76,7 +76,9 @@ pub fn test_policies() -> Policies {
 pub trait Harness: Sized {
     type Store: LogStore;
     fn open(policies: Policies, clock: Arc<ManualClock>) -> Self;
-    fn store(&self) -> &Arc<Self::Store>;
+    fn store(&self) -> &Self::Store;
+    /// The store as a handle for tasks (the harness replaces it on restart).
+    fn shared_store(&self) -> Arc<Self::Store>;
     /// Crash (or close) and recover from what was durable.
     fn restart(&mut self);
     /// Makes the next append fail the way a failed fsync does. `false` when this store has
@@ -101,8 +103,12 @@ impl Harness for MemoryHarness {
         }
     }
 
-    fn store(&self) -> &Arc<MemoryStore> {
+    fn store(&self) -> &MemoryStore {
         &self.store
+    }
+
+    fn shared_store(&self) -> Arc<MemoryStore> {
+        self.store.clone()
     }
 
     fn restart(&mut self) {
@@ -123,7 +129,8 @@ impl Harness for MemoryHarness {
     }
 }
 
-/// The embedded log on real files in a temporary directory, with the smallest segments. Restart is close + reopen on the same files.
+/// The embedded log on real files in a temporary directory, with the smallest segments.
+/// Restart is close + reopen on the same files.
 pub struct EmbeddedHarness {
     dir: tempfile::TempDir,
     fs: FaultSwitchFs,
@@ -177,8 +184,12 @@ impl Harness for EmbeddedHarness {
         }
     }
 
-    fn store(&self) -> &Arc<EmbeddedLog> {
+    fn store(&self) -> &EmbeddedLog {
         &self.store
+    }
+
+    fn shared_store(&self) -> Arc<EmbeddedLog> {
+        self.store.clone()
     }
 
     fn restart(&mut self) {
