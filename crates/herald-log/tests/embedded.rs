@@ -70,6 +70,7 @@ impl Fixture {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("segments"))
             .unwrap()
             .map(|entry| entry.unwrap().path())
+            .filter(|path| path.extension().is_some_and(|extension| extension == "seg"))
             .collect();
         files.sort();
         files
@@ -238,6 +239,7 @@ fn rollover_spreads_records_over_segments_and_survives_reopen() {
             }
         }
         assert_eq!(read_all(&store, "chat:b").len(), 500);
+        assert!(store.stats().rollovers >= 4);
     }
     let segments = fixture.segment_files();
     assert!(
@@ -586,4 +588,59 @@ fn throughput() {
         (rounds * 256) as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64() * 1000.0 / rounds as f64
     );
+}
+
+#[test]
+fn a_record_of_unknown_kind_refuses_to_open_even_at_the_tail() {
+    let fixture = Fixture::new();
+    {
+        let store = fixture.open().unwrap();
+        append(&store, "chat:a", vec![message("m-1", "1")]);
+    }
+    let last = fixture.segment_files().pop().unwrap();
+    let end = log_end(&last);
+    // A well-formed record (right length and CRC) of a kind this version does not know.
+    let body = [99u8, 0, 0, 0, 0, 1, 2, 3];
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[end..end + 4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes[end + 4..end + 8].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    bytes[end + 8..end + 8 + body.len()].copy_from_slice(&body);
+    std::fs::write(&last, &bytes).unwrap();
+    match fixture.open() {
+        Err(StoreError::Corrupt { offset, detail, .. }) => {
+            assert_eq!(offset, end as u64);
+            assert!(detail.contains("unknown record kind"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_crc_failure_on_read_is_an_error_not_a_skip() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    append(
+        &store,
+        "chat:a",
+        vec![message("m-1", "1"), message("m-2", "2")],
+    );
+    let segment = fixture.segment_files().pop().unwrap();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[64 + 30] ^= 0x40; // inside the first record's body
+    std::fs::write(&segment, &bytes).unwrap();
+    let result = store.read(
+        &channel("chat:a"),
+        &ReadQuery::Forward {
+            from: ReadFrom::Oldest,
+            limit: 10,
+        },
+    );
+    match result {
+        Err(herald_log::ReadError::Store(StoreError::Corrupt { offset, .. })) => {
+            assert_eq!(offset, 64)
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let by_id = store.message_by_id(&channel("chat:a"), &MessageId::parse("m-1").unwrap());
+    assert!(matches!(by_id, Err(StoreError::Corrupt { .. })));
 }

@@ -6,6 +6,9 @@
 //! write and one `fdatasync`. Only then does it mark the channels durable and answer. There is
 //! no artificial delay: the group is whatever queued while the previous sync ran.
 //!
+//! It also keeps the next segment prepared on a helper thread (zero-filled and synced under a
+//! temporary name) so that a rollover is a rename, and runs reclaim.
+//!
 //! # Invariants
 //! - Nothing is acknowledged before the sync that covers it returned `Ok`.
 //! - A failed write, sync or segment creation poisons the store; the failed group and every
@@ -18,12 +21,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::thread::JoinHandle;
 
 use herald_core::{ChannelName, Serial};
 use tokio::sync::oneshot;
 
 use super::record::{self, encode_message, encode_tip, seal_message_record};
-use super::segment::{SEGMENT_HEADER_BYTES, SegmentHeader, create_segment};
+use super::segment::{
+    SEGMENT_HEADER_BYTES, SegmentHeader, create_segment, discard_prepared, install_segment,
+    prepare_segment,
+};
 use super::{Command, EmbeddedOptions, RecordLocator, Shared};
 use crate::fs::{Filesystem, FsFile};
 use crate::store::{AppendError, Appended, StoreError};
@@ -36,6 +43,13 @@ pub(crate) struct ActiveSegment {
     pub(crate) capacity_bytes: u64,
     /// Where the next record goes; everything before it is durable.
     pub(crate) write_offset: u64,
+}
+
+/// The next segment, prepared (zero-filled and synced) on a helper thread while the active one
+/// fills up, so that a rollover only renames it into place instead of stalling a group.
+struct Spare {
+    number: u64,
+    preparing: JoinHandle<std::io::Result<Arc<dyn FsFile>>>,
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
@@ -57,6 +71,7 @@ pub(crate) struct Committer {
     /// A command taken from the queue that did not fit the group being built.
     carried: Option<Command>,
     buffer: Vec<u8>,
+    spare: Option<Spare>,
 }
 
 impl Committer {
@@ -77,6 +92,7 @@ impl Committer {
             tip_segments,
             carried: None,
             buffer: Vec::new(),
+            spare: None,
         }
     }
 
@@ -85,6 +101,25 @@ impl Committer {
     }
 
     pub(crate) fn run(mut self) {
+        /// A committer that dies of a bug must not leave a store that looks healthy.
+        struct PoisonOnPanic(Arc<Shared>);
+        impl Drop for PoisonOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.poisoned.set("the log committer panicked".into());
+                }
+            }
+        }
+        let _guard = PoisonOnPanic(self.shared.clone());
+        self.start_spare();
+        self.serve();
+        // Never leave a helper writing into the directory after the store is gone.
+        if let Some(spare) = self.spare.take() {
+            let _ = spare.preparing.join();
+        }
+    }
+
+    fn serve(&mut self) {
         loop {
             let command = match self.carried.take() {
                 Some(command) => command,
@@ -294,21 +329,71 @@ impl Committer {
         }
     }
 
-    /// Seals the active segment and starts a new, preallocated one.
-    fn roll_over(&mut self) -> Result<(), String> {
-        let header = SegmentHeader {
+    /// Starts preparing the segment after the active one, if that is not already under way.
+    fn start_spare(&mut self) {
+        if self.spare.is_some() || self.shared.poisoned.get().is_some() {
+            return;
+        }
+        let header = self.next_header();
+        let fs = self.fs.clone();
+        let segments_dir = self.segments_dir().to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("herald-segment-prep".into())
+            .spawn(move || prepare_segment(fs.as_ref(), &segments_dir, header));
+        match spawned {
+            Ok(preparing) => {
+                self.spare = Some(Spare {
+                    number: header.number,
+                    preparing,
+                })
+            }
+            // Rollover then creates the segment itself.
+            Err(error) => tracing::warn!(%error, "cannot start the segment preparation thread"),
+        }
+    }
+
+    fn next_header(&self) -> SegmentHeader {
+        SegmentHeader {
             number: self.active.number + 1,
             capacity_bytes: self.options.segment_bytes,
             group_bytes_max: self.options.group_bytes_max as u64,
+        }
+    }
+
+    /// Seals the active segment and continues in the next, preallocated one.
+    fn roll_over(&mut self) -> Result<(), String> {
+        let header = self.next_header();
+        let segments_dir = self.segments_dir().to_path_buf();
+        let failed = |error: std::io::Error| {
+            format!(
+                "creating segment {} in {} failed: {error}",
+                header.number,
+                segments_dir.display()
+            )
         };
-        let file =
-            create_segment(self.fs.as_ref(), self.segments_dir(), header).map_err(|error| {
-                format!(
-                    "creating segment {} in {} failed: {error}",
-                    header.number,
-                    self.segments_dir().display()
-                )
-            })?;
+        let prepared = match self.spare.take() {
+            Some(spare) => match spare.preparing.join() {
+                Ok(Ok(file)) if spare.number == header.number => Some(file),
+                outcome => {
+                    if let Ok(Err(error)) = outcome {
+                        tracing::warn!(%error, "preparing a spare segment failed; retrying inline");
+                    }
+                    discard_prepared(self.fs.as_ref(), self.segments_dir(), spare.number);
+                    None
+                }
+            },
+            None => None,
+        };
+        let file = match prepared {
+            Some(file) => {
+                install_segment(self.fs.as_ref(), self.segments_dir(), header.number)
+                    .map_err(failed)?;
+                file
+            }
+            None => {
+                create_segment(self.fs.as_ref(), self.segments_dir(), header).map_err(failed)?
+            }
+        };
         self.shared
             .write_state()
             .segments
@@ -324,6 +409,7 @@ impl Committer {
             capacity_bytes: header.capacity_bytes,
             write_offset: SEGMENT_HEADER_BYTES,
         };
+        self.start_spare();
         Ok(())
     }
 

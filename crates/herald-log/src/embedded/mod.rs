@@ -9,7 +9,8 @@
 //! The on-disk format and the durability rules are described in `docs/log-format.md`.
 //!
 //! # Threads and state
-//! One committer thread owns the active segment and is the only writer. Everything readers
+//! One committer thread owns the active segment and is the only writer of records; a helper
+//! thread it starts prepares the next segment file ahead of each rollover. Everything readers
 //! need (the [`ChannelTable`] index, the open segment files) sits behind one
 //! `RwLock`; the committer takes the write lock only to sequence a group, to mark it durable
 //! and to drop reclaimed entries, never across I/O. Readers plan under the read lock, clone

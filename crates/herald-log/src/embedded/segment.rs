@@ -110,9 +110,23 @@ pub fn create_segment(
     segments_dir: &Path,
     header: SegmentHeader,
 ) -> io::Result<Arc<dyn FsFile>> {
-    let path = segment_path(segments_dir, header.number);
-    let temporary = segments_dir.join(format!("{:020}{TEMPORARY_SUFFIX}", header.number));
-    let file = fs.create_new(&temporary)?;
+    let file = prepare_segment(fs, segments_dir, header)?;
+    install_segment(fs, segments_dir, header.number)?;
+    Ok(file)
+}
+
+fn temporary_path(segments_dir: &Path, number: u64) -> PathBuf {
+    segments_dir.join(format!("{number:020}{TEMPORARY_SUFFIX}"))
+}
+
+/// Builds segment `number` under its temporary name: header, zero fill to `capacity_bytes`,
+/// fdatasync. Not part of the log until [`install_segment`].
+pub fn prepare_segment(
+    fs: &dyn Filesystem,
+    segments_dir: &Path,
+    header: SegmentHeader,
+) -> io::Result<Arc<dyn FsFile>> {
+    let file = fs.create_new(&temporary_path(segments_dir, header.number))?;
     file.write_all_at(&header.encode(), 0)?;
     let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
     let mut offset = SEGMENT_HEADER_BYTES;
@@ -122,9 +136,22 @@ pub fn create_segment(
         offset += chunk as u64;
     }
     file.sync_data()?;
-    fs.rename(&temporary, &path)?;
-    fs.sync_dir(segments_dir)?;
     Ok(file)
+}
+
+/// Renames a prepared segment into place and syncs the directory: from here on it is the
+/// last segment of the log.
+pub fn install_segment(fs: &dyn Filesystem, segments_dir: &Path, number: u64) -> io::Result<()> {
+    fs.rename(
+        &temporary_path(segments_dir, number),
+        &segment_path(segments_dir, number),
+    )?;
+    fs.sync_dir(segments_dir)
+}
+
+/// Removes a prepared segment that will not be used (best effort: recovery removes leftovers).
+pub fn discard_prepared(fs: &dyn Filesystem, segments_dir: &Path, number: u64) {
+    let _ = fs.remove_file(&temporary_path(segments_dir, number));
 }
 
 #[cfg(test)]
