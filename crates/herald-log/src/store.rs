@@ -140,7 +140,7 @@ pub enum StoreHealth {
 
 /// A durable, per-channel ordered log. All methods are cheap to call concurrently.
 ///
-/// # Contract (checked by [`crate::conformance`])
+/// # Contract (checked by `tests/conformance.rs` against every store)
 /// - `append` resolves `Ok` only once every new message of the batch is durable; a batch is
 ///   all-or-nothing; ids are deduplicated per channel (same content: the original position
 ///   with `duplicate: true`; different content: `IdConflict`).
