@@ -87,15 +87,22 @@ impl FsFile for StdFile {
 
 impl Filesystem for StdFs {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        if path.is_dir() {
+        let created: Vec<&Path> = path
+            .ancestors()
+            .filter(|ancestor| !ancestor.as_os_str().is_empty())
+            .take_while(|ancestor| !ancestor.is_dir())
+            .collect();
+        if created.is_empty() {
             return Ok(());
         }
         std::fs::create_dir_all(path)?;
-        // The new directory's own entry lives in its parent.
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
+        // Each new directory's entry lives in its parent: sync those parents, or a power loss
+        // could take the whole data directory (with acknowledged data in it) away.
+        for directory in created.iter().rev() {
+            let parent = match directory.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
             self.sync_dir(parent)?;
         }
         Ok(())
@@ -284,7 +291,8 @@ impl SimFs {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Makes the next `sync_data` on any file fail with `reason`.
+    /// Makes the next `sync_data` on any file fail with `reason` (whichever thread syncs next:
+    /// the log's committer, or its helper preparing the next segment).
     pub fn fail_next_sync(&self, reason: &str) {
         self.lock().fail_next_sync = Some(reason.to_owned());
     }
@@ -630,6 +638,27 @@ mod tests {
         file.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"abc");
         assert!(fs.list_dir(dir).unwrap().is_empty());
+    }
+
+    #[test]
+    fn std_fs_round_trip_with_nested_directories() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("data").join("segments");
+        StdFs.create_dir_all(&dir).unwrap();
+        StdFs.create_dir_all(&dir).unwrap();
+        let file = StdFs.create_new(&dir.join("a.tmp")).unwrap();
+        file.write_all_at(b"hello", 3).unwrap();
+        file.sync_data().unwrap();
+        StdFs.rename(&dir.join("a.tmp"), &dir.join("a")).unwrap();
+        StdFs.sync_dir(&dir).unwrap();
+        assert_eq!(StdFs.list_dir(&dir).unwrap(), vec!["a".to_string()]);
+        let reopened = StdFs.open(&dir.join("a")).unwrap();
+        assert_eq!(reopened.len().unwrap(), 8);
+        let mut buf = [0u8; 5];
+        reopened.read_exact_at(&mut buf, 3).unwrap();
+        assert_eq!(&buf, b"hello");
+        StdFs.remove_file(&dir.join("a")).unwrap();
+        assert!(StdFs.list_dir(&dir).unwrap().is_empty());
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //!   the two target ratios of issue #2 compare the server against it:
 //!   (a) publish/s at the largest N over raw records/s at the largest batch (target >= 30%),
 //!   (b) ack p50 at 1 publisher over raw p50 at batch 1 (target <= 1.5x).
+//! - **HTTP round trip**: closed-loop `GET /health` from one client, the floor under every ack
+//!   that no storage work can lower; it tells how much of (b) is HTTP rather than the log.
+//!
+//! Raw phases run first in each run, then the round trip, then the publish phases, so each run
+//! measures disk and server close together in time; `--runs K` reports per-figure medians.
 //!
 //! # Invariants
 //!
@@ -168,6 +173,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut publish_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
     let mut raw_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
+    let mut round_trip_runs: Vec<PhaseResult> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
 
     for run_index in 0..args.runs {
@@ -193,6 +199,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
         if let Some(client) = &client {
+            let round_trip = measure_round_trip(
+                client,
+                &args.url,
+                args.warmup,
+                args.raw_duration,
+                args.max_messages,
+            )
+            .await;
+            for (code, count) in &round_trip.errors {
+                *errors.entry(format!("health_{code}")).or_default() += count;
+            }
+            eprintln!(
+                "run {}/{}  http round trip: {}{}",
+                run_index + 1,
+                args.runs,
+                round_trip.result.summary("reqs"),
+                format_errors(&round_trip.errors)
+            );
+            round_trip_runs.push(round_trip.result);
             for &publishers in &args.publishers {
                 let config = PublishConfig {
                     url: args.url.clone(),
@@ -233,6 +258,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .iter()
             .map(|(&n, runs)| (n, PhaseResult::median(runs)))
             .collect(),
+        round_trip: (!round_trip_runs.is_empty()).then(|| PhaseResult::median(&round_trip_runs)),
         errors,
         runs: args.runs,
     };
@@ -549,6 +575,62 @@ fn message_body(run_tag: &str, publisher: usize, sequence: u64, payload_json: &s
     format!(r#"{{"id":"bench-{run_tag}-{publisher}-{sequence}","data":{payload_json}}}"#)
 }
 
+/// Closed-loop `GET /health` from one client for `duration` (after `warmup`), at most
+/// `requests_max` requests: what HTTP alone costs, to read the publish latency against.
+async fn measure_round_trip(
+    client: &reqwest::Client,
+    url: &str,
+    warmup: Duration,
+    duration: Duration,
+    requests_max: u64,
+) -> PublishOutcome {
+    let health = format!("{}/health", url.trim_end_matches('/'));
+    let measured_from = Instant::now() + warmup;
+    let deadline = measured_from + duration;
+    let mut tally = PublisherTally::default();
+    let mut consecutive_errors = 0u32;
+    for _ in 0..requests_max {
+        let sent = Instant::now();
+        if sent >= deadline {
+            break;
+        }
+        let outcome = match client.get(&health).send().await {
+            Ok(response) if response.status().is_success() => response
+                .bytes()
+                .await
+                .map(drop)
+                .map_err(|_| "transport".to_owned()),
+            Ok(response) => Err(format!("http_{}", response.status().as_u16())),
+            Err(_) => Err("transport".to_owned()),
+        };
+        match outcome {
+            Ok(()) => {
+                consecutive_errors = 0;
+                if sent >= measured_from {
+                    tally.latencies_us.push(elapsed_us(sent));
+                    tally.last_ack = Some(Instant::now());
+                }
+            }
+            Err(code) => {
+                *tally.errors.entry(code).or_default() += 1;
+                consecutive_errors += 1;
+                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
+                    break;
+                }
+            }
+        }
+    }
+    let seconds = tally
+        .last_ack
+        .map(|last| last.saturating_duration_since(measured_from).as_secs_f64())
+        .unwrap_or(0.0);
+    let requests = tally.latencies_us.len() as u64;
+    PublishOutcome {
+        result: PhaseResult::from_samples(requests, seconds, tally.latencies_us),
+        errors: tally.errors,
+    }
+}
+
 /// One publish; `Err` carries the error code to count.
 async fn publish_once(client: &reqwest::Client, url: &str, body: String) -> Result<(), String> {
     let response = client
@@ -676,6 +758,8 @@ fn preallocate(path: &Path) -> anyhow::Result<File> {
 struct Report {
     publish: BTreeMap<usize, PhaseResult>,
     raw: BTreeMap<usize, PhaseResult>,
+    /// `GET /health` from one client: the HTTP floor under every ack, with no storage in it.
+    round_trip: Option<PhaseResult>,
     errors: BTreeMap<String, u64>,
     runs: u32,
 }
@@ -731,6 +815,11 @@ impl Report {
             .iter()
             .map(|(n, result)| (format!("publishers {n}"), result))
             .chain(
+                self.round_trip
+                    .iter()
+                    .map(|result| ("http round trip".to_owned(), result)),
+            )
+            .chain(
                 self.raw
                     .iter()
                     .map(|(n, result)| (format!("raw batch {n}"), result)),
@@ -744,7 +833,10 @@ impl Report {
                 format_us(result.max_us)
             ));
         }
-        out.push_str("(publish latency: one ack; raw latency: one write+fdatasync of a batch)\n");
+        out.push_str(
+            "(publish latency: one ack; http round trip: GET /health from one client, no storage; \
+             raw latency: one write+fdatasync of a batch)\n",
+        );
         for target in self.targets() {
             let (value, goal) = match target.name {
                 "throughput" => (format!("{:.1}%", target.value * 100.0), ">= 30%"),
@@ -789,6 +881,7 @@ impl Report {
             "runs": self.runs,
             "publish": phases(&self.publish),
             "raw": phases(&self.raw),
+            "http_round_trip": self.round_trip.as_ref().map(PhaseResult::to_json),
             "targets": targets,
             "errors": self.errors,
         })
@@ -913,6 +1006,7 @@ mod tests {
         let report = Report {
             publish: BTreeMap::from([(1, result(500.0, 1200)), (256, result(40_000.0, 6000))]),
             raw: BTreeMap::from([(1, result(1000.0, 1000)), (256, result(100_000.0, 2000))]),
+            round_trip: Some(result(9000.0, 100)),
             errors: BTreeMap::new(),
             runs: 1,
         };
@@ -922,6 +1016,7 @@ mod tests {
         assert!((targets[1].value - 1.2).abs() < 1e-9 && targets[1].met);
         let table = report.to_table();
         assert!(table.contains("publishers 256") && table.contains("raw batch 256"));
+        assert!(table.contains("http round trip"));
         assert_eq!(report.to_json()["targets"]["throughput"]["met"], true);
     }
 

@@ -111,7 +111,6 @@ impl Committer {
             }
         }
         let _guard = PoisonOnPanic(self.shared.clone());
-        self.start_spare();
         self.serve();
         // Never leave a helper writing into the directory after the store is gone.
         if let Some(spare) = self.spare.take() {
@@ -230,11 +229,12 @@ impl Committer {
         let mut outcomes = Vec::with_capacity(group.len());
         let mut tops: Vec<(ChannelName, Serial)> = Vec::new();
         let mut message_count = 0u64;
-        {
-            let mut state = self.shared.write_state();
-            for pending in group {
-                let mut frames: Vec<(usize, usize)> = Vec::new();
-                let result = state.table.sequence(
+        for pending in group {
+            let mut frames: Vec<(usize, usize)> = Vec::new();
+            // Locked per batch, not per group, so readers wait for one batch at most.
+            let result = {
+                let mut state = self.shared.write_state();
+                state.table.sequence(
                     &pending.channel,
                     &pending.batch,
                     &self.shared.policies,
@@ -249,21 +249,27 @@ impl Committer {
                             len: u32::try_from(len).expect("record fits u32"),
                         }
                     },
-                );
-                if let Ok(sequenced) = &result
-                    && let Some(last) = sequenced.new_messages.last()
-                {
-                    message_count += sequenced.new_messages.len() as u64;
-                    let count = frames.len();
-                    for (index, (start, len)) in frames.iter().enumerate() {
-                        let following = u32::try_from(count - 1 - index).expect("batch fits u32");
-                        seal_message_record(&mut buffer[*start..*start + *len], following);
-                    }
-                    tops.push((pending.channel.clone(), last.serial));
+                )
+            };
+            if let Ok(sequenced) = &result
+                && let Some(last) = sequenced.new_messages.last()
+            {
+                message_count += sequenced.new_messages.len() as u64;
+                let count = frames.len();
+                for (index, (start, len)) in frames.iter().enumerate() {
+                    let following = u32::try_from(count - 1 - index).expect("batch fits u32");
+                    seal_message_record(&mut buffer[*start..*start + *len], following);
                 }
-                outcomes.push((pending.reply, result.map(|sequenced| sequenced.replies)));
+                tops.push((pending.channel.clone(), last.serial));
             }
+            outcomes.push((pending.reply, result.map(|sequenced| sequenced.replies)));
         }
+        assert!(
+            base_offset + buffer.len() as u64 <= self.active.capacity_bytes,
+            "group of {} bytes overflows segment {} at {base_offset}",
+            buffer.len(),
+            segment
+        );
         let written = if buffer.is_empty() {
             Ok(())
         } else {
@@ -274,6 +280,7 @@ impl Committer {
         match written {
             Ok(()) => {
                 self.active.write_offset += group_len;
+                self.start_spare_if_due();
                 let counters = &self.shared.counters;
                 if group_len > 0 {
                     counters.groups.fetch_add(1, Ordering::Relaxed);
@@ -329,9 +336,11 @@ impl Committer {
         }
     }
 
-    /// Starts preparing the segment after the active one, if that is not already under way.
-    fn start_spare(&mut self) {
-        if self.spare.is_some() || self.shared.poisoned.get().is_some() {
+    /// Starts preparing the segment after the active one once the active one is half full
+    /// (not earlier: a spare per idle store would double its disk use for nothing).
+    fn start_spare_if_due(&mut self) {
+        let half_full = self.active.write_offset >= self.active.capacity_bytes / 2;
+        if !half_full || self.spare.is_some() || self.shared.poisoned.get().is_some() {
             return;
         }
         let header = self.next_header();
@@ -374,10 +383,9 @@ impl Committer {
         let prepared = match self.spare.take() {
             Some(spare) => match spare.preparing.join() {
                 Ok(Ok(file)) if spare.number == header.number => Some(file),
-                outcome => {
-                    if let Ok(Err(error)) = outcome {
-                        tracing::warn!(%error, "preparing a spare segment failed; retrying inline");
-                    }
+                // A failed write or sync is a disk error like any other: poison, don't retry.
+                Ok(Err(error)) => return Err(failed(error)),
+                _ => {
                     discard_prepared(self.fs.as_ref(), self.segments_dir(), spare.number);
                     None
                 }
@@ -409,7 +417,6 @@ impl Committer {
             capacity_bytes: header.capacity_bytes,
             write_offset: SEGMENT_HEADER_BYTES,
         };
-        self.start_spare();
         Ok(())
     }
 
@@ -528,6 +535,7 @@ impl Committer {
             }
             self.write_and_sync(&buffer, self.active.write_offset)?;
             self.active.write_offset += buffer.len() as u64;
+            self.start_spare_if_due();
             for tip in &remaining[..count] {
                 self.tip_segments
                     .insert(tip.channel.clone(), self.active.number);
