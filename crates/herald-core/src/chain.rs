@@ -24,7 +24,16 @@ impl ChainHash {
 
     /// The chain value after appending a message.
     pub fn next(&self, serial: Serial, id: &MessageId, data: &Data) -> ChainHash {
-        let data_digest = blake3::hash(data.bytes());
+        self.next_with_digest(serial, id, &blake3::hash(data.bytes()))
+    }
+
+    /// [`ChainHash::next`] with the BLAKE3 digest of the data already computed.
+    pub fn next_with_digest(
+        &self,
+        serial: Serial,
+        id: &MessageId,
+        data_digest: &blake3::Hash,
+    ) -> ChainHash {
         let mut hasher = blake3::Hasher::new();
         hasher.update(&self.0);
         hasher.update(&serial.0.to_le_bytes());

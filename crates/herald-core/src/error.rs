@@ -201,7 +201,10 @@ mod tests {
             assert_eq!(cells[3] == "yes", code.retryable(), "retryable of {code}");
         }
         for code in ErrorCode::ALL {
-            assert!(listed.contains(code.as_str()), "docs/errors.md misses {code}");
+            assert!(
+                listed.contains(code.as_str()),
+                "docs/errors.md misses {code}"
+            );
         }
     }
 }

@@ -126,6 +126,18 @@ pub fn content_digest(
     data: &Data,
     ttl_ms: Option<u64>,
 ) -> ContentDigest {
+    content_digest_with(name, headers, data, &blake3::hash(data.bytes()), ttl_ms)
+}
+
+/// [`content_digest`] with the BLAKE3 digest of the data already computed (the chain needs the
+/// same digest, so the sequencer hashes each payload once).
+pub fn content_digest_with(
+    name: &Option<String>,
+    headers: &Headers,
+    data: &Data,
+    data_digest: &blake3::Hash,
+    ttl_ms: Option<u64>,
+) -> ContentDigest {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"herald:content:v1");
     match name {
@@ -146,8 +158,7 @@ pub fn content_digest(
         hasher.update(value.as_bytes());
     }
     hasher.update(&[data.kind_tag()]);
-    hasher.update(&(data.bytes().len() as u64).to_le_bytes());
-    hasher.update(data.bytes());
+    hasher.update(data_digest.as_bytes());
     match ttl_ms {
         Some(ttl) => hasher.update(&[1]).update(&ttl.to_le_bytes()),
         None => hasher.update(&[0]),

@@ -252,7 +252,14 @@ impl<L: Clone> ChannelStream<L> {
             if let Some(ttl) = new.ttl_ms {
                 policy.check_ttl(ttl).map_err(PlanRejection::Invalid)?;
             }
-            let content = new.content_digest();
+            let data_digest = blake3::hash(new.data.bytes());
+            let content = crate::message::content_digest_with(
+                &new.name,
+                &new.headers,
+                &new.data,
+                &data_digest,
+                new.ttl_ms,
+            );
             let earlier = in_batch.get(&new.id).copied().or_else(|| {
                 self.ids.get(&new.id).map(|serial| {
                     let entry = self.entry(*serial).expect("indexed id has an entry");
@@ -273,7 +280,7 @@ impl<L: Clone> ChannelStream<L> {
                 continue;
             }
             next_serial = next_serial.next();
-            chain = chain.next(next_serial, &new.id, &new.data);
+            chain = chain.next_with_digest(next_serial, &new.id, &data_digest);
             in_batch.insert(&new.id, (next_serial, content));
             decisions.push(Sequenced::New(Message {
                 channel: self.channel.clone(),
@@ -296,7 +303,8 @@ impl<L: Clone> ChannelStream<L> {
     /// # Panics
     /// If the message does not continue the stream: that is a bug in the caller.
     pub fn push(&mut self, message: &Message, locator: L) {
-        if let Err(problem) = self.push_checked(message, locator, true) {
+        // `plan` computed the chain value; recomputing it here would hash every payload again.
+        if let Err(problem) = self.push_checked(message, locator, false) {
             panic!("sequencing bug on {}: {problem}", self.channel);
         }
     }

@@ -19,7 +19,10 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-/// Why an append was refused. In every case nothing of the batch was stored.
+/// Why an append was refused. Nothing of the batch was acknowledged; for every variant except
+/// `Poisoned` nothing of it was stored. `Poisoned` from the group whose write or fsync failed
+/// means the outcome is unknown (the disk may have kept the whole batch, never part of it):
+/// a retry with the same ids after recovery settles it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppendError {

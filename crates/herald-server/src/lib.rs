@@ -63,6 +63,41 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(
+        "the data directory {0} is in use by another herald process (its lock file is held); \
+         stop that process or use another --data directory"
+    )]
+    DataDirInUse(PathBuf),
+}
+
+/// Name of the lock file that keeps two servers from writing one data directory.
+pub const DATA_DIR_LOCK_FILE: &str = "herald.lock";
+
+/// Takes an exclusive advisory lock on the data directory. The lock lives as long as the
+/// returned file and is released by the kernel even on `kill -9`.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    let path = data_dir.join(DATA_DIR_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServerError::Io {
+            what: "cannot open the lock file",
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(ServerError::DataDirInUse(data_dir.to_path_buf()))
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(ServerError::Io {
+            what: "cannot lock",
+            path,
+            source,
+        }),
+    }
 }
 
 /// The store and how to close it.
@@ -79,6 +114,8 @@ pub struct Server {
     store: StoreHandle,
     auth: Arc<auth::Authenticator>,
     admin_key: Option<AdminKey>,
+    /// Held for the server's lifetime; see [`lock_data_dir`].
+    _data_dir_lock: std::fs::File,
 }
 
 impl Server {
@@ -91,6 +128,7 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let mut api_keys = config.api_keys.clone();
         let mut admin_key = None;
         let admin_key_path = config.data_dir.join(auth::ADMIN_KEY_FILE);
@@ -132,6 +170,7 @@ impl Server {
             store,
             auth,
             admin_key,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
