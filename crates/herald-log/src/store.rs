@@ -37,6 +37,9 @@ pub enum AppendError {
     Poisoned(String),
     #[error("the store is closed")]
     Closed,
+    /// The store's bounded commit queue is full; nothing was queued.
+    #[error("the store's commit queue is full")]
+    Overloaded,
 }
 
 /// A pending append; resolves once the batch is durable (or refused).

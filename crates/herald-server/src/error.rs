@@ -78,9 +78,13 @@ impl From<AppendError> for ApiError {
             AppendError::Poisoned(reason) => Self::new(
                 ErrorCode::StorageFailed,
                 format!(
-                    "storage failed ({reason}); nothing was stored and no writes are accepted \
-                     until the server restarts"
+                    "storage failed ({reason}); this publish was not acknowledged and no writes \
+                     are accepted until the server restarts; retry then with the same ids"
                 ),
+            ),
+            AppendError::Overloaded => Self::new(
+                ErrorCode::Unavailable,
+                "the log's commit queue is full; nothing was stored, retry with backoff",
             ),
             AppendError::Closed => Self::new(
                 ErrorCode::Unavailable,

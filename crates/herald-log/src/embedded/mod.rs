@@ -371,9 +371,14 @@ impl LogStore for EmbeddedLog {
             bound_bytes,
             reply,
         };
-        match self.sender.send(command) {
+        // Never block the caller (an async worker thread): a full queue is an explicit,
+        // retryable refusal.
+        match self.sender.try_send(command) {
             Ok(()) => ticket,
-            Err(_) => AppendTicket::ready(Err(AppendError::Closed)),
+            Err(mpsc::TrySendError::Full(_)) => AppendTicket::ready(Err(AppendError::Overloaded)),
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                AppendTicket::ready(Err(AppendError::Closed))
+            }
         }
     }
 
