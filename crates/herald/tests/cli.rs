@@ -338,3 +338,57 @@ fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    let data = tempfile::tempdir().unwrap();
+    let first = Served::start(data.path(), &["--dev"]);
+    let mut second = herald()
+        .arg("serve")
+        .arg("--data")
+        .arg(data.path())
+        .args(["--http", "127.0.0.1:0", "--dev"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn second herald serve");
+    // Without the lock the second server would run; give it a bounded time to refuse.
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second server on the same data dir kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "second server must fail to start: {stderr}"
+    );
+    assert!(
+        stderr.contains("in use by another herald process"),
+        "{stderr}"
+    );
+    // The first server is unaffected and still accepts publishes.
+    let (code, stdout, stderr) = run(herald().args([
+        "publish",
+        "--url",
+        &first.url,
+        "lock:check",
+        "1",
+        "--id",
+        "after-refusal",
+    ]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let status = first.terminate();
+    assert!(status.success());
+    // Once the first server is gone, the lock is free again.
+    let again = Served::start(data.path(), &["--dev"]);
+    drop(again);
+}
