@@ -4,9 +4,17 @@
 //! # What it measures
 //!
 //! - **Publish phases**, one per `--publishers N`: N closed-loop publishers (tokio tasks sharing
-//!   one keep-alive connection pool), each sending one message and waiting for its ack before the
-//!   next. Every id is unique (`bench-<run>-<publisher>-<n>`), so each ack is a fresh durable
-//!   append. The first `--warmup` of a phase is not measured.
+//!   one keep-alive connection pool), each sending one request and waiting for its ack before the
+//!   next. A request carries one message, or `--batch-size B` messages as one batch
+//!   (`{"messages":[...]}`); throughput counts messages, latency is per request. Every id is
+//!   unique (`bench-<run>-<publisher>-<n>`), so each ack is a fresh durable append. The first
+//!   `--warmup` of a phase is not measured.
+//! - **Log phases**, one per `--publishers N` (unless `--no-log` or `--raw-only`): N tokio tasks
+//!   in this process appending one message at a time, closed loop, to a fresh
+//!   [`EmbeddedLog`] in a temporary directory under `--raw-dir`. This is the durable-append rate
+//!   of the log with no HTTP in the way; with the publish and raw rows it shows which layer sets
+//!   the limit. The mean group size (messages per write+fdatasync) comes from
+//!   [`EmbeddedLog::stats`].
 //! - **Raw phases**, one per `--raw-batches B`: `B` 256-byte records written with one positioned
 //!   write and one `fdatasync` per batch into a preallocated, zero-filled, synced file under
 //!   `--raw-dir`. This is the best a single committer doing group commit can do on that disk, so
@@ -16,8 +24,11 @@
 //! - **HTTP round trip**: closed-loop `GET /health` from one client, the floor under every ack
 //!   that no storage work can lower; it tells how much of (b) is HTTP rather than the log.
 //!
-//! Raw phases run first in each run, then the round trip, then the publish phases, so each run
-//! measures disk and server close together in time; `--runs K` reports per-figure medians.
+//! Raw phases run first in each run, then the log phases, then the round trip, then the publish
+//! phases, so each run measures disk, log and server close together in time; `--runs K` reports
+//! per-figure medians. Two more ratios are reported beside the targets, without a goal: log
+//! appends/s at the largest N over raw records/s at the largest batch, and log ack p50 at 1
+//! appender over raw p50 at batch 1.
 //!
 //! # Invariants
 //!
@@ -25,7 +36,7 @@
 //!   vectors (the only per-operation state) are bounded too.
 //! - Any publish error (transport or HTTP) is counted by code and makes the command fail after
 //!   the report is printed; a benchmark that hid errors would overstate throughput.
-//! - The raw file is removed on every exit path (a guard with `Drop`).
+//! - The raw file and the log directory are removed on every exit path (guards with `Drop`).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -36,7 +47,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use herald_core::{ChannelName, Data, Headers, MessageId, NewMessage, Policies};
+use herald_log::{AppendError, EmbeddedLog, EmbeddedOptions, EmbeddedStats, LogStore, SystemClock};
 use serde_json::{Value, json};
 
 /// Size of one raw record, the size of a small message record in the embedded log.
@@ -51,6 +65,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const PUBLISHERS_MAX: usize = 4096;
 /// Upper bound on the raw batch size (records per write+fdatasync).
 const RAW_BATCH_MAX: usize = 4096;
+/// Upper bound on the messages of one publish request: the server's default
+/// `limits.batch_messages_max`.
+const BATCH_SIZE_MAX: usize = 100;
 
 /// Arguments of `herald bench publish`.
 #[derive(clap::Args, Debug)]
@@ -111,7 +128,20 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200_000)]
     pub raw_max_batches: u64,
 
-    /// Only measure the disk, not the server.
+    /// Messages per publish request (1 sends a single message; more send a batch).
+    #[arg(long, default_value_t = 1, value_parser = parse_batch_size)]
+    pub batch_size: usize,
+
+    /// Maximum appends per in-process log phase (warm-up included); the phase ends at whichever
+    /// of this and --raw-duration comes first.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub log_max_appends: u64,
+
+    /// Skip the in-process log phases.
+    #[arg(long)]
+    pub no_log: bool,
+
+    /// Only measure the disk, not the server (nor the log).
     #[arg(long, conflicts_with = "no_raw")]
     pub raw_only: bool,
 
@@ -134,6 +164,10 @@ fn parse_publishers(text: &str) -> Result<usize, String> {
 
 fn parse_raw_batch(text: &str) -> Result<usize, String> {
     parse_count(text, RAW_BATCH_MAX)
+}
+
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    parse_count(text, BATCH_SIZE_MAX)
 }
 
 /// One element of a comma-separated count list: an integer in `1..=max`.
@@ -162,6 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let invocation = invocation_tag();
     let measure_server = !args.raw_only;
     let measure_disk = !args.no_raw;
+    let measure_the_log = !args.raw_only && !args.no_log;
 
     let client = if measure_server {
         let client = build_client(&args, key.as_deref())?;
@@ -173,6 +208,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut publish_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
     let mut raw_runs: BTreeMap<usize, Vec<PhaseResult>> = BTreeMap::new();
+    let mut log_runs: BTreeMap<usize, Vec<LogResult>> = BTreeMap::new();
     let mut round_trip_runs: Vec<PhaseResult> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
 
@@ -196,6 +232,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     result.summary("records")
                 );
                 raw_runs.entry(batch_records).or_default().push(result);
+            }
+        }
+        if measure_the_log {
+            for &appenders in &args.publishers {
+                let config = LogConfig {
+                    parent_dir: raw_dir.clone(),
+                    run_tag: format!("{invocation}r{run_index}n{appenders}"),
+                    appenders,
+                    warmup: args.warmup,
+                    duration: args.raw_duration,
+                    appends_max: args.log_max_appends,
+                    channels: args.channels,
+                    channel_prefix: args.channel_prefix.clone(),
+                    data_json: Bytes::from(payload(args.message_bytes).to_string()),
+                };
+                let outcome = measure_log(config).await?;
+                for (code, count) in &outcome.errors {
+                    *errors.entry(format!("log_{code}")).or_default() += count;
+                }
+                eprintln!(
+                    "run {}/{}  log appenders {appenders:>4}: {}  group {}{}",
+                    run_index + 1,
+                    args.runs,
+                    outcome.result.result.summary("appends"),
+                    format_group(outcome.result.mean_group_messages),
+                    format_errors(&outcome.errors)
+                );
+                log_runs.entry(appenders).or_default().push(outcome.result);
             }
         }
         if let Some(client) = &client {
@@ -223,6 +287,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     url: args.url.clone(),
                     run_tag: format!("{invocation}r{run_index}n{publishers}"),
                     publishers,
+                    batch_size: args.batch_size,
                     warmup: args.warmup,
                     duration: args.duration,
                     messages_max: args.max_messages,
@@ -235,10 +300,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                     *errors.entry(code.clone()).or_default() += count;
                 }
                 eprintln!(
-                    "run {}/{}  publishers {publishers:>4}: {}{}",
+                    "run {}/{}  {}: {}  {:.0} reqs/s{}",
                     run_index + 1,
                     args.runs,
+                    publish_label(publishers, args.batch_size),
                     outcome.result.summary("msgs"),
+                    outcome.result.per_second / args.batch_size as f64,
                     format_errors(&outcome.errors)
                 );
                 publish_runs
@@ -253,6 +320,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         publish: publish_runs
             .iter()
             .map(|(&n, runs)| (n, PhaseResult::median(runs)))
+            .collect(),
+        batch_size: args.batch_size,
+        log: log_runs
+            .iter()
+            .map(|(&n, runs)| (n, LogResult::median(runs)))
             .collect(),
         raw: raw_runs
             .iter()
@@ -269,7 +341,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if !report.errors.is_empty() {
         let total: u64 = report.errors.values().sum();
-        bail!("{total} publishes failed:{}", format_errors(&report.errors));
+        bail!(
+            "{total} operations failed:{}",
+            format_errors(&report.errors)
+        );
     }
     Ok(())
 }
@@ -328,6 +403,21 @@ fn payload(bytes: usize) -> Value {
     // `{"pad":""}` is 10 bytes of framing around the padding.
     let pad_bytes = bytes.saturating_sub(10);
     json!({ "pad": "x".repeat(pad_bytes) })
+}
+
+/// The label of a publish phase's row: the batch size shows only when requests carry a batch.
+fn publish_label(publishers: usize, batch_size: usize) -> String {
+    if batch_size == 1 {
+        format!("publishers {publishers}")
+    } else {
+        format!("publishers {publishers} batch {batch_size}")
+    }
+}
+
+fn format_group(mean_group_messages: Option<f64>) -> String {
+    mean_group_messages
+        .map(|messages| format!("{messages:.1} msgs"))
+        .unwrap_or_else(|| "-".to_owned())
 }
 
 fn format_errors(errors: &BTreeMap<String, u64>) -> String {
@@ -450,6 +540,8 @@ struct PublishConfig {
     url: String,
     run_tag: String,
     publishers: usize,
+    /// Messages per request; 1 sends the single-message form.
+    batch_size: usize,
     warmup: Duration,
     duration: Duration,
     messages_max: u64,
@@ -518,8 +610,10 @@ async fn measure_publish(client: &reqwest::Client, config: PublishConfig) -> Pub
     let seconds = last_ack
         .map(|last| last.saturating_duration_since(measured_from).as_secs_f64())
         .unwrap_or(0.0);
+    // One latency per acked request, and every acked request carried a full batch.
+    let messages = latencies_us.len() as u64 * config.batch_size as u64;
     PublishOutcome {
-        result: PhaseResult::from_samples(latencies_us.len() as u64, seconds, latencies_us),
+        result: PhaseResult::from_samples(messages, seconds, latencies_us),
         errors,
     }
 }
@@ -535,9 +629,10 @@ async fn run_publisher(
     let base = config.url.trim_end_matches('/');
     let mut tally = PublisherTally::default();
     let mut consecutive_errors = 0u32;
+    let batch_size = config.batch_size as u64;
     for sequence in 0u64.. {
         if Instant::now() >= deadline
-            || issued.fetch_add(1, Ordering::Relaxed) >= config.messages_max
+            || issued.fetch_add(batch_size, Ordering::Relaxed) >= config.messages_max
         {
             break;
         }
@@ -546,9 +641,15 @@ async fn run_publisher(
             "{base}/v1/channels/{}:{channel_index}/messages",
             config.channel_prefix
         );
-        let body = message_body(&config.run_tag, publisher, sequence, &config.payload_json);
+        let body = publish_body(
+            &config.run_tag,
+            publisher,
+            sequence,
+            config.batch_size,
+            &config.payload_json,
+        );
         let sent = Instant::now();
-        match publish_once(client, &url, body).await {
+        match publish_once(client, &url, body, config.batch_size).await {
             Ok(()) => {
                 consecutive_errors = 0;
                 if sent >= measured_from {
@@ -573,6 +674,32 @@ async fn run_publisher(
 /// measurement.
 fn message_body(run_tag: &str, publisher: usize, sequence: u64, payload_json: &str) -> String {
     format!(r#"{{"id":"bench-{run_tag}-{publisher}-{sequence}","data":{payload_json}}}"#)
+}
+
+/// The JSON body of the `request`-th publish of a publisher: the single-message form for a batch
+/// size of 1 (ids `bench-<run>-<publisher>-<request>`), else `{"messages":[...]}` whose message
+/// `k` is numbered `request * batch_size + k`, so ids stay unique per message.
+fn publish_body(
+    run_tag: &str,
+    publisher: usize,
+    request: u64,
+    batch_size: usize,
+    payload_json: &str,
+) -> String {
+    if batch_size == 1 {
+        return message_body(run_tag, publisher, request, payload_json);
+    }
+    let first = request * batch_size as u64;
+    let mut body = String::with_capacity(16 + batch_size * (payload_json.len() + 64));
+    body.push_str(r#"{"messages":["#);
+    for sequence in first..first + batch_size as u64 {
+        if sequence > first {
+            body.push(',');
+        }
+        body.push_str(&message_body(run_tag, publisher, sequence, payload_json));
+    }
+    body.push_str("]}");
+    body
 }
 
 /// Closed-loop `GET /health` from one client for `duration` (after `warmup`), at most
@@ -631,8 +758,13 @@ async fn measure_round_trip(
     }
 }
 
-/// One publish; `Err` carries the error code to count.
-async fn publish_once(client: &reqwest::Client, url: &str, body: String) -> Result<(), String> {
+/// One publish of `batch_size` messages; `Err` carries the error code to count.
+async fn publish_once(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+    batch_size: usize,
+) -> Result<(), String> {
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -652,12 +784,29 @@ async fn publish_once(client: &reqwest::Client, url: &str, body: String) -> Resu
         return Err(error_code(status.as_u16(), &bytes));
     }
     let ack: Value = serde_json::from_slice(&bytes).map_err(|_| "bad_ack".to_owned())?;
-    // Ids are unique per invocation: a duplicate would mean no new durable append was measured.
-    match ack.get("duplicate").and_then(Value::as_bool) {
-        Some(false) => Ok(()),
-        Some(true) => Err("unexpected_duplicate".to_owned()),
-        None => Err("bad_ack".to_owned()),
+    check_ack(&ack, batch_size)
+}
+
+/// Checks the ack of a publish of `batch_size` messages: one ack per message (a batch is answered
+/// `{"results":[...]}`), none of them a duplicate. Ids are unique per invocation, so a duplicate
+/// would mean no new durable append was measured.
+fn check_ack(ack: &Value, batch_size: usize) -> Result<(), String> {
+    let acks: Vec<&Value> = if batch_size == 1 {
+        vec![ack]
+    } else {
+        match ack.get("results").and_then(Value::as_array) {
+            Some(results) if results.len() == batch_size => results.iter().collect(),
+            _ => return Err("bad_ack".to_owned()),
+        }
+    };
+    for ack in acks {
+        match ack.get("duplicate").and_then(Value::as_bool) {
+            Some(false) => {}
+            Some(true) => return Err("unexpected_duplicate".to_owned()),
+            None => return Err("bad_ack".to_owned()),
+        }
     }
+    Ok(())
 }
 
 /// The stable code of a Herald error body, or `http_<status>` when the body is not one.
@@ -666,6 +815,237 @@ fn error_code(status: u16, body: &[u8]) -> String {
         .ok()
         .and_then(|value| value["error"]["code"].as_str().map(str::to_owned))
         .unwrap_or_else(|| format!("http_{status}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process log phase
+
+struct LogConfig {
+    /// The log directory is created inside this one (the raw phase's directory: same disk).
+    parent_dir: PathBuf,
+    run_tag: String,
+    appenders: usize,
+    warmup: Duration,
+    duration: Duration,
+    appends_max: u64,
+    channels: usize,
+    channel_prefix: String,
+    /// The compact JSON text of every message's data.
+    data_json: Bytes,
+}
+
+/// A log phase's figures: appends (one message each) and the group commit they got.
+#[derive(Clone, Debug, PartialEq)]
+struct LogResult {
+    result: PhaseResult,
+    /// Messages per group write (write + fdatasync) in the measured window; `None` when no group
+    /// was written in it.
+    mean_group_messages: Option<f64>,
+}
+
+impl LogResult {
+    fn median(runs: &[LogResult]) -> LogResult {
+        let results: Vec<PhaseResult> = runs.iter().map(|run| run.result.clone()).collect();
+        let groups: Vec<f64> = runs
+            .iter()
+            .filter_map(|run| run.mean_group_messages)
+            .collect();
+        LogResult {
+            result: PhaseResult::median(&results),
+            mean_group_messages: median(&groups),
+        }
+    }
+}
+
+struct LogOutcome {
+    result: LogResult,
+    /// Refused appends by code.
+    errors: BTreeMap<String, u64>,
+}
+
+/// Removes the log directory however the phase ends.
+struct RemoveDirOnDrop(PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Mean messages per group between two snapshots of the committer's counters.
+fn mean_group_messages(before: EmbeddedStats, after: EmbeddedStats) -> Option<f64> {
+    let groups = after.groups.saturating_sub(before.groups);
+    let messages = after.messages.saturating_sub(before.messages);
+    (groups > 0).then(|| messages as f64 / groups as f64)
+}
+
+/// Opens a fresh [`EmbeddedLog`] in a temporary directory under `parent_dir`, runs
+/// `appenders` closed-loop appenders against it, closes it and removes the directory.
+async fn measure_log(config: LogConfig) -> anyhow::Result<LogOutcome> {
+    let dir = config.parent_dir.join(format!(
+        ".herald-bench-log-{}-{}",
+        std::process::id(),
+        config.run_tag
+    ));
+    std::fs::create_dir(&dir)
+        .with_context(|| format!("creating log bench directory {}", dir.display()))?;
+    // Declared before the log so that it drops after it: the log is closed before the removal.
+    let _remove = RemoveDirOnDrop(dir.clone());
+    let channels: Vec<ChannelName> = (0..config.channels)
+        .map(|index| ChannelName::parse(&format!("{}:{index}", config.channel_prefix)))
+        .collect::<Result<_, _>>()
+        .map_err(|error| anyhow!("bad --channel-prefix: {}", error.message))?;
+    let open_dir = dir.clone();
+    let log = tokio::task::spawn_blocking(move || {
+        EmbeddedLog::open(
+            &open_dir,
+            EmbeddedOptions::default(),
+            Policies::default(),
+            Arc::new(SystemClock),
+        )
+    })
+    .await
+    .context("opening the bench log panicked")?
+    .with_context(|| format!("opening a log in {}", dir.display()))?;
+    let log = Arc::new(log);
+
+    let config = Arc::new(config);
+    let channels = Arc::new(channels);
+    let started = tokio::time::Instant::now();
+    let measured_from = started + config.warmup;
+    let deadline = measured_from + config.duration;
+    // Shared so that the count bound holds for the whole phase, not per appender.
+    let issued = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for appender in 0..config.appenders {
+        let log = Arc::clone(&log);
+        let config = Arc::clone(&config);
+        let channels = Arc::clone(&channels);
+        let issued = Arc::clone(&issued);
+        tasks.spawn(async move {
+            run_appender(
+                &log,
+                &config,
+                &channels,
+                appender,
+                measured_from.into_std(),
+                deadline.into_std(),
+                &issued,
+            )
+            .await
+        });
+    }
+    // The committer's counters at the start of the measured window (at the end of the phase if
+    // it ended sooner, which leaves no group to average).
+    tokio::time::sleep_until(measured_from).await;
+    let stats_before = log.stats();
+
+    let mut latencies_us = Vec::new();
+    let mut last_ack: Option<Instant> = None;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(tally) => {
+                latencies_us.extend(tally.latencies_us);
+                last_ack = last_ack.max(tally.last_ack);
+                for (code, count) in tally.errors {
+                    *errors.entry(code).or_default() += count;
+                }
+            }
+            Err(_) => *errors.entry("appender_panicked".to_owned()).or_default() += 1,
+        }
+    }
+    let stats_after = log.stats();
+    // Closing joins the committer thread: keep it off the async workers.
+    let closing = Arc::clone(&log);
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .context("closing the bench log panicked")?;
+    drop(log);
+
+    let seconds = last_ack
+        .map(|last| {
+            last.saturating_duration_since(measured_from.into_std())
+                .as_secs_f64()
+        })
+        .unwrap_or(0.0);
+    Ok(LogOutcome {
+        result: LogResult {
+            result: PhaseResult::from_samples(latencies_us.len() as u64, seconds, latencies_us),
+            mean_group_messages: mean_group_messages(stats_before, stats_after),
+        },
+        errors,
+    })
+}
+
+async fn run_appender(
+    log: &EmbeddedLog,
+    config: &LogConfig,
+    channels: &[ChannelName],
+    appender: usize,
+    measured_from: Instant,
+    deadline: Instant,
+    issued: &AtomicU64,
+) -> PublisherTally {
+    let mut tally = PublisherTally::default();
+    let mut consecutive_errors = 0u32;
+    for sequence in 0u64.. {
+        if Instant::now() >= deadline
+            || issued.fetch_add(1, Ordering::Relaxed) >= config.appends_max
+        {
+            break;
+        }
+        let channel = channels[(appender as u64 + sequence) as usize % channels.len()].clone();
+        let id = match MessageId::parse(&format!("bench-{}-{appender}-{sequence}", config.run_tag))
+        {
+            Ok(id) => id,
+            Err(_) => {
+                *tally.errors.entry("invalid_id".to_owned()).or_default() += 1;
+                break;
+            }
+        };
+        let message = NewMessage {
+            id,
+            name: None,
+            headers: Headers::new(),
+            data: Data::Json(config.data_json.clone()),
+            ttl_ms: None,
+        };
+        let sent = Instant::now();
+        let outcome = match log.append(channel, vec![message]).await {
+            Ok(appended) if appended.iter().all(|ack| !ack.duplicate) => Ok(()),
+            Ok(_) => Err("unexpected_duplicate".to_owned()),
+            Err(error) => Err(append_error_code(&error).to_owned()),
+        };
+        match outcome {
+            Ok(()) => {
+                consecutive_errors = 0;
+                if sent >= measured_from {
+                    tally.latencies_us.push(elapsed_us(sent));
+                    tally.last_ack = Some(Instant::now());
+                }
+            }
+            Err(code) => {
+                *tally.errors.entry(code).or_default() += 1;
+                consecutive_errors += 1;
+                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
+                    break;
+                }
+            }
+        }
+    }
+    tally
+}
+
+fn append_error_code(error: &AppendError) -> &'static str {
+    match error {
+        AppendError::IdConflict { .. } => "id_conflict",
+        AppendError::Invalid(input) => input.code.as_str(),
+        AppendError::Poisoned(_) => "poisoned",
+        AppendError::Closed => "closed",
+        AppendError::Overloaded => "overloaded",
+        _ => "append_failed",
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,7 +1136,12 @@ fn preallocate(path: &Path) -> anyhow::Result<File> {
 // Report
 
 struct Report {
+    /// By publisher count; operations are messages, latencies are per request.
     publish: BTreeMap<usize, PhaseResult>,
+    /// Messages per publish request.
+    batch_size: usize,
+    /// In-process log appends by appender count.
+    log: BTreeMap<usize, LogResult>,
     raw: BTreeMap<usize, PhaseResult>,
     /// `GET /health` from one client: the HTTP floor under every ack, with no storage in it.
     round_trip: Option<PhaseResult>,
@@ -772,7 +1157,73 @@ struct Target {
     met: bool,
 }
 
+/// A ratio reported for insight, with no target: where the log stands against the disk.
+struct Ratio {
+    name: &'static str,
+    description: String,
+    value: f64,
+    /// Shown as a percentage (a throughput share) rather than a factor (a latency multiple).
+    percent: bool,
+}
+
 impl Report {
+    fn ratios(&self) -> Vec<Ratio> {
+        let mut ratios = Vec::new();
+        if let (Some((&appenders, log)), Some((&batch, raw))) =
+            (self.log.last_key_value(), self.raw.last_key_value())
+            && raw.per_second > 0.0
+        {
+            ratios.push(Ratio {
+                name: "log_throughput",
+                description: format!(
+                    "log appends/s at {appenders} appenders / raw records/s at batch {batch}"
+                ),
+                value: log.result.per_second / raw.per_second,
+                percent: true,
+            });
+        }
+        if let (Some(log), Some(raw)) = (self.log.get(&1), self.raw.get(&1))
+            && raw.p50_us > 0
+        {
+            ratios.push(Ratio {
+                name: "log_latency",
+                description: "log ack p50 at 1 appender / raw write+fdatasync p50 at batch 1"
+                    .to_owned(),
+                value: log.result.p50_us as f64 / raw.p50_us as f64,
+                percent: false,
+            });
+        }
+        ratios
+    }
+
+    /// Rows of the table, top to bottom from the HTTP publish down to the bare disk: label,
+    /// figures, and a note (requests/s of batched publishes, mean group size of the log).
+    fn rows(&self) -> Vec<(String, &PhaseResult, String)> {
+        let mut rows = Vec::new();
+        for (&publishers, result) in &self.publish {
+            let note = if self.batch_size == 1 {
+                String::new()
+            } else {
+                format!("{:.0} reqs/s", result.per_second / self.batch_size as f64)
+            };
+            rows.push((publish_label(publishers, self.batch_size), result, note));
+        }
+        for (&appenders, log) in &self.log {
+            rows.push((
+                format!("log appenders {appenders}"),
+                &log.result,
+                format!("group {}", format_group(log.mean_group_messages)),
+            ));
+        }
+        if let Some(result) = &self.round_trip {
+            rows.push(("http round trip".to_owned(), result, String::new()));
+        }
+        for (&batch, result) in &self.raw {
+            rows.push((format!("raw batch {batch}"), result, String::new()));
+        }
+        rows
+    }
+
     fn targets(&self) -> Vec<Target> {
         let mut targets = Vec::new();
         if let (Some((&publishers, publish)), Some((&batch, raw))) =
@@ -807,35 +1258,25 @@ impl Report {
     fn to_table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "\nmedians of {} run(s)\n{:<18} {:>12} {:>11} {:>11} {:>11}\n",
+            "\nmedians of {} run(s)\n{:<24} {:>12} {:>11} {:>11} {:>11}\n",
             self.runs, "phase", "per second", "p50", "p99", "max"
         ));
-        let rows = self
-            .publish
-            .iter()
-            .map(|(n, result)| (format!("publishers {n}"), result))
-            .chain(
-                self.round_trip
-                    .iter()
-                    .map(|result| ("http round trip".to_owned(), result)),
-            )
-            .chain(
-                self.raw
-                    .iter()
-                    .map(|(n, result)| (format!("raw batch {n}"), result)),
-            );
-        for (label, result) in rows {
-            out.push_str(&format!(
-                "{label:<18} {:>12.0} {:>11} {:>11} {:>11}\n",
+        for (label, result, note) in self.rows() {
+            let line = format!(
+                "{label:<24} {:>12.0} {:>11} {:>11} {:>11}  {note}",
                 result.per_second,
                 format_us(result.p50_us),
                 format_us(result.p99_us),
                 format_us(result.max_us)
-            ));
+            );
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
         out.push_str(
-            "(publish latency: one ack; http round trip: GET /health from one client, no storage; \
-             raw latency: one write+fdatasync of a batch)\n",
+            "(publish: messages/s, latency of one request's ack; log: in-process EmbeddedLog appends of \
+             one\n message each, no HTTP, group = messages per write+fdatasync; http round trip: \
+             GET /health from one\n client, no storage; raw: records/s, latency of one \
+             write+fdatasync of a batch)\n",
         );
         for target in self.targets() {
             let (value, goal) = match target.name {
@@ -847,6 +1288,17 @@ impl Report {
                 target.name,
                 target.description,
                 if target.met { "MET" } else { "NOT MET" }
+            ));
+        }
+        for ratio in self.ratios() {
+            let value = if ratio.percent {
+                format!("{:.1}%", ratio.value * 100.0)
+            } else {
+                format!("{:.2}x", ratio.value)
+            };
+            out.push_str(&format!(
+                "ratio {}: {} = {value}\n",
+                ratio.name, ratio.description
             ));
         }
         if !self.errors.is_empty() {
@@ -877,12 +1329,43 @@ impl Report {
                 )
             })
             .collect();
+        let publish: serde_json::Map<String, Value> = self
+            .publish
+            .iter()
+            .map(|(n, result)| {
+                let mut phase = result.to_json();
+                phase["requests_per_second"] = json!(result.per_second / self.batch_size as f64);
+                (n.to_string(), phase)
+            })
+            .collect();
+        let log: serde_json::Map<String, Value> = self
+            .log
+            .iter()
+            .map(|(n, log)| {
+                let mut phase = log.result.to_json();
+                phase["mean_group_messages"] = json!(log.mean_group_messages);
+                (n.to_string(), phase)
+            })
+            .collect();
+        let ratios: serde_json::Map<String, Value> = self
+            .ratios()
+            .into_iter()
+            .map(|ratio| {
+                (
+                    ratio.name.to_owned(),
+                    json!({ "description": ratio.description, "value": ratio.value }),
+                )
+            })
+            .collect();
         json!({
             "runs": self.runs,
-            "publish": phases(&self.publish),
+            "batch_size": self.batch_size,
+            "publish": publish,
+            "log": log,
             "raw": phases(&self.raw),
             "http_round_trip": self.round_trip.as_ref().map(PhaseResult::to_json),
             "targets": targets,
+            "ratios": ratios,
             "errors": self.errors,
         })
     }
@@ -987,6 +1470,183 @@ mod tests {
     }
 
     #[test]
+    fn batch_body_carries_batch_size_messages_with_unique_ids() {
+        let payload_json = payload(64).to_string();
+        let single = publish_body("t", 3, 5, 1, &payload_json);
+        assert_eq!(single, message_body("t", 3, 5, &payload_json));
+
+        let bodies: Vec<Value> = (0..2)
+            .map(|request| {
+                serde_json::from_str(&publish_body("t", 3, request, 10, &payload_json))
+                    .expect("valid JSON")
+            })
+            .collect();
+        let mut ids = std::collections::BTreeSet::new();
+        for body in &bodies {
+            let messages = body["messages"].as_array().expect("a batch");
+            assert_eq!(messages.len(), 10);
+            for message in messages {
+                assert_eq!(message["data"], payload(64));
+                ids.insert(message["id"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(
+            ids.len(),
+            20,
+            "every message of every request has its own id"
+        );
+        assert_eq!(bodies[1]["messages"][0]["id"], "bench-t-3-10");
+        assert_eq!(bodies[1]["messages"][9]["id"], "bench-t-3-19");
+    }
+
+    #[test]
+    fn batch_body_is_accepted_by_the_protocol() {
+        let body = publish_body("t", 0, 0, 3, &payload(32).to_string());
+        let request = herald_protocol::publish::PublishRequest::from_json(body.as_bytes())
+            .expect("the server's publish body type parses it");
+        assert!(matches!(
+            request,
+            herald_protocol::publish::PublishRequest::Batch(messages) if messages.len() == 3
+        ));
+    }
+
+    #[test]
+    fn acks_are_checked_per_message() {
+        let ack = |duplicate: bool| json!({"id": "a", "serial": 1, "duplicate": duplicate});
+        assert_eq!(check_ack(&ack(false), 1), Ok(()));
+        assert_eq!(
+            check_ack(&ack(true), 1),
+            Err("unexpected_duplicate".to_owned())
+        );
+        let batch = json!({"results": [ack(false), ack(false)]});
+        assert_eq!(check_ack(&batch, 2), Ok(()));
+        assert_eq!(check_ack(&batch, 3), Err("bad_ack".to_owned()));
+        let one_duplicate = json!({"results": [ack(false), ack(true)]});
+        assert_eq!(
+            check_ack(&one_duplicate, 2),
+            Err("unexpected_duplicate".to_owned())
+        );
+        assert_eq!(check_ack(&ack(false), 2), Err("bad_ack".to_owned()));
+    }
+
+    #[test]
+    fn batch_size_parses_within_the_server_limit() {
+        assert_eq!(parse(&[]).unwrap().batch_size, 1);
+        assert_eq!(parse(&["--batch-size", "100"]).unwrap().batch_size, 100);
+        assert!(parse(&["--batch-size", "0"]).is_err());
+        assert!(parse(&["--batch-size", "101"]).is_err());
+        let args = parse(&["--no-log"]).unwrap();
+        assert!(args.no_log);
+    }
+
+    #[test]
+    fn rows_are_labelled_with_the_batch_size_and_group_size() {
+        assert_eq!(publish_label(256, 1), "publishers 256");
+        assert_eq!(publish_label(256, 10), "publishers 256 batch 10");
+        let result = |per_second: f64, p50_us: u64| PhaseResult {
+            operations: 1,
+            seconds: 1.0,
+            per_second,
+            p50_us,
+            p99_us: p50_us,
+            max_us: p50_us,
+        };
+        let report = Report {
+            publish: BTreeMap::from([(256, result(50_000.0, 9000))]),
+            batch_size: 10,
+            log: BTreeMap::from([
+                (
+                    1,
+                    LogResult {
+                        result: result(4000.0, 250),
+                        mean_group_messages: Some(1.0),
+                    },
+                ),
+                (
+                    256,
+                    LogResult {
+                        result: result(500_000.0, 500),
+                        mean_group_messages: Some(120.5),
+                    },
+                ),
+            ]),
+            raw: BTreeMap::from([(1, result(5000.0, 200)), (256, result(1_000_000.0, 250))]),
+            round_trip: None,
+            errors: BTreeMap::new(),
+            runs: 1,
+        };
+        let labels: Vec<String> = report.rows().into_iter().map(|row| row.0).collect();
+        assert_eq!(
+            labels,
+            [
+                "publishers 256 batch 10",
+                "log appenders 1",
+                "log appenders 256",
+                "raw batch 1",
+                "raw batch 256"
+            ]
+        );
+        let table = report.to_table();
+        assert!(table.contains("5000 reqs/s"), "{table}");
+        assert!(table.contains("group 120.5 msgs"), "{table}");
+        let ratios = report.ratios();
+        assert_eq!(ratios.len(), 2);
+        assert!((ratios[0].value - 0.5).abs() < 1e-9, "log/raw throughput");
+        assert!((ratios[1].value - 1.25).abs() < 1e-9, "log/raw p50");
+        assert!(table.contains("ratio log_throughput") && table.contains("= 50.0%"));
+        assert!(table.contains("ratio log_latency") && table.contains("= 1.25x"));
+        let json = report.to_json();
+        assert_eq!(json["batch_size"], 10);
+        assert_eq!(json["publish"]["256"]["requests_per_second"], 5000.0);
+        assert_eq!(json["log"]["256"]["mean_group_messages"], 120.5);
+        assert_eq!(json["ratios"]["log_latency"]["value"], 1.25);
+    }
+
+    #[test]
+    fn mean_group_size_is_taken_between_snapshots() {
+        let stats = |groups: u64, messages: u64| EmbeddedStats {
+            groups,
+            messages,
+            ..EmbeddedStats::default()
+        };
+        assert_eq!(
+            mean_group_messages(stats(10, 10), stats(30, 410)),
+            Some(20.0)
+        );
+        assert_eq!(mean_group_messages(stats(5, 7), stats(5, 7)), None);
+    }
+
+    #[tokio::test]
+    async fn log_phase_appends_durably_and_removes_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let outcome = measure_log(LogConfig {
+            parent_dir: dir.path().to_owned(),
+            run_tag: "test".to_owned(),
+            appenders: 4,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(10),
+            appends_max: 40,
+            channels: 3,
+            channel_prefix: "bench".to_owned(),
+            data_json: Bytes::from(payload(256).to_string()),
+        })
+        .await
+        .unwrap();
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        assert_eq!(outcome.result.result.operations, 40);
+        assert!(outcome.result.result.p50_us > 0);
+        let group = outcome
+            .result
+            .mean_group_messages
+            .expect("groups were written");
+        assert!(
+            (1.0..=4.0).contains(&group),
+            "at most one append per appender per group"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn error_code_reads_herald_errors() {
         let body = br#"{"error":{"code":"rate_limited","message":"slow down","retryable":true}}"#;
         assert_eq!(error_code(429, body), "rate_limited");
@@ -1005,6 +1665,8 @@ mod tests {
         };
         let report = Report {
             publish: BTreeMap::from([(1, result(500.0, 1200)), (256, result(40_000.0, 6000))]),
+            batch_size: 1,
+            log: BTreeMap::new(),
             raw: BTreeMap::from([(1, result(1000.0, 1000)), (256, result(100_000.0, 2000))]),
             round_trip: Some(result(9000.0, 100)),
             errors: BTreeMap::new(),
