@@ -1,9 +1,11 @@
 //! Validated identifiers: channel names, namespaces, message ids and epochs.
 //!
 //! Each newtype can only be built through its `parse` constructor, so holding one is proof
-//! that the value passed validation.
+//! that the value passed validation. They hold `Arc<str>`: the same name or id is copied into
+//! messages, index entries and replies many times, and a clone is then a reference count.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::InvalidInput;
 
@@ -21,7 +23,7 @@ const CHANNEL_RESERVED_CHARS: &[char] = &['*', '>', '#', '+', '/', '?'];
 ///
 /// UTF-8, 1..=255 bytes, no whitespace or control characters, none of `* > # + / ?`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChannelName(String);
+pub struct ChannelName(Arc<str>);
 
 impl ChannelName {
     pub fn parse(name: &str) -> Result<Self, InvalidInput> {
@@ -49,7 +51,7 @@ impl ChannelName {
                 "channel name has an empty namespace or an empty part after ':'",
             ));
         }
-        Ok(Self(name.to_owned()))
+        Ok(Self(Arc::from(name)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -76,7 +78,7 @@ impl fmt::Debug for ChannelName {
 
 /// A message id (idempotency key): 1..=128 printable ASCII bytes (`!`..=`~`, no spaces).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MessageId(String);
+pub struct MessageId(Arc<str>);
 
 impl MessageId {
     pub fn parse(id: &str) -> Result<Self, InvalidInput> {
@@ -94,7 +96,7 @@ impl MessageId {
                 "message id must be printable ASCII without spaces",
             ));
         }
-        Ok(Self(id.to_owned()))
+        Ok(Self(Arc::from(id)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -116,7 +118,7 @@ impl fmt::Debug for MessageId {
 
 /// One incarnation of a channel's stream: `[A-Za-z0-9_-]{1,32}`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Epoch(String);
+pub struct Epoch(Arc<str>);
 
 impl Epoch {
     pub fn parse(epoch: &str) -> Result<Self, InvalidInput> {
@@ -126,7 +128,7 @@ impl Epoch {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if valid {
-            Ok(Self(epoch.to_owned()))
+            Ok(Self(Arc::from(epoch)))
         } else {
             Err(InvalidInput::position(format!(
                 "epoch {epoch:?} must match [A-Za-z0-9_-]{{1,32}}"

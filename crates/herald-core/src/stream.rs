@@ -39,8 +39,9 @@ pub struct StreamEntry<L> {
 /// What the sequencer decided for one message of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sequenced {
-    /// A new message with its assigned serial, time and chain.
-    New(Message),
+    /// A new message with its assigned serial, time and chain, and its content digest (kept
+    /// so that [`ChannelStream::push`] need not hash the payload again).
+    New(Message, ContentDigest),
     /// A retry of an already accepted message: the original position comes back.
     Duplicate { id: MessageId, serial: Serial },
 }
@@ -282,18 +283,21 @@ impl<L: Clone> ChannelStream<L> {
             next_serial = next_serial.next();
             chain = chain.next_with_digest(next_serial, &new.id, &data_digest);
             in_batch.insert(&new.id, (next_serial, content));
-            decisions.push(Sequenced::New(Message {
-                channel: self.channel.clone(),
-                epoch: self.epoch.clone(),
-                serial: next_serial,
-                id: new.id.clone(),
-                time,
-                name: new.name.clone(),
-                headers: new.headers.clone(),
-                data: new.data.clone(),
-                ttl_ms: new.ttl_ms,
-                chain,
-            }));
+            decisions.push(Sequenced::New(
+                Message {
+                    channel: self.channel.clone(),
+                    epoch: self.epoch.clone(),
+                    serial: next_serial,
+                    id: new.id.clone(),
+                    time,
+                    name: new.name.clone(),
+                    headers: new.headers.clone(),
+                    data: new.data.clone(),
+                    ttl_ms: new.ttl_ms,
+                    chain,
+                },
+                content,
+            ));
         }
         Ok(decisions)
     }
@@ -302,9 +306,10 @@ impl<L: Clone> ChannelStream<L> {
     ///
     /// # Panics
     /// If the message does not continue the stream: that is a bug in the caller.
-    pub fn push(&mut self, message: &Message, locator: L) {
-        // `plan` computed the chain value; recomputing it here would hash every payload again.
-        if let Err(problem) = self.push_checked(message, locator, false) {
+    pub fn push(&mut self, message: &Message, content: ContentDigest, locator: L) {
+        // `plan` computed the chain value and the content digest; recomputing them here would
+        // hash every payload again.
+        if let Err(problem) = self.push_checked(message, Some(content), locator, false) {
             panic!("sequencing bug on {}: {problem}", self.channel);
         }
     }
@@ -318,7 +323,7 @@ impl<L: Clone> ChannelStream<L> {
         locator: L,
         verify_chain: bool,
     ) -> Result<(), String> {
-        self.push_checked(message, locator, verify_chain)?;
+        self.push_checked(message, None, locator, verify_chain)?;
         self.durable_top = self.assigned_top;
         Ok(())
     }
@@ -326,6 +331,7 @@ impl<L: Clone> ChannelStream<L> {
     fn push_checked(
         &mut self,
         message: &Message,
+        content: Option<ContentDigest>,
         locator: L,
         verify_chain: bool,
     ) -> Result<(), String> {
@@ -364,7 +370,7 @@ impl<L: Clone> ChannelStream<L> {
         self.entries.push_back(StreamEntry {
             locator,
             id: message.id.clone(),
-            content: message.content_digest(),
+            content: content.unwrap_or_else(|| message.content_digest()),
             time: message.time,
             expires_at: message.expires_at(),
             size_bytes,
@@ -760,8 +766,8 @@ mod tests {
 
     fn push_new(stream: &mut Stream, planned: &[Sequenced]) {
         for decision in planned {
-            if let Sequenced::New(message) = decision {
-                stream.push(message, message.serial.0);
+            if let Sequenced::New(message, content) = decision {
+                stream.push(message, *content, message.serial.0);
             }
         }
     }
@@ -783,7 +789,7 @@ mod tests {
         planned
             .iter()
             .filter_map(|decision| match decision {
-                Sequenced::New(message) => Some(message.serial.0),
+                Sequenced::New(message, _) => Some(message.serial.0),
                 Sequenced::Duplicate { .. } => None,
             })
             .collect()
@@ -819,7 +825,7 @@ mod tests {
         let planned = commit(&mut stream, &batch, &policy(), T0).unwrap();
         let mut chain = ChainHash::genesis(&epoch());
         for (index, decision) in planned.iter().enumerate() {
-            let Sequenced::New(message) = decision else {
+            let Sequenced::New(message, _) = decision else {
                 panic!("{decision:?} should be new");
             };
             let serial = Serial(index as u64 + 1);
@@ -838,13 +844,13 @@ mod tests {
         let mut stream = stream();
         commit(&mut stream, &[message("a", "1")], &policy(), T0).unwrap();
         let planned = commit(&mut stream, &[message("b", "2")], &policy(), Timestamp(5)).unwrap();
-        let Sequenced::New(second) = &planned[0] else {
+        let Sequenced::New(second, _) = &planned[0] else {
             panic!("new message expected");
         };
         assert_eq!(second.time, T0, "time stays at the latest time seen");
         let later = T0.plus_ms(10);
         let planned = commit(&mut stream, &[message("c", "3")], &policy(), later).unwrap();
-        let Sequenced::New(third) = &planned[0] else {
+        let Sequenced::New(third, _) = &planned[0] else {
             panic!("new message expected");
         };
         assert_eq!(third.time, later);
@@ -1325,7 +1331,7 @@ mod tests {
         let planned = stream
             .plan(&[message("m6", "6")], &policy(), Timestamp(0))
             .unwrap();
-        let Sequenced::New(next) = &planned[0] else {
+        let Sequenced::New(next, _) = &planned[0] else {
             panic!("new message expected");
         };
         assert_eq!(next.serial, Serial(6));
@@ -1391,7 +1397,7 @@ mod tests {
         let messages: Vec<Message> = planned
             .into_iter()
             .map(|decision| match decision {
-                Sequenced::New(message) => message,
+                Sequenced::New(message, _) => message,
                 Sequenced::Duplicate { .. } => panic!("no duplicates here"),
             })
             .collect();

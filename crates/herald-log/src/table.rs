@@ -108,8 +108,8 @@ impl<L: Clone> ChannelTable<L> {
         let mut new_messages = Vec::new();
         for decision in planned {
             match decision {
-                Sequenced::New(message) => {
-                    stream.push(&message, locate(&message));
+                Sequenced::New(message, content) => {
+                    stream.push(&message, content, locate(&message));
                     replies.push(Appended {
                         id: message.id.clone(),
                         position: message.position(),
