@@ -38,6 +38,9 @@ pub struct StreamEntry<L> {
 
 /// What the sequencer decided for one message of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// Lives only in one batch's Vec between plan and push; boxing the message would add an
+// allocation per message on the hot path.
+#[allow(clippy::large_enum_variant)]
 pub enum Sequenced {
     /// A new message with its assigned serial, time and chain, and its content digest (kept
     /// so that [`ChannelStream::push`] need not hash the payload again).
