@@ -3,7 +3,7 @@
 //! Appends are "durable" as soon as they are in the store's record image. The image is what
 //! survives [`MemoryStore::crash_and_recover`], which rebuilds every index from it through
 //! the same recovery steps as the embedded log. Faults can be injected with
-//! [`MemoryStore::fail_next_append`].
+//! [`MemoryStore::fail_next_append`] and [`MemoryStore::fail_after_appends`].
 
 use std::sync::{Arc, RwLock};
 
@@ -32,7 +32,8 @@ struct State {
     table: ChannelTable<Arc<Message>>,
     image: Vec<MemoryRecord>,
     poisoned: Option<String>,
-    fail_next_append: Option<String>,
+    /// Appends still accepted before an injected failure, and the failure's reason.
+    fail_after: Option<(u64, String)>,
 }
 
 impl MemoryStore {
@@ -62,7 +63,7 @@ impl MemoryStore {
                 table,
                 image,
                 poisoned: None,
-                fail_next_append: None,
+                fail_after: None,
             }),
             policies,
             clock,
@@ -77,7 +78,13 @@ impl MemoryStore {
 
     /// Makes the next append fail as a failed fsync would: the store is poisoned.
     pub fn fail_next_append(&self, reason: &str) {
-        self.write_state().fail_next_append = Some(reason.to_owned());
+        self.fail_after_appends(0, reason);
+    }
+
+    /// Accepts `appends` more appends, then fails every later one as a lost disk would: the
+    /// store is poisoned and only [`MemoryStore::crash_and_recover`] brings it back.
+    pub fn fail_after_appends(&self, appends: u64, reason: &str) {
+        self.write_state().fail_after = Some((appends, reason.to_owned()));
     }
 
     /// Drops messages that are out of retention (or expired) and past the dedupe window,
@@ -153,8 +160,10 @@ impl LogStore for MemoryStore {
     fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket {
         let now = self.clock.now();
         let mut state = self.write_state();
-        if let Some(reason) = state.fail_next_append.take() {
-            state.poisoned = Some(reason);
+        match state.fail_after.take() {
+            Some((0, reason)) => state.poisoned = Some(reason),
+            Some((remaining, reason)) => state.fail_after = Some((remaining - 1, reason)),
+            None => {}
         }
         if let Some(reason) = &state.poisoned {
             return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));

@@ -1,5 +1,7 @@
 //! Crash tests: the embedded log on [`SimFs`] loses power at a random moment under concurrent
-//! publish load, restarts, and must keep every promise it made.
+//! publish load, restarts, and must keep every promise it made. The same load and checks run
+//! against the memory store, whose "disk" is its record image and whose restart rebuilds every
+//! index from it.
 //!
 //! Per seed: several cycles of (open + recover, check, load with a power cut after a random
 //! number of filesystem operations, crash). The crash drops everything unsynced and may tear
@@ -24,7 +26,8 @@ use herald_core::{
     ReadFrom, Serial, Timestamp,
 };
 use herald_log::{
-    AppendError, Clock, EmbeddedLog, EmbeddedOptions, LogStore, ManualClock, ReadQuery, SimFs,
+    AppendError, Clock, EmbeddedLog, EmbeddedOptions, LogStore, ManualClock, MemoryStore,
+    ReadQuery, SimFs,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -82,7 +85,7 @@ fn new_batch(rng: &mut StdRng, tag: &str) -> Batch {
     Batch { channel, messages }
 }
 
-fn read_all(store: &EmbeddedLog, channel: &ChannelName) -> Vec<Message> {
+fn read_all(store: &dyn LogStore, channel: &ChannelName) -> Vec<Message> {
     let mut messages = Vec::new();
     let mut from = ReadFrom::Oldest;
     loop {
@@ -97,7 +100,7 @@ fn read_all(store: &EmbeddedLog, channel: &ChannelName) -> Vec<Message> {
     }
 }
 
-fn verify(store: &EmbeddedLog, ledger: &Ledger) {
+fn verify(store: &dyn LogStore, ledger: &Ledger) {
     let mut serial_of: BTreeMap<(ChannelName, MessageId), Serial> = BTreeMap::new();
     for name in CHANNELS {
         let channel = ChannelName::parse(name).unwrap();
@@ -169,7 +172,7 @@ fn verify(store: &EmbeddedLog, ledger: &Ledger) {
 
 /// One client's load: fresh batches, retries of unresolved ones, and re-sends of acknowledged
 /// ones (which must come back as duplicates at the same positions).
-fn client(store: &EmbeddedLog, ledger: &Mutex<Ledger>, seed: u64, cycle: u64, client: usize) {
+fn client(store: &dyn LogStore, ledger: &Mutex<Ledger>, seed: u64, cycle: u64, client: usize) {
     let mut rng = StdRng::seed_from_u64(seed ^ (cycle << 32) ^ (client as u64) << 48);
     for round in 0..BATCHES_PER_CLIENT {
         let mut resend = false;
@@ -278,6 +281,52 @@ fn run_seed(seed: u64) -> usize {
     ledger.acked.len()
 }
 
+/// The same load, crashes and checks on the memory store: power is "lost" after a random
+/// number of appends (every later append is refused), then the store restarts from its image.
+fn run_seed_memory(seed: u64) -> usize {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let clock = Arc::new(ManualClock::new(Timestamp(1_700_000_000_000)));
+    let ledger = Mutex::new(Ledger::default());
+    let mut store = MemoryStore::new(Policies::default(), clock.clone() as Arc<dyn Clock>);
+    for cycle in 0..CYCLES {
+        verify(&store, &ledger.lock().unwrap());
+        store.fail_after_appends(rng.random_range(1..=POWER_CUT_APPENDS_MAX), "power lost");
+        std::thread::scope(|scope| {
+            for index in 0..CLIENTS {
+                let (store, ledger) = (&store, &ledger);
+                scope.spawn(move || client(store, ledger, seed, cycle, index));
+            }
+        });
+        clock.advance_ms(1000);
+        store = store
+            .crash_and_recover()
+            .unwrap_or_else(|error| panic!("seed {seed}: recovery refused: {error}"));
+    }
+    let ledger = ledger.into_inner().unwrap();
+    verify(&store, &ledger);
+    ledger.acked.len()
+}
+
+/// The memory store's power cut lands within this many appends of the load starting.
+const POWER_CUT_APPENDS_MAX: u64 = 80;
+
+#[test]
+fn memory_store_keeps_acknowledged_messages_across_crashes() {
+    if let Ok(seed) = std::env::var("HERALD_CRASH_SEED") {
+        run_seed_memory(seed.parse().expect("HERALD_CRASH_SEED is a number"));
+        return;
+    }
+    let seeds: u64 = std::env::var("HERALD_CRASH_SEEDS")
+        .map(|count| count.parse().expect("HERALD_CRASH_SEEDS is a number"))
+        .unwrap_or(64);
+    let acked: usize = (0..seeds).map(run_seed_memory).sum();
+    eprintln!("memory store: {seeds} seeds, {acked} acknowledged messages checked across crashes");
+    assert!(
+        acked as u64 > seeds * 10,
+        "too few acknowledgements: {acked}"
+    );
+}
+
 // ----- power loss while reclaim deletes segments ---------------------------------------------
 
 /// Channels in a namespace with short retention, so reclaim deletes segments under the load.
@@ -311,7 +360,7 @@ struct YoungLedger {
     sent: BTreeMap<(ChannelName, MessageId), Data>,
 }
 
-fn verify_young(store: &EmbeddedLog, ledger: &YoungLedger, now: Timestamp) {
+fn verify_young(store: &dyn LogStore, ledger: &YoungLedger, now: Timestamp) {
     for name in YOUNG_CHANNELS {
         let channel = ChannelName::parse(name).unwrap();
         let acked: Vec<&(Position, Timestamp)> = ledger
