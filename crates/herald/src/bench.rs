@@ -564,6 +564,35 @@ struct PublisherTally {
     /// When the last measured ack arrived, to close the measured window.
     last_ack: Option<Instant>,
     errors: BTreeMap<String, u64>,
+    /// Errors in a row; a task gives up after `CONSECUTIVE_ERRORS_MAX`.
+    consecutive_errors: u32,
+}
+
+impl PublisherTally {
+    /// Records one operation sent at `sent`; only successes after `measured_from` count
+    /// towards latency and the measured window. Returns true when the task should stop.
+    fn record(
+        &mut self,
+        outcome: Result<(), String>,
+        sent: Instant,
+        measured_from: Instant,
+    ) -> bool {
+        match outcome {
+            Ok(()) => {
+                self.consecutive_errors = 0;
+                if sent >= measured_from {
+                    self.latencies_us.push(elapsed_us(sent));
+                    self.last_ack = Some(Instant::now());
+                }
+                false
+            }
+            Err(code) => {
+                *self.errors.entry(code).or_default() += 1;
+                self.consecutive_errors += 1;
+                self.consecutive_errors >= CONSECUTIVE_ERRORS_MAX
+            }
+        }
+    }
 }
 
 async fn measure_publish(client: &reqwest::Client, config: PublishConfig) -> PublishOutcome {
@@ -628,7 +657,6 @@ async fn run_publisher(
 ) -> PublisherTally {
     let base = config.url.trim_end_matches('/');
     let mut tally = PublisherTally::default();
-    let mut consecutive_errors = 0u32;
     let batch_size = config.batch_size as u64;
     for sequence in 0u64.. {
         if Instant::now() >= deadline
@@ -649,21 +677,12 @@ async fn run_publisher(
             &config.payload_json,
         );
         let sent = Instant::now();
-        match publish_once(client, &url, body, config.batch_size).await {
-            Ok(()) => {
-                consecutive_errors = 0;
-                if sent >= measured_from {
-                    tally.latencies_us.push(elapsed_us(sent));
-                    tally.last_ack = Some(Instant::now());
-                }
-            }
-            Err(code) => {
-                *tally.errors.entry(code).or_default() += 1;
-                consecutive_errors += 1;
-                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
-                    break;
-                }
-            }
+        if tally.record(
+            publish_once(client, &url, body, config.batch_size).await,
+            sent,
+            measured_from,
+        ) {
+            break;
         }
     }
     tally
@@ -715,7 +734,6 @@ async fn measure_round_trip(
     let measured_from = Instant::now() + warmup;
     let deadline = measured_from + duration;
     let mut tally = PublisherTally::default();
-    let mut consecutive_errors = 0u32;
     for _ in 0..requests_max {
         let sent = Instant::now();
         if sent >= deadline {
@@ -730,21 +748,8 @@ async fn measure_round_trip(
             Ok(response) => Err(format!("http_{}", response.status().as_u16())),
             Err(_) => Err("transport".to_owned()),
         };
-        match outcome {
-            Ok(()) => {
-                consecutive_errors = 0;
-                if sent >= measured_from {
-                    tally.latencies_us.push(elapsed_us(sent));
-                    tally.last_ack = Some(Instant::now());
-                }
-            }
-            Err(code) => {
-                *tally.errors.entry(code).or_default() += 1;
-                consecutive_errors += 1;
-                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
-                    break;
-                }
-            }
+        if tally.record(outcome, sent, measured_from) {
+            break;
         }
     }
     let seconds = tally
@@ -988,7 +993,6 @@ async fn run_appender(
     issued: &AtomicU64,
 ) -> PublisherTally {
     let mut tally = PublisherTally::default();
-    let mut consecutive_errors = 0u32;
     for sequence in 0u64.. {
         if Instant::now() >= deadline
             || issued.fetch_add(1, Ordering::Relaxed) >= config.appends_max
@@ -1017,21 +1021,8 @@ async fn run_appender(
             Ok(_) => Err("unexpected_duplicate".to_owned()),
             Err(error) => Err(append_error_code(&error).to_owned()),
         };
-        match outcome {
-            Ok(()) => {
-                consecutive_errors = 0;
-                if sent >= measured_from {
-                    tally.latencies_us.push(elapsed_us(sent));
-                    tally.last_ack = Some(Instant::now());
-                }
-            }
-            Err(code) => {
-                *tally.errors.entry(code).or_default() += 1;
-                consecutive_errors += 1;
-                if consecutive_errors >= CONSECUTIVE_ERRORS_MAX {
-                    break;
-                }
-            }
+        if tally.record(outcome, sent, measured_from) {
+            break;
         }
     }
     tally
