@@ -116,14 +116,7 @@ impl MemoryStore {
             if count > 0 {
                 dropped += count;
                 if stream.entry_count() == 0 {
-                    let (serial, chain, time) = stream.tip();
-                    tips.push(ChannelTip {
-                        channel: stream.channel().clone(),
-                        epoch: stream.epoch().clone(),
-                        serial,
-                        chain,
-                        time,
-                    });
+                    tips.push(ChannelTip::of(stream));
                 }
             }
         }

@@ -234,6 +234,20 @@ pub struct ChannelTip {
     pub time: Timestamp,
 }
 
+impl ChannelTip {
+    /// The tip of a stream as it stands: what must survive when its messages are reclaimed.
+    pub fn of<L: Clone>(stream: &ChannelStream<L>) -> ChannelTip {
+        let (serial, chain, time) = stream.tip();
+        ChannelTip {
+            channel: stream.channel().clone(),
+            epoch: stream.epoch().clone(),
+            serial,
+            chain,
+            time,
+        }
+    }
+}
+
 impl<L: Clone> ChannelTable<L> {
     /// Rebuild step: a message read back from storage, in storage order.
     pub fn recover_message(&mut self, message: &Message, locator: L) -> Result<(), String> {

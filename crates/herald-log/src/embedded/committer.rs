@@ -461,14 +461,7 @@ impl Committer {
                     None => self.tip_segments.get(stream.channel()).copied(),
                 };
                 if state_segment.is_none_or(|segment| segment < keep_from) {
-                    let (serial, chain, time) = stream.tip();
-                    tips.push(ChannelTip {
-                        channel: stream.channel().clone(),
-                        epoch: stream.epoch().clone(),
-                        serial,
-                        chain,
-                        time,
-                    });
+                    tips.push(ChannelTip::of(stream));
                 }
             }
             // Deterministic record order regardless of the table's hashing.
