@@ -600,7 +600,8 @@ fn a_record_of_unknown_kind_refuses_to_open_even_at_the_tail() {
     let last = fixture.segment_files().pop().unwrap();
     let end = log_end(&last);
     // A well-formed record (right length and CRC) of a kind this version does not know.
-    let body = [99u8, 0, 0, 0, 0, 1, 2, 3];
+    // kind 99, batch_following 0, synced_through 0, then a few bytes of payload.
+    let body = [99u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3];
     let mut bytes = std::fs::read(&last).unwrap();
     bytes[end..end + 4].copy_from_slice(&(body.len() as u32).to_le_bytes());
     bytes[end + 4..end + 8].copy_from_slice(&crc32c::crc32c(&body).to_le_bytes());
@@ -643,4 +644,36 @@ fn a_crc_failure_on_read_is_an_error_not_a_skip() {
     }
     let by_id = store.message_by_id(&channel("chat:a"), &MessageId::parse("m-1").unwrap());
     assert!(matches!(by_id, Err(StoreError::Corrupt { .. })));
+}
+
+#[test]
+fn damage_to_acknowledged_data_near_the_tail_refuses_to_open() {
+    let fixture = Fixture::new();
+    {
+        let store = fixture.open().unwrap();
+        // Three publishes, three group writes: each later record proves the earlier ones synced.
+        for index in 1..=3 {
+            append(
+                &store,
+                "chat:a",
+                vec![message(&format!("m-{index}"), &index.to_string())],
+            );
+        }
+    }
+    let last = fixture.segment_files().pop().unwrap();
+    let mut bytes = std::fs::read(&last).unwrap();
+    // Bit rot in the first record's body (its length field intact), well inside the window a
+    // torn write could reach: the old rule would have cut all three acknowledged messages.
+    let first_record = 64;
+    bytes[first_record + 30] ^= 0x40;
+    std::fs::write(&last, &bytes).unwrap();
+    match fixture.open() {
+        Err(StoreError::Corrupt { offset, detail, .. }) => {
+            assert_eq!(offset, first_record as u64);
+            assert!(detail.contains("acknowledged"), "{detail}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // Nothing was truncated: the damaged bytes and everything after them are still on disk.
+    assert_eq!(std::fs::read(&last).unwrap(), bytes);
 }

@@ -258,7 +258,8 @@ impl Committer {
                 let count = frames.len();
                 for (index, (start, len)) in frames.iter().enumerate() {
                     let following = u32::try_from(count - 1 - index).expect("batch fits u32");
-                    seal_message_record(&mut buffer[*start..*start + *len], following);
+                    // Everything before this group's offset was synced before this write.
+                    seal_message_record(&mut buffer[*start..*start + *len], following, base_offset);
                 }
                 tops.push((pending.channel.clone(), last.serial));
             }
@@ -523,8 +524,9 @@ impl Committer {
                 self.roll_over()?;
             }
             let mut buffer = Vec::with_capacity(bytes);
+            let synced_through = self.active.write_offset;
             for tip in &remaining[..count] {
-                encode_tip(&mut buffer, tip);
+                encode_tip(&mut buffer, tip, synced_through);
             }
             self.write_and_sync(&buffer, self.active.write_offset)?;
             self.active.write_offset += buffer.len() as u64;

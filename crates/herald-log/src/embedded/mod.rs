@@ -320,7 +320,7 @@ impl EmbeddedLog {
             })?;
         match record::decode_frame(&frame) {
             Ok(Record::Message { message, .. }) => Ok(message),
-            Ok(Record::Tip(_)) => Err(corrupt("index points at a tip record".into())),
+            Ok(Record::Tip { .. }) => Err(corrupt("index points at a tip record".into())),
             Err(DecodeError::Torn(detail) | DecodeError::Invalid(detail)) => Err(corrupt(detail)),
         }
     }

@@ -1,9 +1,15 @@
 //! Record framing and the encoding of each record kind. Pure: bytes in, bytes out.
 //!
 //! A record is `len: u32 | crc32c: u32 | body[len]` (little endian), the CRC32C taken over the
-//! body. The body starts with `kind: u8` and `batch_following: u32` (how many records of the
+//! body. The body starts with `kind: u8`, `batch_following: u32` (how many records of the
 //! same publish batch follow this one; 0 for the last record of a batch and for records that
-//! are not part of a batch). The rest depends on the kind; see docs/log-format.md.
+//! are not part of a batch) and `synced_through: u64` (the segment offset up to which every
+//! byte was durable when this record was written: the start of its group write). The rest
+//! depends on the kind; see docs/log-format.md.
+//!
+//! `synced_through` is what lets recovery tell a torn tail from damaged acknowledged data: a
+//! valid record whose `synced_through` lies beyond a damaged offset proves that the damaged
+//! bytes had been synced (and acknowledged) before it was written.
 //!
 //! # Invariants
 //! - A frame header of eight zero bytes never starts a valid record (bodies are never empty),
@@ -34,8 +40,22 @@ pub enum Record {
     Message {
         message: Message,
         batch_following: u32,
+        synced_through: u64,
     },
-    Tip(ChannelTip),
+    Tip {
+        tip: ChannelTip,
+        synced_through: u64,
+    },
+}
+
+impl Record {
+    pub fn synced_through(&self) -> u64 {
+        match self {
+            Record::Message { synced_through, .. } | Record::Tip { synced_through, .. } => {
+                *synced_through
+            }
+        }
+    }
 }
 
 /// What is wrong with a frame or body. `Torn` problems may be the remains of an interrupted
@@ -63,6 +83,7 @@ pub fn encode_message(out: &mut Vec<u8>, message: &Message) -> usize {
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     out.push(KIND_MESSAGE);
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
     put_channel(out, &message.channel);
     put_short(out, message.epoch.as_str().as_bytes());
     out.extend_from_slice(&message.serial.0.to_le_bytes());
@@ -95,19 +116,23 @@ pub fn encode_message(out: &mut Vec<u8>, message: &Message) -> usize {
     out.len() - start
 }
 
-/// Sets the batch count of an encoded message record at `frame[..]` and computes its CRC.
-pub fn seal_message_record(frame: &mut [u8], batch_following: u32) {
+/// Sets the batch count and `synced_through` of an encoded message record at `frame[..]` and
+/// computes its CRC.
+pub fn seal_message_record(frame: &mut [u8], batch_following: u32, synced_through: u64) {
     frame[FRAME_HEADER_BYTES + 1..FRAME_HEADER_BYTES + 5]
         .copy_from_slice(&batch_following.to_le_bytes());
+    frame[FRAME_HEADER_BYTES + 5..FRAME_HEADER_BYTES + 13]
+        .copy_from_slice(&synced_through.to_le_bytes());
     seal(frame);
 }
 
 /// Appends a complete tip record to `out`; returns its length.
-pub fn encode_tip(out: &mut Vec<u8>, tip: &ChannelTip) -> usize {
+pub fn encode_tip(out: &mut Vec<u8>, tip: &ChannelTip, synced_through: u64) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
     out.push(KIND_TIP);
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&synced_through.to_le_bytes());
     put_channel(out, &tip.channel);
     put_short(out, tip.epoch.as_str().as_bytes());
     out.extend_from_slice(&tip.serial.0.to_le_bytes());
@@ -129,6 +154,7 @@ pub fn message_record_bound(channel: &ChannelName, new: &herald_core::NewMessage
     FRAME_HEADER_BYTES
         + 1 // kind
         + 4 // batch_following
+        + 8 // synced_through
         + 2 + channel.as_str().len()
         + 1 + EPOCH_BYTES_BOUND
         + 8 // serial
@@ -146,6 +172,7 @@ pub fn tip_record_bytes(tip: &ChannelTip) -> usize {
     FRAME_HEADER_BYTES
         + 1
         + 4
+        + 8
         + 2
         + tip.channel.as_str().len()
         + 1
@@ -189,6 +216,7 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
     let mut reader = Reader { bytes: body };
     let kind = reader.u8()?;
     let batch_following = reader.u32()?;
+    let synced_through = reader.u64()?;
     let record = match kind {
         KIND_MESSAGE => {
             let channel = reader.channel()?;
@@ -238,6 +266,7 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
                     chain,
                 },
                 batch_following,
+                synced_through,
             }
         }
         KIND_TIP => {
@@ -249,13 +278,16 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
             let serial = Serial(reader.u64()?);
             let chain = ChainHash(reader.array32()?);
             let time = Timestamp(reader.u64()?);
-            Record::Tip(ChannelTip {
-                channel,
-                epoch,
-                serial,
-                chain,
-                time,
-            })
+            Record::Tip {
+                tip: ChannelTip {
+                    channel,
+                    epoch,
+                    serial,
+                    chain,
+                    time,
+                },
+                synced_through,
+            }
         }
         other => return Err(format!("unknown record kind {other}")),
     };
@@ -371,7 +403,7 @@ mod tests {
         let message = sample();
         let mut out = Vec::new();
         let len = encode_message(&mut out, &message);
-        seal_message_record(&mut out, 3);
+        seal_message_record(&mut out, 3, 4096);
         assert_eq!(len, out.len());
         let new = herald_core::NewMessage {
             id: message.id.clone(),
@@ -385,7 +417,8 @@ mod tests {
             decode_frame(&out),
             Ok(Record::Message {
                 message,
-                batch_following: 3
+                batch_following: 3,
+                synced_through: 4096,
             })
         );
     }
@@ -401,16 +434,22 @@ mod tests {
             time: Timestamp(77),
         };
         let mut out = Vec::new();
-        let len = encode_tip(&mut out, &tip);
+        let len = encode_tip(&mut out, &tip, 64);
         assert_eq!(len, tip_record_bytes(&tip));
-        assert_eq!(decode_frame(&out), Ok(Record::Tip(tip)));
+        assert_eq!(
+            decode_frame(&out),
+            Ok(Record::Tip {
+                tip,
+                synced_through: 64
+            })
+        );
     }
 
     #[test]
     fn flipped_bit_is_torn_and_unknown_kind_is_invalid() {
         let mut out = Vec::new();
         encode_message(&mut out, &sample());
-        seal_message_record(&mut out, 0);
+        seal_message_record(&mut out, 0, 64);
         let mut flipped = out.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;

@@ -158,6 +158,36 @@ pub(crate) fn recover(
     })
 }
 
+/// Skips the damaged record at `damaged` (when its length field is plausible) and reads the
+/// valid records that follow it; returns the first one's offset and the largest
+/// `synced_through` among them. `None` when the length is unusable or nothing valid follows.
+fn later_sync_proof(bytes: &[u8], damaged: usize) -> Option<(usize, u64)> {
+    let mut offset = damaged;
+    let mut first_valid = None;
+    let mut synced_through_max = 0;
+    let mut skipped_damage = false;
+    while let Some(header) = bytes.get(offset..offset + FRAME_HEADER_BYTES) {
+        let header: &[u8; FRAME_HEADER_BYTES] = header.try_into().expect("header bytes");
+        let Some(body_len) = record::frame_body_len(header) else {
+            break;
+        };
+        let end = offset + FRAME_HEADER_BYTES + body_len;
+        if body_len == 0 || end > bytes.len() {
+            break;
+        }
+        match record::decode_frame(&bytes[offset..end]) {
+            Ok(decoded) => {
+                first_valid.get_or_insert(offset);
+                synced_through_max = synced_through_max.max(decoded.synced_through());
+            }
+            Err(_) if !skipped_damage => skipped_damage = true,
+            Err(_) => break,
+        }
+        offset = end;
+    }
+    first_valid.map(|offset| (offset, synced_through_max))
+}
+
 struct Scan {
     table: ChannelTable<RecordLocator>,
     tip_segments: HashMap<ChannelName, u64>,
@@ -254,6 +284,7 @@ impl Scan {
                 Record::Message {
                     message,
                     batch_following,
+                    ..
                 } => {
                     if batch.is_empty() {
                         batch_start = offset;
@@ -280,7 +311,7 @@ impl Scan {
                         }
                     }
                 }
-                Record::Tip(tip) => {
+                Record::Tip { tip, .. } => {
                     if !batch.is_empty() {
                         return Err(corrupt(path, offset as u64, "tip record inside a batch"));
                     }
@@ -325,6 +356,23 @@ impl Scan {
                 path,
                 log_end as u64,
                 format!("{detail} in a sealed segment"),
+            ));
+        }
+        // A torn write only reaches bytes that were never synced. A valid record after the
+        // damage whose `synced_through` lies beyond the cut proves the cut bytes had been synced
+        // (and acknowledged) before it was written: that is damage, not a torn tail.
+        if let Ending::Damaged { offset, .. } = &ending
+            && let Some((later, synced_through)) = later_sync_proof(&bytes, *offset as usize)
+            && synced_through > log_end as u64
+        {
+            return Err(corrupt(
+                path,
+                *offset,
+                format!(
+                    "{detail}; the record at offset {later} was written after everything up to \
+                     offset {synced_through} was synced, so this is damage to acknowledged data, \
+                     not a torn write"
+                ),
             ));
         }
         let window = header.group_bytes_max.max(options.group_bytes_max as u64) as usize;

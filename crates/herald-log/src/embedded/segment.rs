@@ -15,7 +15,8 @@ use std::sync::Arc;
 use crate::fs::{Filesystem, FsFile};
 
 pub const SEGMENT_MAGIC: &[u8; 8] = b"HRLDSEG\0";
-pub const SEGMENT_FORMAT_VERSION: u32 = 1;
+/// Version 2 added `synced_through` to every record.
+pub const SEGMENT_FORMAT_VERSION: u32 = 2;
 /// Records start right after the header.
 pub const SEGMENT_HEADER_BYTES: u64 = 64;
 const SEGMENT_SUFFIX: &str = ".seg";
