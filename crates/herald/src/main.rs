@@ -230,10 +230,24 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_REJECTED)
         }
         Err(Failure::Other { exit, error }) => {
-            eprintln!("herald: {error:#}");
+            eprintln!("herald: {}", error_chain(&error));
             ExitCode::from(exit)
         }
     }
+}
+
+/// The error and its causes, each once: many of our error messages already include their
+/// source's text, so a cause already spelled out is not repeated.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
