@@ -677,3 +677,62 @@ fn damage_to_acknowledged_data_near_the_tail_refuses_to_open() {
     // Nothing was truncated: the damaged bytes and everything after them are still on disk.
     assert_eq!(std::fs::read(&last).unwrap(), bytes);
 }
+
+#[test]
+fn a_full_commit_queue_refuses_explicitly_and_stores_nothing_it_refused() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    // The queue holds 8 groups' worth of bytes (8 x 16 KiB here). Enqueue far more than that
+    // without waiting: the committer drains one group per fdatasync, far slower than this loop.
+    let payload = "x".repeat(2000);
+    let tickets: Vec<_> = (0..400)
+        .map(|index| {
+            let id = format!("q-{index}");
+            (
+                id.clone(),
+                store.append(
+                    channel("chat:q"),
+                    vec![message(&id, &format!("\"{payload}\""))],
+                ),
+            )
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for (id, ticket) in tickets {
+        match ticket.wait() {
+            Ok(replies) => accepted.push((id, replies[0].position.clone())),
+            Err(AppendError::Overloaded) => refused.push(id),
+            Err(other) => panic!("unexpected refusal of {id}: {other}"),
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "400 x 2 KB never filled a 128 KiB queue"
+    );
+    assert!(!accepted.is_empty());
+    for (id, position) in &accepted {
+        let found = store
+            .message_by_id(&channel("chat:q"), &MessageId::parse(id).unwrap())
+            .unwrap()
+            .expect("accepted message is stored");
+        assert_eq!(&found.position(), position);
+    }
+    for id in &refused {
+        let found = store
+            .message_by_id(&channel("chat:q"), &MessageId::parse(id).unwrap())
+            .unwrap();
+        assert!(found.is_none(), "refused {id} was stored");
+    }
+    // Once drained, the byte bound is free again: the refused ones go through on retry.
+    for id in &refused {
+        let replies = store
+            .append(
+                channel("chat:q"),
+                vec![message(id, &format!("\"{payload}\""))],
+            )
+            .wait()
+            .expect("queue drained, retry accepted");
+        assert!(!replies[0].duplicate);
+    }
+}

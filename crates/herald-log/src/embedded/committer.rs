@@ -142,6 +142,7 @@ impl Committer {
                     bound_bytes,
                     reply,
                 } => {
+                    self.dequeued(bound_bytes);
                     let first = PendingAppend {
                         channel,
                         batch,
@@ -152,6 +153,13 @@ impl Committer {
                 }
             }
         }
+    }
+
+    /// An append left the commit queue: its bytes no longer count against the queue bound.
+    fn dequeued(&self, bound_bytes: usize) {
+        self.shared
+            .queued_bytes
+            .fetch_sub(bound_bytes, Ordering::AcqRel);
     }
 
     /// Answers everything still queued after a shutdown with `Closed`.
@@ -194,6 +202,7 @@ impl Committer {
                     bound_bytes,
                     reply,
                 }) if group_bytes + bound_bytes as u64 <= room => {
+                    self.dequeued(bound_bytes);
                     group_bytes += bound_bytes as u64;
                     group.push(PendingAppend {
                         channel,

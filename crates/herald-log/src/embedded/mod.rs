@@ -29,7 +29,7 @@ pub mod segment;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
@@ -52,6 +52,11 @@ use segment::SEGMENT_HEADER_BYTES;
 
 /// Smallest accepted `group_bytes_max`: a group must hold at least one ordinary message.
 pub const GROUP_BYTES_MIN: usize = 4096;
+/// The commit queue holds at most this many groups' worth of record bytes
+/// (`QUEUE_GROUPS_MAX * group_bytes_max`, 64 MiB by default); beyond it appends are refused
+/// with `Overloaded` rather than buffered.
+pub const QUEUE_GROUPS_MAX: usize = 8;
+
 /// Largest accepted `queue_depth`.
 pub const QUEUE_DEPTH_MAX: usize = 1 << 24;
 
@@ -147,6 +152,9 @@ pub(crate) struct Shared {
     /// Why the store refuses appends, once a write or sync failed. Set once, read lock-free
     /// on every append.
     pub(crate) poisoned: OnceLock<String>,
+    /// Record bytes (upper bounds) of the appends waiting in the commit queue; the queue is
+    /// bounded by this as well as by its depth.
+    pub(crate) queued_bytes: AtomicUsize,
     state: RwLock<State>,
     policies: Policies,
     clock: Arc<dyn Clock>,
@@ -236,6 +244,7 @@ impl EmbeddedLog {
         let shared = Arc::new(Shared {
             counters: Counters::default(),
             poisoned: OnceLock::new(),
+            queued_bytes: AtomicUsize::new(0),
             state: RwLock::new(State {
                 table: recovered.table,
                 segments: recovered.segments,
@@ -364,6 +373,18 @@ impl LogStore for EmbeddedLog {
         if let Some(reason) = self.shared.poisoned.get() {
             return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));
         }
+        // Bound the queue by bytes too: depth alone would let it hold queue_depth full batches.
+        let queue_bytes_max = self.group_bytes_max.saturating_mul(QUEUE_GROUPS_MAX);
+        let queued = self
+            .shared
+            .queued_bytes
+            .fetch_add(bound_bytes, Ordering::AcqRel);
+        if queued + bound_bytes > queue_bytes_max {
+            self.shared
+                .queued_bytes
+                .fetch_sub(bound_bytes, Ordering::AcqRel);
+            return AppendTicket::ready(Err(AppendError::Overloaded));
+        }
         let (reply, ticket) = AppendTicket::channel();
         let command = Command::Append {
             channel,
@@ -373,13 +394,15 @@ impl LogStore for EmbeddedLog {
         };
         // Never block the caller (an async worker thread): a full queue is an explicit,
         // retryable refusal.
-        match self.sender.try_send(command) {
-            Ok(()) => ticket,
-            Err(mpsc::TrySendError::Full(_)) => AppendTicket::ready(Err(AppendError::Overloaded)),
-            Err(mpsc::TrySendError::Disconnected(_)) => {
-                AppendTicket::ready(Err(AppendError::Closed))
-            }
-        }
+        let refused = match self.sender.try_send(command) {
+            Ok(()) => return ticket,
+            Err(mpsc::TrySendError::Full(_)) => AppendError::Overloaded,
+            Err(mpsc::TrySendError::Disconnected(_)) => AppendError::Closed,
+        };
+        self.shared
+            .queued_bytes
+            .fetch_sub(bound_bytes, Ordering::AcqRel);
+        AppendTicket::ready(Err(refused))
     }
 
     fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError> {
