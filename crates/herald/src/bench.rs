@@ -569,6 +569,28 @@ struct PublisherTally {
 }
 
 impl PublisherTally {
+    /// Waits for every task and merges their tallies; a task that panicked counts as one error
+    /// with `panic_code`.
+    async fn join_all(
+        tasks: &mut tokio::task::JoinSet<PublisherTally>,
+        panic_code: &str,
+    ) -> PublisherTally {
+        let mut total = PublisherTally::default();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(tally) => {
+                    total.latencies_us.extend(tally.latencies_us);
+                    total.last_ack = total.last_ack.max(tally.last_ack);
+                    for (code, count) in tally.errors {
+                        *total.errors.entry(code).or_default() += count;
+                    }
+                }
+                Err(_) => *total.errors.entry(panic_code.to_owned()).or_default() += 1,
+            }
+        }
+        total
+    }
+
     /// Records one operation sent at `sent`; only successes after `measured_from` count
     /// towards latency and the measured window. Returns true when the task should stop.
     fn record(
@@ -621,21 +643,12 @@ async fn measure_publish(client: &reqwest::Client, config: PublishConfig) -> Pub
         });
     }
 
-    let mut latencies_us = Vec::new();
-    let mut last_ack: Option<Instant> = None;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(tally) => {
-                latencies_us.extend(tally.latencies_us);
-                last_ack = last_ack.max(tally.last_ack);
-                for (code, count) in tally.errors {
-                    *errors.entry(code).or_default() += count;
-                }
-            }
-            Err(_) => *errors.entry("publisher_panicked".to_owned()).or_default() += 1,
-        }
-    }
+    let PublisherTally {
+        latencies_us,
+        last_ack,
+        errors,
+        ..
+    } = PublisherTally::join_all(&mut tasks, "publisher_panicked").await;
     let seconds = last_ack
         .map(|last| last.saturating_duration_since(measured_from).as_secs_f64())
         .unwrap_or(0.0);
@@ -945,21 +958,12 @@ async fn measure_log(config: LogConfig) -> anyhow::Result<LogOutcome> {
     tokio::time::sleep_until(measured_from).await;
     let stats_before = log.stats();
 
-    let mut latencies_us = Vec::new();
-    let mut last_ack: Option<Instant> = None;
-    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(tally) => {
-                latencies_us.extend(tally.latencies_us);
-                last_ack = last_ack.max(tally.last_ack);
-                for (code, count) in tally.errors {
-                    *errors.entry(code).or_default() += count;
-                }
-            }
-            Err(_) => *errors.entry("appender_panicked".to_owned()).or_default() += 1,
-        }
-    }
+    let PublisherTally {
+        latencies_us,
+        last_ack,
+        errors,
+        ..
+    } = PublisherTally::join_all(&mut tasks, "appender_panicked").await;
     let stats_after = log.stats();
     // Closing joins the committer thread: keep it off the async workers.
     let closing = Arc::clone(&log);
