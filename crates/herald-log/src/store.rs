@@ -84,6 +84,9 @@ pub enum ReadQuery {
     Forward { from: ReadFrom, limit: usize },
     /// Newest first, strictly before a position.
     Backward { before: Position, limit: usize },
+    /// Newest first, starting at the channel's top (history screens): the same page as
+    /// `Backward` from just past the top, without having to know the top first.
+    Newest { limit: usize },
 }
 
 /// One page of messages.

@@ -145,7 +145,8 @@ impl<L: Clone> ChannelTable<L> {
                 ReadQuery::Forward {
                     from: ReadFrom::Oldest,
                     ..
-                } => Ok(None),
+                }
+                | ReadQuery::Newest { .. } => Ok(None),
                 ReadQuery::Forward {
                     from: ReadFrom::After(position),
                     ..
@@ -167,6 +168,12 @@ impl<L: Clone> ChannelTable<L> {
             ReadQuery::Backward { before, limit } => stream
                 .plan_read_backward(before, *limit, policy, now)
                 .map(Some),
+            ReadQuery::Newest { limit } => {
+                let past_top = Position::new(stream.epoch().clone(), stream.durable_top().next());
+                stream
+                    .plan_read_backward(&past_top, *limit, policy, now)
+                    .map(Some)
+            }
         }
     }
 

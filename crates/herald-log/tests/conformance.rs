@@ -16,7 +16,7 @@ use herald_core::{
     ChainHash, ContinuityReason, Data, Epoch, ErrorCode, Message, Position, ReadFrom, Serial,
     SkipReason, SkippedRange,
 };
-use herald_log::{AppendError, LogStore, ReadError, StoreHealth};
+use herald_log::{AppendError, LogStore, ReadError, ReadQuery, StoreHealth};
 
 fn position(epoch: &Epoch, serial: u64) -> Position {
     Position::new(epoch.clone(), Serial(serial))
@@ -360,7 +360,20 @@ fn paging_returns_every_message_once<H: Harness>() {
             backward_serials, newest_first,
             "backward, page size {page_size}"
         );
+        // `Newest` starts at the top without the reader knowing it: the same page as `before`
+        // just past the top.
+        let newest = store
+            .read(&room, &ReadQuery::Newest { limit: page_size })
+            .unwrap();
+        let past_top = backward(store, &room, position(&epoch, total + 1), page_size).unwrap();
+        assert_eq!(newest, past_top, "newest, page size {page_size}");
+        assert_eq!(newest.messages[0].serial.0, total);
     }
+    let unused = channel("never-published");
+    let page = store
+        .read(&unused, &ReadQuery::Newest { limit: 10 })
+        .unwrap();
+    assert!(page.messages.is_empty() && page.top.is_none());
     // Resuming from the middle and from the top.
     let page = forward(store, &room, ReadFrom::After(position(&epoch, 10)), 3).unwrap();
     assert_eq!(serials(&page.messages), vec![11, 12, 13]);

@@ -5,7 +5,8 @@
 //!   is sent only after the store made the batch durable: `201 Created` when at least one
 //!   message is new, `200 OK` when every message was a duplicate of an earlier publish.
 //! - `GET /v1/channels/{channel}/messages?after=POS|before=POS&limit=N`: sync (oldest first,
-//!   after a position or from the oldest retained message) or history (`before`, newest first).
+//!   after a position or from the oldest retained message) or history (`before`, newest first;
+//!   `order=newest` without a position starts at the top).
 //! - `GET /v1/channels/{channel}/messages/by-id/{id}`
 //! - `GET /v1/channels/{channel}`: status; a channel never published to is
 //!   `404 channel_not_found` (reads of it simply return an empty page).
@@ -250,6 +251,8 @@ struct ReadParams {
     after: Option<String>,
     before: Option<String>,
     limit: Option<String>,
+    /// `oldest` (default: oldest first) or `newest` (newest first, from the top).
+    order: Option<String>,
 }
 
 async fn read_messages(
@@ -263,7 +266,7 @@ async fn read_messages(
         ApiError::new(
             ErrorCode::InvalidRequest,
             format!(
-                "{}; the parameters are after, before and limit",
+                "{}; the parameters are after, before, order and limit",
                 rejection.body_text()
             ),
         )
@@ -281,11 +284,27 @@ async fn read_messages(
             }
         },
     };
+    let newest_first = match params.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("order {other:?} must be \"oldest\" or \"newest\""),
+            ));
+        }
+    };
     let query = match (params.after.as_deref(), params.before.as_deref()) {
         (Some(_), Some(_)) => {
             return Err(ApiError::new(
                 ErrorCode::InvalidRequest,
                 "give after (oldest first) or before (newest first), not both",
+            ));
+        }
+        (Some(_), None) if newest_first => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "after reads oldest first; use before (or no position) with order=newest",
             ));
         }
         (Some(after), None) => ReadQuery::Forward {
@@ -296,6 +315,7 @@ async fn read_messages(
             before: Position::parse(before)?,
             limit,
         },
+        (None, None) if newest_first => ReadQuery::Newest { limit },
         (None, None) => ReadQuery::Forward {
             from: ReadFrom::Oldest,
             limit,

@@ -666,6 +666,21 @@ async fn before_pages_newest_first_and_by_id_and_status() {
     }
     assert_eq!(pages, vec![vec![5, 4], vec![3, 2], vec![1]]);
 
+    // order=newest starts at the top without knowing it; its cursor continues with before=.
+    let (status, page) = server.read("chat:log", "?order=newest&limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(serials(&page), vec![5, 4]);
+    assert_eq!(page["next"], format!("{epoch}:4"));
+    assert_eq!(page["more"], true);
+    for bad in ["?order=sideways", &format!("?order=newest&after={epoch}:1")] {
+        let (status, body) = server.read("chat:log", bad).await;
+        assert_eq!(
+            (status, error_code(&body)),
+            (400, "invalid_request"),
+            "{bad}"
+        );
+    }
+
     let (status, message) = server.get("/v1/channels/chat:log/messages/by-id/m3").await;
     assert_eq!(status, 200);
     assert_eq!(

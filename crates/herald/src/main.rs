@@ -57,7 +57,7 @@ enum Command {
     /// Publish one message to a channel and print the acknowledgement.
     #[command(after_help = EXIT_CODES)]
     Publish(PublishArgs),
-    /// Read a channel's messages (oldest first, or newest first with --before).
+    /// Read a channel's messages (oldest first, or newest first with --newest or --before).
     #[command(after_help = EXIT_CODES)]
     History(HistoryArgs),
     /// Print or check configuration files.
@@ -138,6 +138,9 @@ struct HistoryArgs {
     /// Messages before this position, newest first.
     #[arg(long, value_name = "POS")]
     before: Option<String>,
+    /// The newest messages first, starting at the channel's top.
+    #[arg(long, conflicts_with_all = ["after", "before"])]
+    newest: bool,
     /// Messages per page (server default 100).
     #[arg(long)]
     limit: Option<u32>,
@@ -438,6 +441,9 @@ async fn history(args: HistoryArgs) -> Result<(), Failure> {
         let mut query = url.query_pairs_mut();
         if let Some(after) = &args.after {
             query.append_pair("after", after);
+        }
+        if args.newest {
+            query.append_pair("order", "newest");
         }
         if let Some(before) = &args.before {
             query.append_pair("before", before);
