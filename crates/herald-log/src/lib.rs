@@ -28,5 +28,5 @@ pub use fs::{Filesystem, SimFs, StdFs};
 pub use memory::MemoryStore;
 pub use store::{
     AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, StoreError,
-    StoreHealth,
+    StoreHealth, StoreStats,
 };

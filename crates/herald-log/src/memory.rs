@@ -34,6 +34,8 @@ struct State {
     poisoned: Option<String>,
     /// Appends still accepted before an injected failure, and the failure's reason.
     fail_after: Option<(u64, String)>,
+    /// Counters since this store was created (not carried across `crash_and_recover`).
+    stats: crate::store::StoreStats,
 }
 
 impl MemoryStore {
@@ -64,6 +66,7 @@ impl MemoryStore {
                 image,
                 poisoned: None,
                 fail_after: None,
+                stats: crate::store::StoreStats::default(),
             }),
             policies,
             clock,
@@ -180,8 +183,11 @@ impl LogStore for MemoryStore {
                 .locator
                 .clone();
             state.image.push(MemoryRecord::Message(stored));
+            state.stats.messages += 1;
+            state.stats.bytes += message.size_bytes() as u64;
             top = Some(message.serial);
         }
+        state.stats.appends += 1;
         if let Some(top) = top {
             state
                 .table
@@ -233,6 +239,10 @@ impl LogStore for MemoryStore {
 
     fn reclaim(&self) -> Result<usize, StoreError> {
         Ok(self.reclaim_now())
+    }
+
+    fn stats(&self) -> crate::store::StoreStats {
+        self.read_state().stats
     }
 }
 

@@ -139,6 +139,21 @@ pub enum ReadError {
     Store(#[from] StoreError),
 }
 
+/// Counters a store keeps since it was opened, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group writes made durable: one write plus one `fdatasync` each (0 for the memory store).
+    pub groups: u64,
+    /// Append commands answered from those groups (accepted batches, duplicates included).
+    pub appends: u64,
+    /// Message records written.
+    pub messages: u64,
+    /// Bytes of records written.
+    pub bytes: u64,
+    /// Segments created after open (rollovers).
+    pub rollovers: u64,
+}
+
 /// Health of a store as reported by readiness checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreHealth {
@@ -169,4 +184,6 @@ pub trait LogStore: Send + Sync + 'static {
     /// Frees storage of messages that are out of retention (or expired) and past the dedupe
     /// window. Blocking; returns how many messages were dropped.
     fn reclaim(&self) -> Result<usize, StoreError>;
+    /// Counters since the store was opened.
+    fn stats(&self) -> StoreStats;
 }

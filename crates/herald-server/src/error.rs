@@ -104,6 +104,9 @@ impl IntoResponse for ApiError {
             .unwrap_or(ErrorCode::Internal);
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(*self.0)).into_response()
+        let mut response = (status, axum::Json(*self.0)).into_response();
+        // For the request counter (metrics): which stable code this response carries.
+        response.extensions_mut().insert(code);
+        response
     }
 }

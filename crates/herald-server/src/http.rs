@@ -27,7 +27,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -42,6 +42,7 @@ use serde::Deserialize;
 
 use crate::auth::{Authenticator, Operation};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 
 /// Messages a read returns when the request gives no `limit`.
 pub const READ_LIMIT_DEFAULT: usize = 100;
@@ -56,6 +57,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub limits: Limits,
     pub request_timeout: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The HTTP body limit: a full batch plus room for JSON syntax, escaping and base64 (which
@@ -79,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/channels/{channel}", get(channel_status))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -86,7 +89,27 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             request_timeout,
         ))
+        .layer(middleware::from_fn_with_state(state.clone(), count_request))
         .with_state(state)
+}
+
+/// Counts every response by route template, method and status, and error responses by code
+/// (`ApiError` leaves its code in the response's extensions).
+async fn count_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .record_request(&route, method.as_str(), response.status().as_u16());
+    if let Some(code) = response.extensions().get::<ErrorCode>() {
+        state.metrics.record_error(*code);
+    }
+    response
 }
 
 async fn request_timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -165,7 +188,17 @@ async fn publish(
         .map_err(|error| ApiError::new(ErrorCode::InvalidJson, error.to_string()))?;
     let is_batch = request.is_batch();
     let batch = validate_batch(&state, &channel, request)?;
+    let handed_over = std::time::Instant::now();
     let appended = state.store.append(channel, batch).await?;
+    let duplicates = appended
+        .iter()
+        .filter(|appended| appended.duplicate)
+        .count() as u64;
+    state.metrics.record_publish(
+        appended.len() as u64 - duplicates,
+        duplicates,
+        handed_over.elapsed(),
+    );
     let acks: Vec<PublishAck> = appended
         .iter()
         .map(|appended| PublishAck::new(&appended.id, &appended.position, appended.duplicate))
@@ -378,6 +411,21 @@ async fn channel_status(
 
 async fn health() -> Response {
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// Prometheus text format; aggregate figures only (no channel names), so no key is needed.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state
+        .metrics
+        .render(&state.store.stats(), &state.store.health());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn ready(State(state): State<AppState>) -> Result<Response, ApiError> {

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod metrics;
 
 use std::future::Future;
 use std::io::Write as _;
@@ -200,6 +201,7 @@ impl Server {
             auth: self.auth,
             limits: self.config.limits(),
             request_timeout: self.config.http.request_timeout,
+            metrics: Arc::default(),
         };
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
         let reclaim = tokio::spawn(reclaim_loop(

@@ -296,6 +296,30 @@ async fn retries_are_idempotent_and_reused_ids_conflict() {
         .get("/v1/channels/orders/messages/by-id/order-9")
         .await;
     assert_eq!(status, 404);
+
+    // /metrics counts what happened above: 2 stored, 3 recognised retries, 2 conflicts.
+    let response = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let metrics = response.text().await.unwrap();
+    for expected in [
+        "herald_published_messages_total{result=\"stored\"} 2\n",
+        "herald_published_messages_total{result=\"duplicate\"} 3\n",
+        "herald_errors_total{code=\"id_conflict\"} 2\n",
+        "herald_errors_total{code=\"message_not_found\"} 1\n",
+        "herald_http_requests_total{route=\"/v1/channels/{channel}/messages\",method=\"POST\",status=\"409\"} 2\n",
+        "herald_store_messages_written_total 2\n",
+        "herald_publish_ack_seconds_count 4\n",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in\n{metrics}"
+        );
+    }
     server.stop().await;
 }
 
@@ -848,6 +872,7 @@ async fn a_poisoned_store_fails_readiness_and_publishes() {
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),
         request_timeout: Duration::from_secs(5),
+        metrics: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -877,6 +902,20 @@ async fn a_poisoned_store_fails_readiness_and_publishes() {
     assert_eq!(ready.status().as_u16(), 503);
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["error"]["code"], "storage_failed");
+    // Operators see it in /metrics too: the gauge and every refusal by its code.
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("herald_store_poisoned 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("herald_errors_total{code=\"storage_failed\"} 3\n"),
+        "{metrics}"
+    );
     serving.abort();
 }
 
@@ -926,6 +965,9 @@ impl LogStore for HangingStore {
     fn reclaim(&self) -> Result<usize, herald_log::StoreError> {
         self.inner.reclaim()
     }
+    fn stats(&self) -> herald_log::StoreStats {
+        self.inner.stats()
+    }
 }
 
 #[tokio::test]
@@ -939,6 +981,7 @@ async fn a_publish_that_outlasts_the_request_timeout_gets_a_retryable_timeout() 
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),
         request_timeout: Duration::from_millis(200),
+        metrics: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

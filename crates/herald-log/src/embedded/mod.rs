@@ -123,19 +123,7 @@ pub struct RecordLocator {
 }
 
 /// Counters of the committer's work since open (for metrics and benchmarks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EmbeddedStats {
-    /// Group writes made durable: one write plus one `fdatasync` each.
-    pub groups: u64,
-    /// Append commands answered from those groups (accepted batches, duplicates included).
-    pub appends: u64,
-    /// Message records written.
-    pub messages: u64,
-    /// Bytes of records written.
-    pub bytes: u64,
-    /// Segments created after open (rollovers).
-    pub rollovers: u64,
-}
+pub type EmbeddedStats = crate::store::StoreStats;
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -403,6 +391,10 @@ impl LogStore for EmbeddedLog {
             .queued_bytes
             .fetch_sub(bound_bytes, Ordering::AcqRel);
         AppendTicket::ready(Err(refused))
+    }
+
+    fn stats(&self) -> crate::store::StoreStats {
+        EmbeddedLog::stats(self)
     }
 
     fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError> {

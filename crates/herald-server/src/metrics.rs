@@ -1,0 +1,218 @@
+//! `GET /metrics`: Herald's counters in the Prometheus text format (version 0.0.4).
+//!
+//! Counters live in one [`Metrics`] per server (not in a process-wide registry), so several
+//! servers in one test process never mix their figures. Labels are bounded: routes are the
+//! router's templates (never raw paths or channel names), error codes are the fixed
+//! `ErrorCode` set.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use herald_core::ErrorCode;
+use herald_log::{StoreHealth, StoreStats};
+
+/// Upper bounds of the publish ack latency histogram, in seconds.
+const ACK_BUCKETS_SECONDS: [f64; 12] = [
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
+
+/// Per-server counters. Cheap to update from any handler.
+#[derive(Default)]
+pub struct Metrics {
+    /// (route template, method, status) -> requests.
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// Error code -> responses carrying it.
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    messages_stored: AtomicU64,
+    messages_duplicate: AtomicU64,
+    ack_buckets: [AtomicU64; ACK_BUCKETS_SECONDS.len()],
+    ack_count: AtomicU64,
+    ack_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn record_request(&self, route: &str, method: &str, status: u16) {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *requests
+            .entry((route.to_owned(), method.to_owned(), status))
+            .or_default() += 1;
+    }
+
+    pub fn record_error(&self, code: ErrorCode) {
+        let mut errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        *errors.entry(code.as_str()).or_default() += 1;
+    }
+
+    /// One publish request made durable: its messages and how long the store took to ack.
+    pub fn record_publish(&self, stored: u64, duplicates: u64, ack: Duration) {
+        self.messages_stored.fetch_add(stored, Ordering::Relaxed);
+        self.messages_duplicate
+            .fetch_add(duplicates, Ordering::Relaxed);
+        let seconds = ack.as_secs_f64();
+        for (bound, bucket) in ACK_BUCKETS_SECONDS.iter().zip(&self.ack_buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.ack_count.fetch_add(1, Ordering::Relaxed);
+        self.ack_sum_micros.fetch_add(
+            u64::try_from(ack.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The whole exposition.
+    pub fn render(&self, store: &StoreStats, health: &StoreHealth) -> String {
+        let mut out = String::new();
+        header(
+            &mut out,
+            "herald_http_requests_total",
+            "counter",
+            "HTTP requests by route template, method and status.",
+        );
+        for ((route, method, status), count) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "herald_http_requests_total{{route=\"{}\",method=\"{}\",status=\"{status}\"}} {count}",
+                escape(route),
+                escape(method)
+            );
+        }
+        header(
+            &mut out,
+            "herald_errors_total",
+            "counter",
+            "Error responses by stable error code (docs/errors.md).",
+        );
+        for (code, count) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "herald_errors_total{{code=\"{code}\"}} {count}");
+        }
+        header(
+            &mut out,
+            "herald_published_messages_total",
+            "counter",
+            "Messages acknowledged to publishers, new or recognised as duplicates.",
+        );
+        let _ = writeln!(
+            out,
+            "herald_published_messages_total{{result=\"stored\"}} {}",
+            self.messages_stored.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "herald_published_messages_total{{result=\"duplicate\"}} {}",
+            self.messages_duplicate.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "herald_publish_ack_seconds",
+            "histogram",
+            "Time from handing a publish to the store until it was durable and acknowledged.",
+        );
+        for (bound, bucket) in ACK_BUCKETS_SECONDS.iter().zip(&self.ack_buckets) {
+            let _ = writeln!(
+                out,
+                "herald_publish_ack_seconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.ack_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "herald_publish_ack_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "herald_publish_ack_seconds_sum {}",
+            self.ack_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "herald_publish_ack_seconds_count {count}");
+        for (name, help, value) in [
+            (
+                "herald_store_group_commits_total",
+                "Group writes made durable (one write plus one fdatasync each).",
+                store.groups,
+            ),
+            (
+                "herald_store_appends_total",
+                "Append commands answered by the store.",
+                store.appends,
+            ),
+            (
+                "herald_store_messages_written_total",
+                "Message records written to the log.",
+                store.messages,
+            ),
+            (
+                "herald_store_bytes_written_total",
+                "Bytes of records written to the log.",
+                store.bytes,
+            ),
+            (
+                "herald_store_segment_rollovers_total",
+                "Log segments started after open.",
+                store.rollovers,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        header(
+            &mut out,
+            "herald_store_poisoned",
+            "gauge",
+            "1 when a write or fsync failed and the store refuses writes until restart.",
+        );
+        let poisoned = u8::from(matches!(health, StoreHealth::Poisoned(_)));
+        let _ = writeln!(out, "herald_store_poisoned {poisoned}");
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Escapes a label value (backslash, quote, newline), per the text format.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_counts_add_up() {
+        let metrics = Metrics::default();
+        metrics.record_publish(2, 0, Duration::from_micros(300));
+        metrics.record_publish(0, 1, Duration::from_millis(30));
+        metrics.record_error(ErrorCode::IdConflict);
+        metrics.record_request("/health", "GET", 200);
+        let text = metrics.render(&StoreStats::default(), &StoreHealth::Ok);
+        assert!(text.contains("herald_publish_ack_seconds_bucket{le=\"0.0002\"} 0\n"));
+        assert!(text.contains("herald_publish_ack_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("herald_publish_ack_seconds_bucket{le=\"0.05\"} 2\n"));
+        assert!(text.contains("herald_publish_ack_seconds_bucket{le=\"+Inf\"} 2\n"));
+        assert!(text.contains("herald_publish_ack_seconds_count 2\n"));
+        assert!(text.contains("herald_published_messages_total{result=\"stored\"} 2\n"));
+        assert!(text.contains("herald_published_messages_total{result=\"duplicate\"} 1\n"));
+        assert!(text.contains("herald_errors_total{code=\"id_conflict\"} 1\n"));
+        assert!(text.contains(
+            "herald_http_requests_total{route=\"/health\",method=\"GET\",status=\"200\"} 1\n"
+        ));
+        assert!(text.contains("herald_store_poisoned 0\n"));
+    }
+}
