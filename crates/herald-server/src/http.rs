@@ -101,11 +101,21 @@ async fn count_request(State(state): State<AppState>, request: Request, next: Ne
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let method = request.method().clone();
+    // Clients can send any method token; only standard ones become label values.
+    let method: &'static str = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
     let response = next.run(request).await;
     state
         .metrics
-        .record_request(&route, method.as_str(), response.status().as_u16());
+        .record_request(&route, method, response.status().as_u16());
     if let Some(code) = response.extensions().get::<ErrorCode>() {
         state.metrics.record_error(*code);
     }
