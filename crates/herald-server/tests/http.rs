@@ -867,20 +867,8 @@ async fn a_poisoned_store_fails_readiness_and_publishes() {
         Config::default().policies(),
         Arc::new(SystemClock),
     ));
-    let state = herald_server::http::AppState {
-        store: store.clone() as Arc<dyn LogStore>,
-        auth: Arc::new(Authenticator::new(&[], true)),
-        limits: Config::default().limits(),
-        request_timeout: Duration::from_secs(5),
-        metrics: Default::default(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, herald_server::http::router(state))
-            .await
-            .unwrap();
-    });
+    let (base, serving) =
+        serve_dev_router(store.clone() as Arc<dyn LogStore>, Duration::from_secs(5)).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let ready = http.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
@@ -976,20 +964,7 @@ async fn a_publish_that_outlasts_the_request_timeout_gets_a_retryable_timeout() 
         inner: MemoryStore::new(Config::default().policies(), Arc::new(SystemClock)),
         held: std::sync::Mutex::new(Vec::new()),
     });
-    let state = herald_server::http::AppState {
-        store,
-        auth: Arc::new(Authenticator::new(&[], true)),
-        limits: Config::default().limits(),
-        request_timeout: Duration::from_millis(200),
-        metrics: Default::default(),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let serving = tokio::spawn(async move {
-        axum::serve(listener, herald_server::http::router(state))
-            .await
-            .unwrap();
-    });
+    let (base, serving) = serve_dev_router(store, Duration::from_millis(200)).await;
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let started = std::time::Instant::now();
     let response = http
@@ -1004,4 +979,27 @@ async fn a_publish_that_outlasts_the_request_timeout_gets_a_retryable_timeout() 
     assert_eq!(body["error"]["code"], "timeout");
     assert_eq!(body["error"]["retryable"], true);
     serving.abort();
+}
+
+/// Serves the router alone (no config, no key: anonymous dev access) over `store`, on a
+/// loopback port; returns the base URL and the serving task.
+async fn serve_dev_router(
+    store: Arc<dyn LogStore>,
+    request_timeout: Duration,
+) -> (String, tokio::task::JoinHandle<()>) {
+    let state = herald_server::http::AppState {
+        store,
+        auth: Arc::new(Authenticator::new(&[], true)),
+        limits: Config::default().limits(),
+        request_timeout,
+        metrics: Default::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(async move {
+        axum::serve(listener, herald_server::http::router(state))
+            .await
+            .unwrap();
+    });
+    (base, serving)
 }
