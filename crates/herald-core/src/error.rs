@@ -39,6 +39,20 @@ pub enum ErrorCode {
     /// The request did not complete in time; a publish may or may not have been stored
     /// (retry it with the same id).
     Timeout,
+    /// A WebSocket frame is not valid JSON or does not match its frame type.
+    InvalidFrame,
+    /// A WebSocket frame has a `type` this protocol version does not know.
+    UnknownFrame,
+    /// The client asked for a protocol version the server does not speak.
+    UnsupportedProtocol,
+    /// The connection already has a subscription on this channel.
+    AlreadySubscribed,
+    /// The connection has no subscription on this channel.
+    NotSubscribed,
+    /// The connection is at its subscription limit.
+    TooManySubscriptions,
+    /// A subscription filter does not compile, or is not a boolean expression.
+    InvalidFilter,
 }
 
 impl ErrorCode {
@@ -65,6 +79,13 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Timeout,
+        ErrorCode::InvalidFrame,
+        ErrorCode::UnknownFrame,
+        ErrorCode::UnsupportedProtocol,
+        ErrorCode::AlreadySubscribed,
+        ErrorCode::NotSubscribed,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::InvalidFilter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +112,13 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::UnknownFrame => "unknown_frame",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::InvalidFilter => "invalid_filter",
         }
     }
 
@@ -103,7 +131,14 @@ impl ErrorCode {
             | ErrorCode::InvalidMessageId
             | ErrorCode::InvalidPosition
             | ErrorCode::InvalidTtl
-            | ErrorCode::InvalidMessage => 400,
+            | ErrorCode::InvalidMessage
+            | ErrorCode::InvalidFrame
+            | ErrorCode::UnknownFrame
+            | ErrorCode::UnsupportedProtocol
+            | ErrorCode::InvalidFilter => 400,
+            ErrorCode::AlreadySubscribed => 409,
+            ErrorCode::NotSubscribed => 404,
+            ErrorCode::TooManySubscriptions => 429,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::MessageNotFound | ErrorCode::ChannelNotFound | ErrorCode::NotFound => 404,
@@ -157,6 +192,9 @@ impl InvalidInput {
     }
     pub fn id(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidMessageId, message)
+    }
+    pub fn request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
     }
     pub fn position(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::InvalidPosition, message)

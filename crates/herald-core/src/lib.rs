@@ -11,6 +11,8 @@
 //! - [`policy`] and [`limits`]: namespace policies (retention, TTL bounds, dedupe window) and
 //!   size limits.
 //! - [`stream`]: `ChannelStream`, the per-channel sequencer and index shared by all stores.
+//! - [`subscription`]: the delivery `Cursor` of one subscription (exactly-once catch-up,
+//!   at-most-once gaps) and `SkipRun` for serials a subscriber does not receive.
 //! - [`error`]: stable client-visible error codes.
 //!
 //! # Invariants
@@ -26,6 +28,7 @@ pub mod names;
 pub mod policy;
 pub mod position;
 pub mod stream;
+pub mod subscription;
 
 pub use chain::ChainHash;
 pub use error::{ErrorCode, InvalidInput};
@@ -38,3 +41,4 @@ pub use stream::{
     ChannelStream, ContinuityLost, ContinuityReason, PlanRejection, ReadFrom, ReadPlan, Sequenced,
     SkipReason, SkippedRange, StreamEntry, StreamStatus,
 };
+pub use subscription::{Cursor, Guarantee, SkipRun, SkippedRun, Step};

@@ -27,6 +27,6 @@ pub use embedded::{EmbeddedLog, EmbeddedOptions, EmbeddedStats};
 pub use fs::{Filesystem, SimFs, StdFs};
 pub use memory::MemoryStore;
 pub use store::{
-    AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, StoreError,
-    StoreHealth, StoreStats,
+    AppendError, AppendTicket, Appended, DurableListener, LogStore, ReadError, ReadPage, ReadQuery,
+    StoreError, StoreHealth, StoreStats,
 };

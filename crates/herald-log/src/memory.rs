@@ -36,6 +36,7 @@ struct State {
     fail_after: Option<(u64, String)>,
     /// Counters since this store was created (not carried across `crash_and_recover`).
     stats: crate::store::StoreStats,
+    listener: Option<Arc<dyn crate::store::DurableListener>>,
 }
 
 impl MemoryStore {
@@ -67,6 +68,7 @@ impl MemoryStore {
                 poisoned: None,
                 fail_after: None,
                 stats: crate::store::StoreStats::default(),
+                listener: None,
             }),
             policies,
             clock,
@@ -195,6 +197,12 @@ impl LogStore for MemoryStore {
                 .expect("stream exists")
                 .mark_durable(top);
         }
+        // Still under the write lock: listeners hear appends in serial order.
+        if let Some(listener) = &state.listener
+            && !sequenced.new_messages.is_empty()
+        {
+            listener.on_durable(&sequenced.new_messages);
+        }
         AppendTicket::ready(Ok(sequenced.replies))
     }
 
@@ -243,6 +251,10 @@ impl LogStore for MemoryStore {
 
     fn stats(&self) -> crate::store::StoreStats {
         self.read_state().stats
+    }
+
+    fn set_durable_listener(&self, listener: Arc<dyn crate::store::DurableListener>) {
+        self.write_state().listener = Some(listener);
     }
 }
 

@@ -154,6 +154,16 @@ pub struct StoreStats {
     pub rollovers: u64,
 }
 
+/// Receives every message once it is durable, for live delivery to subscribers.
+///
+/// Called in commit order, so per channel in serial order, with no message missing or
+/// repeated while the store runs. Called on the store's commit path (the committer thread, or
+/// inside the memory store's write lock): it must return quickly, never block and never call
+/// back into the store.
+pub trait DurableListener: Send + Sync + 'static {
+    fn on_durable(&self, messages: &[Message]);
+}
+
 /// Health of a store as reported by readiness checks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreHealth {
@@ -186,4 +196,7 @@ pub trait LogStore: Send + Sync + 'static {
     fn reclaim(&self) -> Result<usize, StoreError>;
     /// Counters since the store was opened.
     fn stats(&self) -> StoreStats;
+    /// Installs the listener that sees every message made durable from now on (one per store;
+    /// a second call replaces the first).
+    fn set_durable_listener(&self, listener: std::sync::Arc<dyn DurableListener>);
 }

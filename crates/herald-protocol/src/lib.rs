@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`publish`]: publish requests (single or batch) and their acknowledgements.
 //! - [`message`]: the message JSON, read pages and channel status.
+//! - [`ws`]: the native WebSocket protocol's frames (docs/protocol.md).
 //! - [`error`]: the error body every non-2xx response carries.
 //!
 //! # Invariants
@@ -19,6 +20,7 @@
 pub mod error;
 pub mod message;
 pub mod publish;
+pub mod ws;
 
 pub use error::{ErrorBody, ErrorDetail};
 pub use message::{ChannelStatusBody, MessageBody, PageBody, SkippedBody};

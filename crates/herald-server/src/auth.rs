@@ -27,6 +27,8 @@ use crate::config::{ApiKeyConfig, CapabilityConfig, DEFAULT_NAMESPACE};
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
     Publish,
+    /// Receive messages live (WebSocket and SSE subscriptions).
+    Subscribe,
     History,
     /// Every operation.
     Admin,
@@ -36,6 +38,7 @@ impl Operation {
     pub fn as_str(self) -> &'static str {
         match self {
             Operation::Publish => "publish",
+            Operation::Subscribe => "subscribe",
             Operation::History => "history",
             Operation::Admin => "admin",
         }
@@ -108,6 +111,19 @@ impl Authenticator {
                 code: ErrorCode::Unauthorized,
                 message: "the Authorization header must be \"Bearer KEY\"".into(),
             })?;
+        self.authenticate_key(key)
+    }
+
+    /// The principal of a bare API key (a WebSocket `connect` frame, an SSE `key=` parameter).
+    /// `None` means no key was given: anonymous in dev mode, `401` otherwise.
+    pub fn authenticate_key_or_anonymous(&self, key: Option<&str>) -> Result<Principal, Denied> {
+        match key {
+            Some(key) => self.authenticate_key(key),
+            None => self.authenticate(None),
+        }
+    }
+
+    fn authenticate_key(&self, key: &str) -> Result<Principal, Denied> {
         let digest = blake3::hash(key.as_bytes());
         let mut found = None;
         for (index, entry) in self.keys.iter().enumerate() {

@@ -50,6 +50,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
+    pub realtime: RealtimeConfig,
     /// Namespace policies by name. `default` applies to bare channel names and to every
     /// namespace not listed; a listed namespace takes unset keys from `default`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -74,6 +75,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
+            realtime: RealtimeConfig::default(),
             namespaces: BTreeMap::from([(DEFAULT_NAMESPACE.to_owned(), default_namespace)]),
             api_keys: Vec::new(),
         }
@@ -90,6 +92,9 @@ pub struct HttpConfig {
     /// How long shutdown waits for in-flight requests before giving up on them.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
+    /// Browser origins (`https://app.example.com`) allowed to read SSE streams and the HTTP
+    /// API cross-origin. Empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -97,6 +102,61 @@ impl Default for HttpConfig {
         Self {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// WebSocket and SSE subscriptions.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealtimeConfig {
+    /// How often connections get a heartbeat with each subscribed channel's top position.
+    #[serde(with = "human_duration")]
+    pub heartbeat_interval: Duration,
+    /// A WebSocket that sends no `connect` frame within this time is closed (4002).
+    #[serde(with = "human_duration")]
+    pub handshake_timeout: Duration,
+    /// Newest messages kept in memory per subscribed channel for live delivery. A subscriber
+    /// further behind reads from the log (exactly-once) or gets a gap notice (at-most-once).
+    pub live_buffer_messages: usize,
+    /// Frames waiting to be written per connection. When full, at-most-once subscriptions
+    /// drop (with a gap notice) and exactly-once ones pause and later catch up from the log.
+    pub outbound_queue_frames: usize,
+    pub subscriptions_per_connection: usize,
+    /// Largest WebSocket frame (or message) a client may send, in bytes; larger closes 1009.
+    pub frame_bytes: usize,
+    /// Consecutive malformed frames after which a WebSocket is closed (4000).
+    pub bad_frames_max: u32,
+    /// Publishes one WebSocket may have waiting for their ack.
+    pub publishes_in_flight_max: usize,
+    /// Most bytes of a subscription filter expression.
+    pub filter_bytes_max: usize,
+    /// Messages read from the log per page when a subscriber replays or catches up.
+    pub catch_up_page_messages: usize,
+    /// How often an idle SSE stream gets a keep-alive comment.
+    #[serde(with = "human_duration")]
+    pub sse_keepalive_interval: Duration,
+    /// The `retry:` an SSE stream announces: how long a browser waits before reconnecting.
+    #[serde(with = "human_duration")]
+    pub sse_retry: Duration,
+}
+
+impl Default for RealtimeConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(15),
+            handshake_timeout: Duration::from_secs(10),
+            live_buffer_messages: 1024,
+            outbound_queue_frames: 1024,
+            subscriptions_per_connection: 100,
+            frame_bytes: 256 * 1024,
+            bad_frames_max: 10,
+            publishes_in_flight_max: 256,
+            filter_bytes_max: 1024,
+            catch_up_page_messages: 100,
+            sse_keepalive_interval: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(2),
         }
     }
 }
@@ -425,6 +485,52 @@ fn toml_literal(text: &str) -> Option<toml::Value> {
     table.get("value").cloned()
 }
 
+impl RealtimeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("realtime.live_buffer_messages", self.live_buffer_messages),
+            ("realtime.outbound_queue_frames", self.outbound_queue_frames),
+            (
+                "realtime.subscriptions_per_connection",
+                self.subscriptions_per_connection,
+            ),
+            (
+                "realtime.publishes_in_flight_max",
+                self.publishes_in_flight_max,
+            ),
+            ("realtime.filter_bytes_max", self.filter_bytes_max),
+            (
+                "realtime.catch_up_page_messages",
+                self.catch_up_page_messages,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        if self.frame_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "realtime.frame_bytes",
+                "must be at least 1024",
+            ));
+        }
+        for (key, value) in [
+            ("realtime.heartbeat_interval", self.heartbeat_interval),
+            ("realtime.handshake_timeout", self.handshake_timeout),
+            (
+                "realtime.sse_keepalive_interval",
+                self.sse_keepalive_interval,
+            ),
+        ] {
+            if value < Duration::from_millis(10) {
+                return Err(ConfigError::invalid(key, "must be at least 10ms"));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Checks everything that types alone cannot; errors name the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -454,6 +560,7 @@ impl Config {
             .embedded_options()
             .check()
             .map_err(|error| ConfigError::invalid("storage", error.to_string()))?;
+        self.realtime.validate()?;
         if self.storage.reclaim_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "storage.reclaim_interval",

@@ -58,6 +58,7 @@ pub struct AppState {
     pub limits: Limits,
     pub request_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    pub realtime: Arc<crate::realtime::Realtime>,
 }
 
 /// The HTTP body limit: a full batch plus room for JSON syntax, escaping and base64 (which
@@ -79,6 +80,7 @@ pub fn router(state: AppState) -> Router {
             get(message_by_id),
         )
         .route("/v1/channels/{channel}", get(channel_status))
+        .route("/v1/ws", get(crate::ws::upgrade))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -252,22 +254,16 @@ fn validate_batch(
             ),
         ));
     }
-    let policy = state.store.policies().for_channel(channel);
     let mut batch = Vec::with_capacity(messages.len());
     let mut batch_bytes = 0usize;
     for (index, message) in messages.into_iter().enumerate() {
-        let in_context = |error: herald_core::InvalidInput| {
+        let message = validate_message(state, channel, message).map_err(|error| {
             if is_batch {
                 ApiError::new(error.code, format!("messages[{index}]: {}", error.message))
             } else {
                 ApiError::from(error)
             }
-        };
-        let message = message.into_new_message(generate_id).map_err(in_context)?;
-        message.validate(limits).map_err(in_context)?;
-        if let Some(ttl_ms) = message.ttl_ms {
-            policy.check_ttl(ttl_ms).map_err(in_context)?;
-        }
+        })?;
         batch_bytes += message.size_bytes();
         batch.push(message);
     }
@@ -281,6 +277,25 @@ fn validate_batch(
         ));
     }
     Ok(batch)
+}
+
+/// Turns one message as sent into store input, checking its limits and its namespace's TTL
+/// bounds (shared by the HTTP and WebSocket publish paths).
+pub(crate) fn validate_message(
+    state: &AppState,
+    channel: &ChannelName,
+    message: herald_protocol::PublishMessage,
+) -> Result<NewMessage, herald_core::InvalidInput> {
+    let message = message.into_new_message(generate_id)?;
+    message.validate(&state.limits)?;
+    if let Some(ttl_ms) = message.ttl_ms {
+        state
+            .store
+            .policies()
+            .for_channel(channel)
+            .check_ttl(ttl_ms)?;
+    }
+    Ok(message)
 }
 
 /// A fresh random message id.

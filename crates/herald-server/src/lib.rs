@@ -27,8 +27,13 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod filter;
 pub mod http;
+pub mod hub;
+pub mod live;
 pub mod metrics;
+pub mod realtime;
+pub mod ws;
 
 use std::future::Future;
 use std::io::Write as _;
@@ -196,19 +201,25 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
+        let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
         let state = http::AppState {
             store: self.store.store.clone(),
             auth: self.auth,
             limits: self.config.limits(),
             request_timeout: self.config.http.request_timeout,
             metrics: Arc::default(),
+            realtime: realtime::Realtime::new(
+                self.store.store.clone(),
+                self.config.realtime.clone(),
+                stopping_seen.clone(),
+            ),
         };
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
         let reclaim = tokio::spawn(reclaim_loop(
             self.store.store.clone(),
             self.config.storage.reclaim_interval,
         ));
-        let (stopping, mut stopping_seen) = tokio::sync::watch::channel(false);
+        let mut stopping_seen = stopping_seen;
         let signal = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");

@@ -956,6 +956,9 @@ impl LogStore for HangingStore {
     fn stats(&self) -> herald_log::StoreStats {
         self.inner.stats()
     }
+    fn set_durable_listener(&self, listener: Arc<dyn herald_log::DurableListener>) {
+        self.inner.set_durable_listener(listener)
+    }
 }
 
 #[tokio::test]
@@ -987,7 +990,14 @@ async fn serve_dev_router(
     store: Arc<dyn LogStore>,
     request_timeout: Duration,
 ) -> (String, tokio::task::JoinHandle<()>) {
+    // No WebSocket in these tests: the shutdown signal may as well be already closed.
+    let (_, stopping) = tokio::sync::watch::channel(false);
     let state = herald_server::http::AppState {
+        realtime: herald_server::realtime::Realtime::new(
+            store.clone(),
+            Default::default(),
+            stopping,
+        ),
         store,
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),

@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::thread::JoinHandle;
 
-use herald_core::{ChannelName, Serial};
+use herald_core::{ChannelName, Message, Serial};
 use tokio::sync::oneshot;
 
 use super::record::{self, encode_message, encode_tip, seal_message_record};
@@ -238,6 +238,13 @@ impl Committer {
         let mut outcomes = Vec::with_capacity(group.len());
         let mut tops: Vec<(ChannelName, Serial)> = Vec::new();
         let mut message_count = 0u64;
+        let listener = self
+            .shared
+            .listener
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut made_durable: Vec<Message> = Vec::new();
         for pending in group {
             let mut frames: Vec<(usize, usize)> = Vec::new();
             // Locked per batch, not per group, so readers wait for one batch at most.
@@ -271,6 +278,11 @@ impl Committer {
                     seal_message_record(&mut buffer[*start..*start + *len], following, base_offset);
                 }
                 tops.push((pending.channel.clone(), last.serial));
+            }
+            if listener.is_some()
+                && let Ok(sequenced) = &result
+            {
+                made_durable.extend(sequenced.new_messages.iter().cloned());
             }
             outcomes.push((pending.reply, result.map(|sequenced| sequenced.replies)));
         }
@@ -315,6 +327,11 @@ impl Committer {
                 }
                 for (reply, result) in outcomes {
                     let _ = reply.send(result);
+                }
+                if let Some(listener) = listener
+                    && !made_durable.is_empty()
+                {
+                    listener.on_durable(&made_durable);
                 }
             }
             Err(reason) => {

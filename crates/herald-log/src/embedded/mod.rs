@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     /// Record bytes (upper bounds) of the appends waiting in the commit queue; the queue is
     /// bounded by this as well as by its depth.
     pub(crate) queued_bytes: AtomicUsize,
+    /// Who hears about messages once durable (live delivery); read by the committer per group.
+    pub(crate) listener: RwLock<Option<Arc<dyn crate::store::DurableListener>>>,
     state: RwLock<State>,
     policies: Policies,
     clock: Arc<dyn Clock>,
@@ -233,6 +235,7 @@ impl EmbeddedLog {
             counters: Counters::default(),
             poisoned: OnceLock::new(),
             queued_bytes: AtomicUsize::new(0),
+            listener: RwLock::new(None),
             state: RwLock::new(State {
                 table: recovered.table,
                 segments: recovered.segments,
@@ -395,6 +398,14 @@ impl LogStore for EmbeddedLog {
 
     fn stats(&self) -> crate::store::StoreStats {
         EmbeddedLog::stats(self)
+    }
+
+    fn set_durable_listener(&self, listener: Arc<dyn crate::store::DurableListener>) {
+        *self
+            .shared
+            .listener
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
     }
 
     fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError> {

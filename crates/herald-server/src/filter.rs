@@ -1,0 +1,477 @@
+//! Subscription filters: a CEL expression over a message's `name` and `headers`, compiled once
+//! when a client subscribes and evaluated on the server for every message of the channel.
+//!
+//! The expression sees exactly two variables: `name` (a string, `""` when the message has
+//! none) and `headers` (a map of string to string). Nothing else of the message, no clock and
+//! no environment is reachable, so a filter's answer depends on the message alone and a
+//! resumed subscription filters exactly as the first one did.
+//!
+//! # Invariants
+//! - [`Filter::compile`] rejects, with [`ErrorCode::InvalidFilter`]: an empty or oversized
+//!   expression, a syntax error, a reference to any variable but `name` and `headers`, a
+//!   nested comprehension, and an expression that is not boolean whenever that can be told
+//!   before the first message (a literal, a bare variable or field, or a trial evaluation on a
+//!   message with no name and no headers that yields a non-boolean or an unknown function).
+//! - [`Filter::matches`] never fails: an evaluation error (a missing header key, a type
+//!   mismatch) or a non-boolean result means "does not match". A filter is a predicate over
+//!   what a message carries; a message that lacks what the filter asks about is not wanted.
+//! - Evaluation cost is bounded by the expression size times the message's header count:
+//!   comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) may not nest, so no
+//!   filter can loop over a loop. The parser bounds nesting depth on its own.
+//! - The `regex` feature of `cel` is off: its `matches()` compiles the pattern again on every
+//!   call, which is too dear to run once per message per subscriber. `matches()` therefore
+//!   is an unknown function here (a compile error when the trial evaluation reaches it).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
+use cel::common::types::{CelMap, CelMapKey, CelString};
+use cel::common::value::Val;
+use cel::{Context, Env, ExecutionError, Program, Value};
+use herald_core::{ErrorCode, Headers, InvalidInput};
+
+/// The variable holding the message name.
+const NAME: &str = "name";
+/// The variable holding the message headers.
+const HEADERS: &str = "headers";
+/// How many comprehensions may enclose one another. One loop over the headers or over a list
+/// literal is linear in the message or in the expression; a loop inside a loop is not.
+const COMPREHENSION_DEPTH_MAX: usize = 1;
+
+/// The standard CEL library and macros, built once: building it registers every overload,
+/// which is far dearer than compiling one expression.
+static ENVIRONMENT: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
+
+/// A compiled filter. Cheap to clone; shared by every task that delivers to the subscription.
+#[derive(Clone)]
+pub struct Filter {
+    compiled: Arc<Compiled>,
+}
+
+struct Compiled {
+    source: String,
+    program: Program,
+    /// Whether the expression mentions `name` / `headers`: a variable it never reads is not
+    /// built for each message.
+    reads_name: bool,
+    reads_headers: bool,
+}
+
+impl Filter {
+    /// Compiles `expression`. Fails with [`ErrorCode::InvalidFilter`] on an empty expression,
+    /// one over `max_bytes`, a syntax error, a reference to a variable other than `name` and
+    /// `headers`, a nested comprehension, or a non-boolean result when that can be told.
+    pub fn compile(expression: &str, max_bytes: usize) -> Result<Filter, InvalidInput> {
+        if expression.trim().is_empty() {
+            return Err(invalid("a filter must be a non-empty CEL expression"));
+        }
+        if expression.len() > max_bytes {
+            return Err(invalid(format!(
+                "a filter is at most {max_bytes} bytes; this one is {}",
+                expression.len()
+            )));
+        }
+        let program = ENVIRONMENT
+            .compile(expression)
+            .map_err(|errors| invalid(format!("the filter does not parse: {errors}")))?;
+
+        let mut check = Check::default();
+        check.walk(program.expression(), 0)?;
+        if let Some(kind) = static_non_boolean(program.expression()) {
+            return Err(invalid(format!(
+                "a filter must evaluate to a bool; this one is {kind}"
+            )));
+        }
+
+        let filter = Filter {
+            compiled: Arc::new(Compiled {
+                source: expression.to_owned(),
+                program,
+                reads_name: check.reads_name,
+                reads_headers: check.reads_headers,
+            }),
+        };
+        filter.trial()?;
+        Ok(filter)
+    }
+
+    /// Whether a message with this `name` (`None`: no name, seen as `""`) and these headers
+    /// passes the filter. An evaluation error or a non-boolean result is `false`.
+    pub fn matches(&self, name: Option<&str>, headers: &Headers) -> bool {
+        matches!(self.evaluate(name, headers), Ok(Value::Bool(true)))
+    }
+
+    /// The expression as the subscriber wrote it.
+    pub fn source(&self) -> &str {
+        &self.compiled.source
+    }
+
+    fn evaluate(&self, name: Option<&str>, headers: &Headers) -> Result<Value, ExecutionError> {
+        let compiled = &*self.compiled;
+        let mut context = Context::with_env(Arc::clone(&ENVIRONMENT));
+        if compiled.reads_name {
+            context.add_variable_as_val(NAME, Box::new(CelString::from(name.unwrap_or(""))));
+        }
+        if compiled.reads_headers {
+            // Keys and values borrow from the message: no copy of header text per evaluation.
+            let map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> = headers
+                .iter()
+                .map(|(key, value)| {
+                    let value: Box<dyn Val + '_> = Box::new(CelString::from(value.as_str()));
+                    (CelMapKey::from(key.as_str()), value)
+                })
+                .collect();
+            context.add_variable_as_val(HEADERS, Box::new(CelMap::from(map)));
+        }
+        compiled.program.execute(&context)
+    }
+
+    /// Evaluates once on a message with no name and no headers, to reject what can only be a
+    /// mistake: a non-boolean result, or a function that does not exist. Other errors (a
+    /// missing header key) are what filters on headers normally meet, and are allowed.
+    fn trial(&self) -> Result<(), InvalidInput> {
+        match self.evaluate(None, &Headers::new()) {
+            Ok(Value::Bool(_)) => Ok(()),
+            Ok(other) => Err(invalid(format!(
+                "a filter must evaluate to a bool; this one gave {:?}",
+                other.type_of()
+            ))),
+            Err(ExecutionError::UndeclaredReference(what)) => Err(invalid(format!(
+                "the filter uses {what:?}, which is not a known function; \
+                 the variables are `name` and `headers`"
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for Filter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Filter")
+            .field(&self.compiled.source)
+            .finish()
+    }
+}
+
+fn invalid(message: impl Into<String>) -> InvalidInput {
+    InvalidInput::new(ErrorCode::InvalidFilter, message)
+}
+
+/// The kind of value the expression's root certainly yields, when that is not a bool.
+fn static_non_boolean(root: &IdedExpr) -> Option<&'static str> {
+    match &root.expr {
+        Expr::Literal(LiteralValue::Boolean(_)) => None,
+        Expr::Literal(_) => Some("a literal that is not a bool"),
+        // `name`, `headers` and `headers.x` are a string, a map and a string.
+        Expr::Ident(_) => Some("a variable, not a condition"),
+        Expr::Select(select) if !select.test => Some("a field, not a condition"),
+        Expr::List(_) => Some("a list"),
+        Expr::Map(_) => Some("a map"),
+        Expr::Struct(_) => Some("a message literal"),
+        _ => None,
+    }
+}
+
+/// One walk over the expression: the variables it reads and the nesting of its loops.
+#[derive(Default)]
+struct Check {
+    /// Loop variables of the enclosing comprehensions (`x` in `headers.exists(x, ...)`, and
+    /// the accumulator the macros introduce).
+    bound: Vec<String>,
+    reads_name: bool,
+    reads_headers: bool,
+}
+
+impl Check {
+    fn walk(&mut self, node: &IdedExpr, loop_depth: usize) -> Result<(), InvalidInput> {
+        match &node.expr {
+            Expr::Unspecified | Expr::Literal(_) => Ok(()),
+            Expr::Ident(ident) => self.identifier(ident),
+            Expr::Select(select) => self.walk(&select.operand, loop_depth),
+            Expr::Call(call) => {
+                if let Some(target) = &call.target {
+                    self.walk(target, loop_depth)?;
+                }
+                call.args
+                    .iter()
+                    .try_for_each(|arg| self.walk(arg, loop_depth))
+            }
+            Expr::List(list) => list
+                .elements
+                .iter()
+                .try_for_each(|element| self.walk(element, loop_depth)),
+            Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
+                EntryExpr::MapEntry(pair) => {
+                    self.walk(&pair.key, loop_depth)?;
+                    self.walk(&pair.value, loop_depth)
+                }
+                EntryExpr::StructField(field) => self.walk(&field.value, loop_depth),
+            }),
+            Expr::Struct(message) => Err(invalid(format!(
+                "a filter cannot build a {:?} message; it sees only `name` and `headers`",
+                message.type_name
+            ))),
+            Expr::Comprehension(loop_expr) => {
+                // The range and the initial value are evaluated once, outside the loop.
+                self.walk(&loop_expr.iter_range, loop_depth)?;
+                self.walk(&loop_expr.accu_init, loop_depth)?;
+                let inner_depth = loop_depth + 1;
+                if inner_depth > COMPREHENSION_DEPTH_MAX {
+                    return Err(invalid(
+                        "a filter may not nest loops (all, exists, exists_one, map, filter \
+                         inside another one)",
+                    ));
+                }
+                let bound_before = self.bound.len();
+                self.bound.push(loop_expr.iter_var.clone());
+                if let Some(second) = &loop_expr.iter_var2 {
+                    self.bound.push(second.clone());
+                }
+                self.bound.push(loop_expr.accu_var.clone());
+                let body = self
+                    .walk(&loop_expr.loop_cond, inner_depth)
+                    .and_then(|()| self.walk(&loop_expr.loop_step, inner_depth));
+                // The result sees the accumulator but runs once.
+                let result = body.and_then(|()| self.walk(&loop_expr.result, loop_depth));
+                self.bound.truncate(bound_before);
+                result
+            }
+        }
+    }
+
+    fn identifier(&mut self, ident: &str) -> Result<(), InvalidInput> {
+        // A leading dot names the root scope: `.name` is `name`, never a loop variable.
+        let absolute = ident.strip_prefix('.');
+        let plain = absolute.unwrap_or(ident);
+        if absolute.is_none() && self.bound.iter().any(|bound| bound == plain) {
+            return Ok(());
+        }
+        match plain {
+            NAME => self.reads_name = true,
+            HEADERS => self.reads_headers = true,
+            // Type names (`type(name) == string`) resolve to types, not variables.
+            _ if ENVIRONMENT.types().find_type(plain).is_some() => {}
+            _ => {
+                return Err(invalid(format!(
+                    "unknown variable {plain:?}: a filter sees only `name` and `headers`"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX_BYTES: usize = 1024;
+
+    fn filter(expression: &str) -> Filter {
+        Filter::compile(expression, MAX_BYTES)
+            .unwrap_or_else(|error| panic!("{expression:?} should compile: {error}"))
+    }
+
+    fn rejected(expression: &str) -> InvalidInput {
+        match Filter::compile(expression, MAX_BYTES) {
+            Ok(_) => panic!("{expression:?} should be rejected"),
+            Err(error) => {
+                assert_eq!(error.code, ErrorCode::InvalidFilter, "{error}");
+                error
+            }
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Headers {
+        pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn filters_on_the_name() {
+        let order = filter(r#"name == "order""#);
+        assert!(order.matches(Some("order"), &Headers::new()));
+        assert!(!order.matches(Some("orders"), &Headers::new()));
+        assert!(!order.matches(None, &Headers::new()));
+
+        let temperature = filter(r#"name.startsWith("temp")"#);
+        assert!(temperature.matches(Some("temperature"), &Headers::new()));
+        assert!(!temperature.matches(Some("humidity"), &Headers::new()));
+        // No name is the empty string, not an error.
+        let unnamed = filter(r#"name == """#);
+        assert!(unnamed.matches(None, &Headers::new()));
+        assert_eq!(temperature.source(), r#"name.startsWith("temp")"#);
+    }
+
+    #[test]
+    fn filters_on_headers() {
+        let region = filter(r#"headers.region in ["eu", "us"]"#);
+        assert!(region.matches(None, &headers(&[("region", "eu")])));
+        assert!(region.matches(None, &headers(&[("region", "us"), ("x", "y")])));
+        assert!(!region.matches(None, &headers(&[("region", "ap")])));
+
+        let kind = filter(r#"has(headers.kind) && headers.kind == "x""#);
+        assert!(kind.matches(None, &headers(&[("kind", "x")])));
+        assert!(!kind.matches(None, &headers(&[("kind", "y")])));
+        assert!(!kind.matches(None, &Headers::new()));
+
+        let indexed = filter(r#"headers["content-type"] == "json" || name == "raw""#);
+        assert!(indexed.matches(None, &headers(&[("content-type", "json")])));
+        assert!(indexed.matches(Some("raw"), &Headers::new()));
+
+        let any_key = filter(r#"headers.exists(key, key.startsWith("x-"))"#);
+        assert!(any_key.matches(None, &headers(&[("x-trace", "1")])));
+        assert!(!any_key.matches(None, &headers(&[("trace", "1")])));
+    }
+
+    #[test]
+    fn a_missing_header_does_not_match() {
+        let region = filter(r#"headers.region == "eu""#);
+        assert!(!region.matches(Some("order"), &Headers::new()));
+        // Negation does not turn the error into a match either.
+        let not_region = filter(r#"headers.region != "eu""#);
+        assert!(!not_region.matches(Some("order"), &Headers::new()));
+        assert!(not_region.matches(Some("order"), &headers(&[("region", "us")])));
+    }
+
+    #[test]
+    fn bad_expressions_are_invalid_filters() {
+        rejected("");
+        rejected("   ");
+        rejected(r#"name == "#);
+        rejected(r#"name == "unterminated"#);
+        rejected("foo == 1");
+        rejected("message.name == \"x\"");
+        rejected(r#"name == "a" && data.size() > 1"#);
+        // Loop variables do not leak out of their loop.
+        rejected(r#"headers.exists(k, k == "a") && k == "a""#);
+        rejected(r#"my.pkg.Type{field: 1} == name"#);
+        let oversize = format!(r#"name == "{}""#, "x".repeat(MAX_BYTES));
+        assert!(rejected(&oversize).message.contains("at most"));
+    }
+
+    #[test]
+    fn non_boolean_filters_are_rejected() {
+        rejected("name");
+        rejected("headers");
+        rejected("headers.kind");
+        rejected("1");
+        rejected(r#""yes""#);
+        rejected("[true]");
+        rejected("size(name)");
+        rejected(r#"name + "x""#);
+        // A function that does not exist (regex support is off).
+        rejected(r#"name.matches("^a")"#);
+        rejected(r#"nosuch(name)"#);
+    }
+
+    #[test]
+    fn a_non_boolean_result_at_run_time_never_matches() {
+        // Only known at run time: the header's value decides the branch's type.
+        let odd = filter(r#"headers.kind == "x" ? true : headers.kind"#);
+        assert!(odd.matches(None, &headers(&[("kind", "x")])));
+        assert!(!odd.matches(None, &headers(&[("kind", "y")])));
+    }
+
+    #[test]
+    fn loops_may_not_nest() {
+        filter(r#"headers.all(k, k.size() < 10)"#);
+        filter(r#"[1, 2].map(x, x).exists(y, y == 2) && name == """#);
+        let error = rejected(r#"headers.exists(a, headers.exists(b, a == b))"#);
+        assert!(error.message.contains("nest"), "{error}");
+    }
+
+    #[test]
+    fn type_names_are_not_unknown_variables() {
+        let typed = filter("type(name) == string");
+        assert!(typed.matches(Some("a"), &Headers::new()));
+    }
+
+    #[test]
+    fn filters_are_shareable_across_tasks() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Filter>();
+        let shared = filter(r#"name == "a""#);
+        let other = shared.clone();
+        let handle = std::thread::spawn(move || other.matches(Some("a"), &Headers::new()));
+        assert!(handle.join().unwrap());
+        assert!(!shared.matches(Some("b"), &Headers::new()));
+    }
+
+    /// `cargo test -p herald-server --release filter::tests::matches_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn matches_cost() {
+        let region = filter(r#"has(headers.region) && headers.region in ["eu", "us"]"#);
+        let name = filter(r#"name.startsWith("temp")"#);
+        let message_headers = headers(&[("region", "eu"), ("kind", "order"), ("trace", "abc")]);
+        const ROUNDS: u32 = 200_000;
+        for (label, filter) in [("headers", &region), ("name", &name)] {
+            let started = std::time::Instant::now();
+            let mut matched = 0u32;
+            for _ in 0..ROUNDS {
+                matched += u32::from(filter.matches(
+                    std::hint::black_box(Some("temperature")),
+                    std::hint::black_box(&message_headers),
+                ));
+            }
+            let elapsed = started.elapsed();
+            assert_eq!(matched, ROUNDS);
+            println!(
+                "{label}: {:?}: {} ns per matches()",
+                filter.source(),
+                elapsed.as_nanos() / u128::from(ROUNDS)
+            );
+        }
+    }
+}
+#[cfg(test)]
+mod probe {
+    #[test]
+    fn depth_probe() {
+        let Ok(kind) = std::env::var("PROBE_KIND") else {
+            return;
+        };
+        let n: usize = std::env::var("PROBE_N").unwrap().parse().unwrap();
+        let text = match kind.as_str() {
+            "paren" => format!("{}name == \"\"{}", "(".repeat(n), ")".repeat(n)),
+            "not" => format!("{}true", "!".repeat(n)),
+            "or" => vec!["name == \"\""; n].join(" || "),
+            "plus" => format!("size({}) > 0", vec!["name"; n].join(" + ")),
+            "select" => format!("has(headers{})", ".a".repeat(n)),
+            "list" => format!("{}1{} == name", "[".repeat(n), "]".repeat(n)),
+            "ternary" => format!("{}true", "true ? true : ".repeat(n)),
+            "neg" => format!("{}1 == 1", "-".repeat(n)),
+            _ => panic!(),
+        };
+        let stack: usize = std::env::var("PROBE_STACK")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(2 << 20);
+        let phase = std::env::var("PROBE_PHASE").unwrap_or_default();
+        let compile_stack = if phase == "eval" { 256 << 20 } else { stack };
+        let compiled = std::thread::Builder::new()
+            .stack_size(compile_stack)
+            .spawn(move || super::Filter::compile(&text, 1 << 20))
+            .unwrap()
+            .join()
+            .unwrap();
+        let result = std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(move || {
+                if let Ok(f) = &compiled {
+                    f.matches(Some("x"), &Default::default());
+                }
+                compiled
+                    .map(|_| ())
+                    .map_err(|e| e.message.chars().take(80).collect::<String>())
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        println!("RESULT {kind} {n}: {result:?}");
+    }
+}

@@ -1,0 +1,128 @@
+//! The live feed: every durable message, per channel, to the subscriptions of that channel.
+//!
+//! The store calls [`Hub::on_durable`] with each group of messages right after its fsync, in
+//! commit order. The hub keeps, for each channel that has subscribers, a bounded broadcast
+//! ring of the newest [`LiveMessage`]s. Subscriptions read the ring at their own pace; one
+//! that falls further behind than the ring holds is told so (`Lagged`) and catches up from the
+//! log (exactly-once) or reports a gap (at-most-once): see `live.rs`.
+//!
+//! # Invariants
+//! - Per channel, the ring receives messages in serial order, each once (the store's listener
+//!   contract). A subscription that registers *before* it reads the channel's state from the
+//!   store therefore misses nothing: older messages are in the store, newer ones in the ring.
+//! - A message is serialised at most once per wire form ([`LiveMessage::frame`],
+//!   [`LiveMessage::hint_frame`]) and every subscriber sends the same bytes.
+//! - Channels without subscribers cost nothing: their ring is removed with the last receiver.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use axum::extract::ws::Utf8Bytes;
+use herald_core::{ChannelName, Message};
+use herald_log::DurableListener;
+use herald_protocol::MessageBody;
+use herald_protocol::ws::{Hint, HintTag, delivery_json};
+use tokio::sync::broadcast;
+
+/// A durable message on its way to subscribers, with its wire forms encoded on first use.
+#[derive(Debug)]
+pub struct LiveMessage {
+    pub message: Message,
+    frame: OnceLock<Utf8Bytes>,
+    hint_frame: OnceLock<Utf8Bytes>,
+}
+
+impl LiveMessage {
+    pub fn new(message: Message) -> LiveMessage {
+        LiveMessage {
+            message,
+            frame: OnceLock::new(),
+            hint_frame: OnceLock::new(),
+        }
+    }
+
+    /// The `message` frame (WebSocket text, and the `data:` of an SSE event).
+    pub fn frame(&self) -> &Utf8Bytes {
+        self.frame.get_or_init(|| {
+            Utf8Bytes::from(delivery_json(&MessageBody::from_message(&self.message)))
+        })
+    }
+
+    /// The `hint` frame.
+    pub fn hint_frame(&self) -> &Utf8Bytes {
+        self.hint_frame.get_or_init(|| {
+            let message = &self.message;
+            let hint = Hint {
+                kind: HintTag::Tag,
+                channel: message.channel.to_string(),
+                serial: message.serial.0,
+                epoch: message.epoch.to_string(),
+                position: message.position().to_string(),
+            };
+            Utf8Bytes::from(serde_json::to_string(&hint).expect("a hint serialises"))
+        })
+    }
+}
+
+pub type LiveReceiver = broadcast::Receiver<Arc<LiveMessage>>;
+
+/// The per-channel live rings.
+pub struct Hub {
+    feeds: RwLock<HashMap<ChannelName, broadcast::Sender<Arc<LiveMessage>>>>,
+    ring_messages: usize,
+}
+
+impl Hub {
+    /// `ring_messages`: how many of the newest messages each subscribed channel keeps.
+    pub fn new(ring_messages: usize) -> Hub {
+        Hub {
+            feeds: RwLock::new(HashMap::new()),
+            ring_messages: ring_messages.max(1),
+        }
+    }
+
+    /// Registers a receiver for `channel`: it gets every message made durable from now on.
+    pub fn subscribe(&self, channel: &ChannelName) -> LiveReceiver {
+        let mut feeds = self.feeds.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sender) = feeds.get(channel) {
+            return sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(self.ring_messages);
+        feeds.insert(channel.clone(), sender);
+        receiver
+    }
+
+    /// Drops the channel's ring once its last receiver is gone. Call after dropping a receiver.
+    pub fn release(&self, channel: &ChannelName) {
+        let mut feeds = self.feeds.write().unwrap_or_else(PoisonError::into_inner);
+        if feeds
+            .get(channel)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            feeds.remove(channel);
+        }
+    }
+
+    /// Channels that currently have a ring (for metrics and tests).
+    pub fn channels(&self) -> usize {
+        self.feeds
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl DurableListener for Hub {
+    fn on_durable(&self, messages: &[Message]) {
+        let feeds = self.feeds.read().unwrap_or_else(PoisonError::into_inner);
+        if feeds.is_empty() {
+            return;
+        }
+        for message in messages {
+            if let Some(sender) = feeds.get(&message.channel) {
+                // An error means every receiver is gone; `release` removes the ring.
+                let _ = sender.send(Arc::new(LiveMessage::new(message.clone())));
+            }
+        }
+    }
+}

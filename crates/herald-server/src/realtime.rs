@@ -1,0 +1,55 @@
+//! The realtime side of a server: the live hub wired to the store, the shared pump context,
+//! connection counters and the shutdown signal WebSocket and SSE connections watch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use herald_log::LogStore;
+use tokio::sync::watch;
+
+use crate::config::RealtimeConfig;
+use crate::hub::Hub;
+use crate::live::{LiveContext, LiveCounters};
+
+pub struct Realtime {
+    pub config: RealtimeConfig,
+    pub live: LiveContext,
+    /// Turns true when the server starts shutting down; long-lived connections close then.
+    pub stopping: watch::Receiver<bool>,
+    /// Open WebSocket and SSE connections.
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+}
+
+impl Realtime {
+    /// Installs a new hub as the store's durable listener.
+    pub fn new(
+        store: Arc<dyn LogStore>,
+        config: RealtimeConfig,
+        stopping: watch::Receiver<bool>,
+    ) -> Arc<Realtime> {
+        let hub = Arc::new(Hub::new(config.live_buffer_messages));
+        store.set_durable_listener(hub.clone());
+        Arc::new(Realtime {
+            live: LiveContext {
+                store,
+                hub,
+                page_messages: config.catch_up_page_messages,
+                counters: Arc::new(LiveCounters::default()),
+            },
+            config,
+            stopping,
+            connections: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+        })
+    }
+
+    pub fn connections_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connections_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
