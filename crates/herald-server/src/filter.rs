@@ -9,18 +9,25 @@
 //! # Invariants
 //! - [`Filter::compile`] rejects, with [`ErrorCode::InvalidFilter`]: an empty or oversized
 //!   expression, a syntax error, a reference to any variable but `name` and `headers`, a
-//!   nested comprehension, and an expression that is not boolean whenever that can be told
-//!   before the first message (a literal, a bare variable or field, or a trial evaluation on a
-//!   message with no name and no headers that yields a non-boolean or an unknown function).
+//!   nested comprehension, an expression nested or chained beyond the limits below, and an
+//!   expression that is not boolean whenever that can be told before the first message (a
+//!   literal, a bare variable or field, or a trial evaluation on a message with no name and
+//!   no headers that yields a non-boolean or calls an unknown function).
 //! - [`Filter::matches`] never fails: an evaluation error (a missing header key, a type
 //!   mismatch) or a non-boolean result means "does not match". A filter is a predicate over
 //!   what a message carries; a message that lacks what the filter asks about is not wanted.
+//! - No filter can overflow a stack. The `cel` parser and evaluator recurse, and a stack
+//!   overflow aborts the whole process, so: the source is checked for bracket nesting and
+//!   operator chains before it reaches the parser, the parser runs on a thread of its own
+//!   with a stack sized for what that check lets through (unoptimised builds use tens of KiB
+//!   per level), and the compiled tree is at most [`EXPRESSION_DEPTH_MAX`] deep, which bounds
+//!   the evaluation in [`Filter::matches`] on the caller's stack.
 //! - Evaluation cost is bounded by the expression size times the message's header count:
 //!   comprehensions (`all`, `exists`, `exists_one`, `map`, `filter`) may not nest, so no
-//!   filter can loop over a loop. The parser bounds nesting depth on its own.
+//!   filter can loop over a loop.
 //! - The `regex` feature of `cel` is off: its `matches()` compiles the pattern again on every
-//!   call, which is too dear to run once per message per subscriber. `matches()` therefore
-//!   is an unknown function here (a compile error when the trial evaluation reaches it).
+//!   call, which is too dear to run once per message per subscriber. `matches()` is therefore
+//!   an unknown function here (rejected when the trial evaluation reaches it).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,6 +46,20 @@ const HEADERS: &str = "headers";
 /// How many comprehensions may enclose one another. One loop over the headers or over a list
 /// literal is linear in the message or in the expression; a loop inside a loop is not.
 const COMPREHENSION_DEPTH_MAX: usize = 1;
+/// How deep brackets (`(`, `[`, `{`) may nest in the source.
+const NESTING_MAX: usize = 16;
+/// How many binary arithmetic or comparison operators (`+ - * / % < <= > >= == != in`) may
+/// follow one another at one nesting level without `&&`, `||`, `?:` or `,` between them. The
+/// parser builds a left-deep tree for such a chain and walks it recursively.
+const CHAIN_MAX: usize = 32;
+/// How deep the compiled expression tree may be. Evaluation recurses once per level on the
+/// caller's stack; a balanced `&&`/`||` of a hundred clauses is still under 16 levels.
+pub const EXPRESSION_DEPTH_MAX: usize = 16;
+/// The stack of the compiling thread: enough for [`NESTING_MAX`] levels each holding a
+/// [`CHAIN_MAX`] chain in an unoptimised build (measured: about 130 KiB per bracket level and
+/// 40 KiB per chained operator there, a tenth of that optimised). Only the pages touched are
+/// ever backed by memory.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
 
 /// The standard CEL library and macros, built once: building it registers every overload,
 /// which is far dearer than compiling one expression.
@@ -62,7 +83,12 @@ struct Compiled {
 impl Filter {
     /// Compiles `expression`. Fails with [`ErrorCode::InvalidFilter`] on an empty expression,
     /// one over `max_bytes`, a syntax error, a reference to a variable other than `name` and
-    /// `headers`, a nested comprehension, or a non-boolean result when that can be told.
+    /// `headers`, a nested comprehension, nesting beyond the limits, or a non-boolean result
+    /// when that can be told.
+    ///
+    /// Blocks for the compilation (tens to hundreds of microseconds), which runs on a
+    /// short-lived thread of its own (see the module invariants); a failure to start that
+    /// thread is [`ErrorCode::Unavailable`].
     pub fn compile(expression: &str, max_bytes: usize) -> Result<Filter, InvalidInput> {
         if expression.trim().is_empty() {
             return Err(invalid("a filter must be a non-empty CEL expression"));
@@ -73,12 +99,34 @@ impl Filter {
                 expression.len()
             )));
         }
+        check_shape(expression)?;
+        std::thread::scope(|scope| {
+            let compiling = std::thread::Builder::new()
+                .name("herald-filter".to_owned())
+                .stack_size(COMPILE_STACK_BYTES)
+                .spawn_scoped(scope, || Filter::compile_checked(expression))
+                .map_err(|error| {
+                    InvalidInput::new(
+                        ErrorCode::Unavailable,
+                        format!("cannot start compiling the filter: {error}"),
+                    )
+                })?;
+            compiling.join().unwrap_or_else(|_panic| {
+                // A parser bug met on client input: refuse the filter, keep the server.
+                tracing::error!(filter = expression, "the CEL compiler panicked");
+                Err(invalid("the filter could not be compiled"))
+            })
+        })
+    }
+
+    /// [`Filter::compile`] once the source is known to be small and shallow enough to parse.
+    fn compile_checked(expression: &str) -> Result<Filter, InvalidInput> {
         let program = ENVIRONMENT
             .compile(expression)
             .map_err(|errors| invalid(format!("the filter does not parse: {errors}")))?;
 
         let mut check = Check::default();
-        check.walk(program.expression(), 0)?;
+        check.walk(program.expression(), 0, 0)?;
         if let Some(kind) = static_non_boolean(program.expression()) {
             return Err(invalid(format!(
                 "a filter must evaluate to a bool; this one is {kind}"
@@ -159,6 +207,158 @@ fn invalid(message: impl Into<String>) -> InvalidInput {
     InvalidInput::new(ErrorCode::InvalidFilter, message)
 }
 
+/// Checks bracket nesting and operator chains on the source text, before the parser sees it.
+///
+/// String literals and comments are skipped the way CEL's lexer reads them. Where the two
+/// could disagree (an unterminated string, an invalid escape, a string glued to an identifier
+/// other than a `r`/`b` prefix) the expression is refused outright: each of those is a syntax
+/// error anyway, and refusing keeps this check from ever reading code as a string.
+fn check_shape(source: &str) -> Result<(), InvalidInput> {
+    let bytes = source.as_bytes();
+    // One operator count per open bracket level, the outermost first.
+    let mut chains: Vec<usize> = vec![0];
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        let next = bytes.get(index + 1).copied();
+        let mut width = 1;
+        let mut operator = false;
+        match byte {
+            b'"' | b'\'' => {
+                index = skip_string(source, index)?;
+                continue;
+            }
+            b'/' if next == Some(b'/') => {
+                // A comment runs to the end of the line.
+                index = bytes[index..]
+                    .iter()
+                    .position(|&byte| byte == b'\n')
+                    .map_or(bytes.len(), |offset| index + offset + 1);
+                continue;
+            }
+            b'(' | b'[' | b'{' => {
+                chains.push(0);
+                if chains.len() - 1 > NESTING_MAX {
+                    return Err(invalid(format!(
+                        "a filter may nest brackets at most {NESTING_MAX} deep"
+                    )));
+                }
+            }
+            b')' | b']' | b'}' => {
+                // An unbalanced close is the parser's to report.
+                if chains.len() > 1 {
+                    chains.pop();
+                }
+            }
+            b'&' | b'|' | b'?' | b':' | b',' => {
+                *chains.last_mut().expect("the outermost level stays") = 0;
+            }
+            b'=' | b'!' | b'<' | b'>' if next == Some(b'=') => {
+                width = 2;
+                operator = true;
+            }
+            // A lone `!` is a prefix the parser reads in a loop, not a chain link.
+            b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' => operator = true,
+            _ if is_identifier_byte(byte) => {
+                width = bytes[index..]
+                    .iter()
+                    .position(|&byte| !is_identifier_byte(byte))
+                    .unwrap_or(bytes.len() - index);
+                operator = &bytes[index..index + width] == b"in";
+            }
+            _ => {}
+        }
+        if operator {
+            let chain = chains.last_mut().expect("the outermost level stays");
+            *chain += 1;
+            if *chain > CHAIN_MAX {
+                return Err(invalid(format!(
+                    "a filter may chain at most {CHAIN_MAX} arithmetic or comparison \
+                     operators without && or || between them"
+                )));
+            }
+        }
+        index += width;
+    }
+    Ok(())
+}
+
+fn is_identifier_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_'
+}
+
+/// Skips the string or bytes literal whose opening quote is at `start`; returns the index
+/// right after its closing quote.
+fn skip_string(source: &str, start: usize) -> Result<usize, InvalidInput> {
+    let bytes = source.as_bytes();
+    let prefix_start = bytes[..start]
+        .iter()
+        .rposition(|&byte| !is_identifier_byte(byte))
+        .map_or(0, |position| position + 1);
+    let raw = match &source[prefix_start..start] {
+        "" | "b" | "B" => false,
+        "r" | "R" | "br" | "bR" | "Br" | "BR" => true,
+        _ => {
+            return Err(invalid(
+                "a string literal cannot follow an identifier or a number directly",
+            ));
+        }
+    };
+    let quote = bytes[start];
+    let triple = bytes[start..].starts_with(&[quote, quote, quote]);
+    let unterminated = || invalid("the filter has an unterminated string literal");
+    let mut index = start + if triple { 3 } else { 1 };
+    loop {
+        let Some(&byte) = bytes.get(index) else {
+            return Err(unterminated());
+        };
+        if triple && bytes[index..].starts_with(&[quote, quote, quote]) {
+            return Ok(index + 3);
+        }
+        if !triple && byte == quote {
+            return Ok(index + 1);
+        }
+        if !triple && (byte == b'\n' || byte == b'\r') {
+            return Err(unterminated());
+        }
+        index += if byte == b'\\' && !raw {
+            escape_width(&bytes[index..]).ok_or_else(|| {
+                invalid("the filter has an invalid escape sequence in a string literal")
+            })?
+        } else {
+            1
+        };
+    }
+}
+
+/// The length of the escape sequence at the start of `text` (which starts with `\`), as CEL's
+/// lexer accepts them; `None` for an invalid one.
+fn escape_width(text: &[u8]) -> Option<usize> {
+    let hex_digits = |count: usize| {
+        let digits = text.get(2..2 + count)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then_some(2 + count)
+    };
+    match *text.get(1)? {
+        b'a' | b'b' | b'f' | b'n' | b'r' | b't' | b'v' | b'"' | b'\'' | b'\\' | b'?' | b'`' => {
+            Some(2)
+        }
+        b'x' | b'X' => hex_digits(2),
+        b'u' => hex_digits(4),
+        b'U' => hex_digits(8),
+        b'0'..=b'3' => {
+            let digits = text.get(2..4)?;
+            digits
+                .iter()
+                .all(|digit| (b'0'..=b'7').contains(digit))
+                .then_some(4)
+        }
+        _ => None,
+    }
+}
+
 /// The kind of value the expression's root certainly yields, when that is not a bool.
 fn static_non_boolean(root: &IdedExpr) -> Option<&'static str> {
     match &root.expr {
@@ -174,7 +374,8 @@ fn static_non_boolean(root: &IdedExpr) -> Option<&'static str> {
     }
 }
 
-/// One walk over the expression: the variables it reads and the nesting of its loops.
+/// One walk over the compiled tree: the variables it reads, its depth and the nesting of its
+/// loops.
 #[derive(Default)]
 struct Check {
     /// Loop variables of the enclosing comprehensions (`x` in `headers.exists(x, ...)`, and
@@ -185,56 +386,68 @@ struct Check {
 }
 
 impl Check {
-    fn walk(&mut self, node: &IdedExpr, loop_depth: usize) -> Result<(), InvalidInput> {
+    fn walk(
+        &mut self,
+        node: &IdedExpr,
+        depth: usize,
+        loop_depth: usize,
+    ) -> Result<(), InvalidInput> {
+        if depth >= EXPRESSION_DEPTH_MAX {
+            return Err(invalid(format!(
+                "the filter nests more than {EXPRESSION_DEPTH_MAX} levels deep"
+            )));
+        }
+        let below = depth + 1;
         match &node.expr {
             Expr::Unspecified | Expr::Literal(_) => Ok(()),
             Expr::Ident(ident) => self.identifier(ident),
-            Expr::Select(select) => self.walk(&select.operand, loop_depth),
+            Expr::Select(select) => self.walk(&select.operand, below, loop_depth),
             Expr::Call(call) => {
                 if let Some(target) = &call.target {
-                    self.walk(target, loop_depth)?;
+                    self.walk(target, below, loop_depth)?;
                 }
                 call.args
                     .iter()
-                    .try_for_each(|arg| self.walk(arg, loop_depth))
+                    .try_for_each(|arg| self.walk(arg, below, loop_depth))
             }
             Expr::List(list) => list
                 .elements
                 .iter()
-                .try_for_each(|element| self.walk(element, loop_depth)),
+                .try_for_each(|element| self.walk(element, below, loop_depth)),
             Expr::Map(map) => map.entries.iter().try_for_each(|entry| match &entry.expr {
                 EntryExpr::MapEntry(pair) => {
-                    self.walk(&pair.key, loop_depth)?;
-                    self.walk(&pair.value, loop_depth)
+                    self.walk(&pair.key, below, loop_depth)?;
+                    self.walk(&pair.value, below, loop_depth)
                 }
-                EntryExpr::StructField(field) => self.walk(&field.value, loop_depth),
+                EntryExpr::StructField(field) => self.walk(&field.value, below, loop_depth),
             }),
             Expr::Struct(message) => Err(invalid(format!(
                 "a filter cannot build a {:?} message; it sees only `name` and `headers`",
                 message.type_name
             ))),
-            Expr::Comprehension(loop_expr) => {
+            Expr::Comprehension(comprehension) => {
                 // The range and the initial value are evaluated once, outside the loop.
-                self.walk(&loop_expr.iter_range, loop_depth)?;
-                self.walk(&loop_expr.accu_init, loop_depth)?;
-                let inner_depth = loop_depth + 1;
-                if inner_depth > COMPREHENSION_DEPTH_MAX {
+                self.walk(&comprehension.iter_range, below, loop_depth)?;
+                self.walk(&comprehension.accu_init, below, loop_depth)?;
+                let inner_loop_depth = loop_depth + 1;
+                if inner_loop_depth > COMPREHENSION_DEPTH_MAX {
                     return Err(invalid(
                         "a filter may not nest loops (all, exists, exists_one, map, filter \
                          inside another one)",
                     ));
                 }
                 let bound_before = self.bound.len();
-                self.bound.push(loop_expr.iter_var.clone());
-                if let Some(second) = &loop_expr.iter_var2 {
+                self.bound.push(comprehension.iter_var.clone());
+                if let Some(second) = &comprehension.iter_var2 {
                     self.bound.push(second.clone());
                 }
-                self.bound.push(loop_expr.accu_var.clone());
+                self.bound.push(comprehension.accu_var.clone());
                 let body = self
-                    .walk(&loop_expr.loop_cond, inner_depth)
-                    .and_then(|()| self.walk(&loop_expr.loop_step, inner_depth));
+                    .walk(&comprehension.loop_cond, below, inner_loop_depth)
+                    .and_then(|()| self.walk(&comprehension.loop_step, below, inner_loop_depth));
                 // The result sees the accumulator but runs once.
-                let result = body.and_then(|()| self.walk(&loop_expr.result, loop_depth));
+                let result =
+                    body.and_then(|()| self.walk(&comprehension.result, below, loop_depth));
                 self.bound.truncate(bound_before);
                 result
             }
@@ -431,47 +644,82 @@ mod tests {
 }
 #[cfg(test)]
 mod probe {
+    use super::*;
     #[test]
-    fn depth_probe() {
-        let Ok(kind) = std::env::var("PROBE_KIND") else {
+    fn eval_stack_probe() {
+        let Ok(stack) = std::env::var("PROBE_STACK") else {
             return;
         };
-        let n: usize = std::env::var("PROBE_N").unwrap().parse().unwrap();
-        let text = match kind.as_str() {
-            "paren" => format!("{}name == \"\"{}", "(".repeat(n), ")".repeat(n)),
-            "not" => format!("{}true", "!".repeat(n)),
-            "or" => vec!["name == \"\""; n].join(" || "),
-            "plus" => format!("size({}) > 0", vec!["name"; n].join(" + ")),
-            "select" => format!("has(headers{})", ".a".repeat(n)),
-            "list" => format!("{}1{} == name", "[".repeat(n), "]".repeat(n)),
-            "ternary" => format!("{}true", "true ? true : ".repeat(n)),
-            "neg" => format!("{}1 == 1", "-".repeat(n)),
-            _ => panic!(),
-        };
-        let stack: usize = std::env::var("PROBE_STACK")
-            .map(|s| s.parse().unwrap())
-            .unwrap_or(2 << 20);
-        let phase = std::env::var("PROBE_PHASE").unwrap_or_default();
-        let compile_stack = if phase == "eval" { 256 << 20 } else { stack };
-        let compiled = std::thread::Builder::new()
-            .stack_size(compile_stack)
-            .spawn(move || super::Filter::compile(&text, 1 << 20))
-            .unwrap()
-            .join()
-            .unwrap();
-        let result = std::thread::Builder::new()
+        let stack: usize = stack.parse().unwrap();
+        // Find the longest `+` chain that still compiles: the deepest tree evaluation meets.
+        let mut best = None;
+        for n in 1..40 {
+            let text = format!("size({}) > 0", vec!["name"; n].join(" + "));
+            if let Ok(f) = Filter::compile(&text, 1 << 20) {
+                best = Some((n, f));
+            }
+        }
+        let (n, f) = best.unwrap();
+        let ok = std::thread::Builder::new()
             .stack_size(stack)
-            .spawn(move || {
-                if let Ok(f) = &compiled {
-                    f.matches(Some("x"), &Default::default());
-                }
-                compiled
-                    .map(|_| ())
-                    .map_err(|e| e.message.chars().take(80).collect::<String>())
-            })
+            .spawn(move || f.matches(Some("x"), &Headers::new()))
             .unwrap()
             .join()
             .unwrap();
-        println!("RESULT {kind} {n}: {result:?}");
+        println!("RESULT chain {n} stack {stack}: {ok}");
+        let ternary = format!("{}true", "name == \"a\" ? false : ".repeat(30));
+        let mut best = None;
+        for n in 1..40 {
+            let text = format!("{}true", "name == \"a\" ? false : ".repeat(n));
+            if let Ok(f) = Filter::compile(&text, 1 << 20) {
+                best = Some((n, f));
+            }
+        }
+        let _ = ternary;
+        let (n, f) = best.unwrap();
+        let ok = std::thread::Builder::new()
+            .stack_size(stack)
+            .spawn(move || f.matches(Some("x"), &Headers::new()))
+            .unwrap()
+            .join()
+            .unwrap();
+        println!("RESULT ternary {n} stack {stack}: {ok}");
+    }
+}
+#[cfg(test)]
+mod probe_depth {
+    use super::*;
+    fn depth(e: &IdedExpr) -> usize {
+        1 + match &e.expr {
+            Expr::Select(s) => depth(&s.operand),
+            Expr::Call(c) => c
+                .target
+                .iter()
+                .map(|t| depth(t))
+                .chain(c.args.iter().map(depth))
+                .max()
+                .unwrap_or(0),
+            Expr::List(l) => l.elements.iter().map(depth).max().unwrap_or(0),
+            Expr::Comprehension(c) => [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ]
+            .into_iter()
+            .map(depth)
+            .max()
+            .unwrap(),
+            _ => 0,
+        }
+    }
+    #[test]
+    fn depth_probe2() {
+        let clauses: Vec<String> = (0..16).map(|i| format!("headers.h{i} == \"v\"")).collect();
+        for text in [r#"name == "order""#.to_owned(), r#"headers.region in ["eu","us"]"#.into(), r#"has(headers.kind) && headers.kind == "x""#.into(), r#"headers.exists(k, k.startsWith("x-") && headers[k] == "1")"#.into(), r#"(name == "a" || name == "b") && !(headers.region in ["eu"]) && headers.exists(k, k == "z")"#.into(), clauses.join(" || "), clauses.join(" && ")] {
+            let p = ENVIRONMENT.compile(&text).unwrap();
+            println!("DEPTH {} {}", depth(p.expression()), &text[..text.len().min(60)]);
+        }
     }
 }

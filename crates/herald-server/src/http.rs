@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/channels/{channel}", get(channel_status))
         .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/v1/sse", get(crate::sse::subscribe))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

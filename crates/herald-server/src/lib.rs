@@ -33,6 +33,7 @@ pub mod hub;
 pub mod live;
 pub mod metrics;
 pub mod realtime;
+pub mod sse;
 pub mod ws;
 
 use std::future::Future;
@@ -211,6 +212,7 @@ impl Server {
             realtime: realtime::Realtime::new(
                 self.store.store.clone(),
                 self.config.realtime.clone(),
+                self.config.http.cors_origins.clone(),
                 stopping_seen.clone(),
             ),
         };

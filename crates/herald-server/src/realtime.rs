@@ -19,6 +19,8 @@ pub struct Realtime {
     /// Open WebSocket and SSE connections.
     pub connections: AtomicU64,
     pub connections_total: AtomicU64,
+    /// `http.cors_origins`: browser origins allowed to read SSE streams.
+    pub cors_origins: Vec<String>,
 }
 
 impl Realtime {
@@ -26,6 +28,7 @@ impl Realtime {
     pub fn new(
         store: Arc<dyn LogStore>,
         config: RealtimeConfig,
+        cors_origins: Vec<String>,
         stopping: watch::Receiver<bool>,
     ) -> Arc<Realtime> {
         let hub = Arc::new(Hub::new(config.live_buffer_messages));
@@ -41,6 +44,7 @@ impl Realtime {
             stopping,
             connections: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
+            cors_origins,
         })
     }
 

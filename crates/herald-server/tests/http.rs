@@ -996,6 +996,7 @@ async fn serve_dev_router(
         realtime: herald_server::realtime::Realtime::new(
             store.clone(),
             Default::default(),
+            Vec::new(),
             stopping,
         ),
         store,
