@@ -897,6 +897,72 @@ fn failed_write_poisons_until_restart<H: Harness>() {
 // ----- instantiation -------------------------------------------------------------------------
 
 /// One test function per case and store: `conformance_suite!(module: Harness)`.
+/// The durable listener (live delivery) hears every new message exactly once, per channel in
+/// serial order, never hears duplicates or refused batches, and what it heard is readable.
+fn durable_listener_hears_each_new_message_once_in_order<H: Harness>() {
+    #[derive(Default)]
+    struct Recorder {
+        heard: std::sync::Mutex<Vec<(String, u64)>>,
+    }
+    impl herald_log::DurableListener for Recorder {
+        fn on_durable(&self, messages: &[Message]) {
+            let mut heard = self.heard.lock().unwrap();
+            for message in messages {
+                heard.push((message.channel.to_string(), message.serial.0));
+            }
+        }
+    }
+    let harness = H::open(test_policies(), new_clock());
+    let recorder = std::sync::Arc::new(Recorder::default());
+    harness.store().set_durable_listener(recorder.clone());
+    let (a, b) = (channel("a"), channel("b"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut tasks = Vec::new();
+        for task in 0..4 {
+            let store = harness.shared_store();
+            let (a, b) = (a.clone(), b.clone());
+            tasks.push(tokio::spawn(async move {
+                for n in 0..20 {
+                    let target = if n % 2 == 0 { a.clone() } else { b.clone() };
+                    let mut batch = vec![json(&format!("t{task}-{n}"), "1")];
+                    if n % 4 == 3 {
+                        // A retry of an earlier id: a duplicate, never heard again.
+                        batch.push(json(&format!("t{task}-{}", n - 2), "1"));
+                    }
+                    store.append(target, batch).await.expect("accepted");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    // A refused batch is never heard.
+    let conflict = append(harness.store(), &a, vec![json("t0-0", "different")]);
+    assert!(conflict.is_err());
+    let heard = recorder.heard.lock().unwrap().clone();
+    for (name, expected) in [("a", 40u64), ("b", 40u64)] {
+        let serials: Vec<u64> = heard
+            .iter()
+            .filter(|(channel, _)| channel == name)
+            .map(|(_, serial)| *serial)
+            .collect();
+        assert_eq!(
+            serials,
+            (1..=expected).collect::<Vec<_>>(),
+            "channel {name}"
+        );
+    }
+    // Everything heard is readable.
+    assert_eq!(read_all(harness.store(), &a, 100).len(), 40);
+    assert_eq!(read_all(harness.store(), &b, 100).len(), 40);
+}
+
 macro_rules! conformance_suite {
     ($module:ident: $harness:ty) => {
         conformance_suite!(@cases $module: $harness;
@@ -917,6 +983,7 @@ macro_rules! conformance_suite {
             reclaim_keeps_serials_epoch_and_chain,
             reclaim_twice_then_restart,
             failed_write_poisons_until_restart,
+            durable_listener_hears_each_new_message_once_in_order,
         );
     };
     (@cases $module:ident: $harness:ty; $($case:ident),* $(,)?) => {

@@ -441,9 +441,10 @@ async fn health() -> Response {
 
 /// Prometheus text format; aggregate figures only (no channel names), so no key is needed.
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state
+    let mut text = state
         .metrics
         .render(&state.store.stats(), &state.store.health());
+    crate::metrics::render_live(&mut text, &state.realtime);
     (
         [(
             header::CONTENT_TYPE,

@@ -177,6 +177,93 @@ impl Metrics {
     }
 }
 
+/// The realtime part of the exposition: connections, subscriptions, deliveries, drops, gaps,
+/// lost continuity and log catch-up.
+pub fn render_live(out: &mut String, realtime: &crate::realtime::Realtime) {
+    let counters = &realtime.live.counters;
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    for (name, kind, help, value) in [
+        (
+            "herald_connections",
+            "gauge",
+            "Open WebSocket and SSE connections.",
+            load(&realtime.connections),
+        ),
+        (
+            "herald_connections_total",
+            "counter",
+            "WebSocket and SSE connections opened.",
+            load(&realtime.connections_total),
+        ),
+        (
+            "herald_subscriptions",
+            "gauge",
+            "Active subscriptions (WebSocket and SSE).",
+            load(&counters.subscriptions),
+        ),
+        (
+            "herald_live_channels",
+            "gauge",
+            "Channels with a live ring (channels that have subscribers).",
+            realtime.live.hub.channels() as u64,
+        ),
+        (
+            "herald_live_dropped_total",
+            "counter",
+            "At-most-once messages dropped because a subscriber's outbound queue was full.",
+            load(&counters.dropped),
+        ),
+        (
+            "herald_live_gap_notices_total",
+            "counter",
+            "Gap notices sent to at-most-once subscribers.",
+            load(&counters.gap_notices),
+        ),
+        (
+            "herald_live_catch_up_reads_total",
+            "counter",
+            "Log reads made to replay history or catch up a subscriber that fell behind.",
+            load(&counters.catch_up_reads),
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    header(
+        out,
+        "herald_live_deliveries_total",
+        "counter",
+        "Messages handed to subscribers' outbound queues, by guarantee.",
+    );
+    for (guarantee, counter) in [
+        ("exactly-once", &counters.delivered_exactly_once),
+        ("at-most-once", &counters.delivered_at_most_once),
+    ] {
+        let _ = writeln!(
+            out,
+            "herald_live_deliveries_total{{guarantee=\"{guarantee}\"}} {}",
+            load(counter)
+        );
+    }
+    header(
+        out,
+        "herald_continuity_lost_total",
+        "counter",
+        "continuity_lost notices sent to subscribers, by reason.",
+    );
+    for (reason, counter) in [
+        ("retention", &counters.continuity_lost_retention),
+        ("epoch_changed", &counters.continuity_lost_epoch_changed),
+        ("ahead_of_top", &counters.continuity_lost_ahead_of_top),
+    ] {
+        let _ = writeln!(
+            out,
+            "herald_continuity_lost_total{{reason=\"{reason}\"}} {}",
+            load(counter)
+        );
+    }
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
