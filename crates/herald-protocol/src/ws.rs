@@ -35,8 +35,6 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame was over the frame size limit.
     pub const FRAME_TOO_LARGE: u16 = 1009;
-    /// A server bug; reconnect with backoff.
-    pub const INTERNAL: u16 = 1011;
     /// Too many malformed frames in a row; the client is not speaking this protocol.
     pub const PROTOCOL_ERROR: u16 = 4000;
     /// `connect` carried no valid credentials, or a frame came before `connect`.

@@ -378,7 +378,25 @@ impl Pump {
     /// Follows the live ring until the connection goes away.
     async fn follow(&mut self, receiver: &mut LiveReceiver) -> Result<(), End> {
         loop {
-            match receiver.recv().await {
+            let received = if self.dropped.is_some() {
+                // At-most-once with drops not yet reported: report them as soon as there is
+                // room, even if the channel goes quiet.
+                let out = self.out.clone();
+                tokio::select! {
+                    biased;
+                    received = receiver.recv() => received,
+                    permit = out.reserve() => {
+                        let permit = permit.map_err(|_| End::Closed)?;
+                        if let Some(gap) = self.take_gap() {
+                            permit.send(gap);
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                receiver.recv().await
+            };
+            match received {
                 Ok(live) => {
                     self.offer(live).await?;
                     if receiver.is_empty() {
@@ -397,12 +415,9 @@ impl Pump {
     async fn offer(&mut self, live: Arc<LiveMessage>) -> Result<(), End> {
         let (epoch, serial) = (live.message.epoch.clone(), live.message.serial);
         let cursor = self.cursor.get_or_insert_with(|| {
-            // The first message of a channel that was empty when the subscription started.
-            let after = match self.guarantee {
-                Guarantee::ExactlyOnce => Serial(0),
-                Guarantee::AtMostOnce => Serial(serial.0 - 1),
-            };
-            Cursor::new(self.guarantee, epoch.clone(), after)
+            // The channel was empty when the subscription started: everything from serial 1
+            // is new to this subscriber (a jump past it is a catch-up or a reported gap).
+            Cursor::new(self.guarantee, epoch.clone(), Serial(0))
         });
         match cursor.offer(&epoch, serial) {
             Step::Deliver => self.deliver(live).await,
@@ -482,33 +497,9 @@ impl Pump {
                 unreachable!("only deliveries are dropped")
             }
         };
-        if let Some((from, to)) = self.dropped {
-            let epoch = self
-                .cursor
-                .as_ref()
-                .map(|cursor| cursor.epoch().clone())
-                .expect("a drop implies a cursor");
-            let gap = Outgoing::Frame(ServerFrame::Gap(GapNotice {
-                kind: GapTag::Tag,
-                channel: self.channel.to_string(),
-                from: Position::new(epoch.clone(), from).to_string(),
-                to: Position::new(epoch, to).to_string(),
-                reason: "slow_consumer".to_owned(),
-            }));
-            match self.out.try_send(gap) {
-                Ok(()) => {
-                    self.dropped = None;
-                    self.context
-                        .counters
-                        .gap_notices
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(TrySendError::Full(_)) => {
-                    self.record_drop(serial, serial);
-                    return Ok(());
-                }
-                Err(TrySendError::Closed(_)) => return Err(End::Closed),
-            }
+        if !self.try_flush_gap()? {
+            self.record_drop(serial, serial);
+            return Ok(());
         }
         match self.out.try_send(item) {
             Ok(()) => {
@@ -524,6 +515,56 @@ impl Pump {
             }
             Err(TrySendError::Closed(_)) => Err(End::Closed),
         }
+    }
+
+    /// At-most-once: sends the pending gap notice if there is room. False when the queue is
+    /// full (the gap stays pending, and whatever comes next must be folded into it).
+    fn try_flush_gap(&mut self) -> Result<bool, End> {
+        let Some(gap) = self.take_gap() else {
+            return Ok(true);
+        };
+        match self.out.try_send(gap) {
+            Ok(()) => Ok(true),
+            Err(TrySendError::Full(Outgoing::Frame(ServerFrame::Gap(gap)))) => {
+                // Put it back: the range is still unreported.
+                let from = Position::parse(&gap.from).expect("we wrote it").serial;
+                let to = Position::parse(&gap.to).expect("we wrote it").serial;
+                self.dropped = Some((from, to));
+                self.context
+                    .counters
+                    .gap_notices
+                    .fetch_sub(1, Ordering::Relaxed);
+                Ok(false)
+            }
+            Err(TrySendError::Full(_)) => unreachable!("a gap was sent"),
+            Err(TrySendError::Closed(_)) => Err(End::Closed),
+        }
+    }
+
+    /// The pending gap notice, counted; `None` when nothing was dropped.
+    fn take_gap(&mut self) -> Option<Outgoing> {
+        let (from, to) = self.dropped.take()?;
+        let epoch = self.cursor.as_ref()?.epoch().clone();
+        self.context
+            .counters
+            .gap_notices
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Outgoing::Frame(ServerFrame::Gap(GapNotice {
+            kind: GapTag::Tag,
+            channel: self.channel.to_string(),
+            from: Position::new(epoch.clone(), from).to_string(),
+            to: Position::new(epoch, to).to_string(),
+            reason: "slow_consumer".to_owned(),
+        })))
+    }
+
+    /// Extends the unreported range with serials that were not dropped as messages (a skip
+    /// notice that found no room): the subscriber learns them as part of the gap.
+    fn fold_into_gap(&mut self, from: Serial, to: Serial) {
+        self.dropped = Some(match self.dropped {
+            Some((first, _)) => (first, to),
+            None => (from, to),
+        });
     }
 
     fn record_drop(&mut self, from: Serial, to: Serial) {
@@ -559,12 +600,23 @@ impl Pump {
         }));
         match self.guarantee {
             Guarantee::ExactlyOnce => self.send(frame).await,
-            // Skips are not messages: an at-most-once subscriber that cannot take one right
-            // now learns the range from the next delivery's serial anyway.
-            Guarantee::AtMostOnce => match self.out.try_send(frame) {
-                Err(TrySendError::Closed(_)) => Err(End::Closed),
-                _ => Ok(()),
-            },
+            // At-most-once never waits: a skip that finds no room (or a gap still pending
+            // before it) becomes part of the gap, so the order of notices holds and every
+            // serial is still accounted for.
+            Guarantee::AtMostOnce => {
+                if !self.try_flush_gap()? {
+                    self.fold_into_gap(run.from, run.to);
+                    return Ok(());
+                }
+                match self.out.try_send(frame) {
+                    Ok(()) => Ok(()),
+                    Err(TrySendError::Full(_)) => {
+                        self.fold_into_gap(run.from, run.to);
+                        Ok(())
+                    }
+                    Err(TrySendError::Closed(_)) => Err(End::Closed),
+                }
+            }
         }
     }
 

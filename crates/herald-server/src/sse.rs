@@ -11,7 +11,8 @@
 //! # Events
 //! Deliveries have no `event:` line (so `EventSource.onmessage` fires) and the WebSocket
 //! `message` frame as `data:`. Notices and replies are named events with the WebSocket frame
-//! as data: `subscribed`, `continuity_lost`, `gap`, `skip`, `heartbeat`, `error`. The stream
+//! as data: `subscribed`, `continuity_lost`, `gap`, `skip`, `heartbeat`, `server_error` (not
+//! `error`, which `EventSource` reserves for connection failures). The stream
 //! starts with `retry:` and gets a `: keep-alive` comment when idle.
 
 use std::collections::BTreeMap;
@@ -268,7 +269,15 @@ impl EventWriter {
             }
             Outgoing::Frame(frame) => {
                 let (event, moved_to) = match &frame {
-                    ServerFrame::Subscribed(_) => ("subscribed", None),
+                    // The start position goes into the id too, so a stream that drops before
+                    // its first delivery still resumes where it started.
+                    ServerFrame::Subscribed(reply) => (
+                        "subscribed",
+                        reply
+                            .after
+                            .as_deref()
+                            .map(|after| (reply.channel.as_str(), after)),
+                    ),
                     ServerFrame::ContinuityLost(notice) => (
                         "continuity_lost",
                         notice.to.as_deref().map(|to| (notice.channel.as_str(), to)),
@@ -279,7 +288,9 @@ impl EventWriter {
                     ServerFrame::Skip(notice) => {
                         ("skip", Some((notice.channel.as_str(), notice.to.as_str())))
                     }
-                    ServerFrame::Error(_) => ("error", None),
+                    // Not `error`: EventSource delivers that name to `onerror`, the handler
+                    // for connection failures.
+                    ServerFrame::Error(_) => ("server_error", None),
                     ServerFrame::Heartbeat(_) => ("heartbeat", None),
                     _ => ("notice", None),
                 };

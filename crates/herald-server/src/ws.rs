@@ -334,7 +334,9 @@ impl Connection {
                     .and_then(|name| self.subscriptions.remove(&name))
                 {
                     Some(pump) => {
+                        // Wait until it has stopped, so no frame of it follows the reply.
                         pump.abort();
+                        let _ = pump.await;
                         self.send(ServerFrame::Unsubscribed(Unsubscribed {
                             kind: UnsubscribedTag::Tag,
                             req: unsubscribe.req,
@@ -405,12 +407,17 @@ impl Connection {
         true
     }
 
-    fn validate_subscribe(&self, subscribe: Subscribe) -> Result<SubscriptionRequest, ApiError> {
+    fn validate_subscribe(
+        &mut self,
+        subscribe: Subscribe,
+    ) -> Result<SubscriptionRequest, ApiError> {
         let config = &self.state.realtime.config;
         let channel = ChannelName::parse(&subscribe.channel)?;
         self.state
             .auth
             .authorize(self.principal, &channel, Operation::Subscribe)?;
+        // A pump that ended (its store read failed) no longer holds its channel.
+        self.subscriptions.retain(|_, pump| !pump.is_finished());
         if self.subscriptions.contains_key(&channel) {
             return Err(ApiError::new(
                 ErrorCode::AlreadySubscribed,

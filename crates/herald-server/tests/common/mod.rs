@@ -125,6 +125,52 @@ impl WsClient {
         }
     }
 
+    /// Wraps a socket opened elsewhere (for example with custom upgrade headers).
+    pub fn from_socket(socket: Socket) -> WsClient {
+        WsClient {
+            socket,
+            next_req: 1,
+        }
+    }
+
+    /// Opens the socket (without `connect`) over a TCP connection whose receive buffer is
+    /// fixed at about `receive_buffer_bytes`. Loopback buffers otherwise grow to megabytes, so
+    /// a client that stops reading would take a long time to push back on the server.
+    pub async fn open_with_receive_buffer(url: &str, receive_buffer_bytes: u32) -> WsClient {
+        let authority = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.split('/').next())
+            .expect("a ws://IP:PORT/... url");
+        let addr: SocketAddr = authority.parse().expect("an IP:PORT authority");
+        let tcp = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+        tcp.set_recv_buffer_size(receive_buffer_bytes)
+            .expect("SO_RCVBUF is settable");
+        let stream = tokio::time::timeout(WAIT, tcp.connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("TCP connect");
+        let (socket, _) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("websocket handshake");
+        WsClient {
+            socket,
+            next_req: 1,
+        }
+    }
+
+    /// [`WsClient::open_with_receive_buffer`], then `connect` (anonymous).
+    pub async fn connect_with_receive_buffer(url: &str, receive_buffer_bytes: u32) -> WsClient {
+        let mut client = Self::open_with_receive_buffer(url, receive_buffer_bytes).await;
+        client.send(json!({"type": "connect", "protocol": 1})).await;
+        let connected = client.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        client
+    }
+
     /// Opens and completes `connect` (anonymous).
     pub async fn connect(url: &str) -> WsClient {
         let mut client = Self::open(url).await;
