@@ -8,6 +8,7 @@
 //! Exit codes are part of the interface (see [`EXIT_CODES`]).
 
 mod bench;
+mod subscribe;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +61,9 @@ enum Command {
     /// Read a channel's messages (oldest first, or newest first with --newest or --before).
     #[command(after_help = EXIT_CODES)]
     History(HistoryArgs),
+    /// Receive messages live (WebSocket), resuming by itself after a drop. Prints one JSON
+    /// line per message on stdout; notices go to stderr.
+    Subscribe(SubscribeArgs),
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -145,10 +149,46 @@ struct HistoryArgs {
     #[arg(long)]
     limit: Option<u32>,
     /// Print the page exactly as the server returned it (JSON).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     json: bool,
+    /// Print every message after --after (or from the oldest retained), then keep printing
+    /// new ones as they arrive, with no gap and no duplicate (Ctrl-C to stop).
+    #[arg(long, conflicts_with_all = ["before", "newest", "limit"])]
+    follow: bool,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+#[derive(Args, Debug)]
+struct SubscribeArgs {
+    /// Channel names.
+    #[arg(required = true, value_name = "CHANNEL")]
+    channels: Vec<String>,
+    /// Resume after a position: EPOCH:SERIAL (one channel), or CHANNEL=EPOCH:SERIAL; repeat
+    /// for several channels. Needs exactly-once.
+    #[arg(long, value_name = "POS")]
+    from: Vec<String>,
+    /// Start with the last N messages of each channel (exactly-once).
+    #[arg(long, value_name = "N", conflicts_with = "from")]
+    rewind: Option<u64>,
+    /// exactly-once (resumable, no loss) or at-most-once (live only, drops reported as gaps).
+    #[arg(long, default_value = "exactly-once", value_parser = parse_guarantee)]
+    guarantee: herald_core::Guarantee,
+    /// A CEL filter over `name` and `headers`, e.g. 'headers.kind == "order"'.
+    #[arg(long, value_name = "EXPR")]
+    filter: Option<String>,
+    /// Print positions only (hints), not the messages.
+    #[arg(long)]
+    hints: bool,
+    /// Exit after this many messages.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn parse_guarantee(text: &str) -> Result<herald_core::Guarantee, String> {
+    herald_core::Guarantee::parse(text).map_err(|error| error.message)
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,6 +206,9 @@ enum ConfigCommand {
 enum BenchCommand {
     /// Durable publish throughput and ack latency, and the disk's raw group-commit limit.
     Publish(bench::BenchArgs),
+    /// WebSocket fan-out: delivered messages/s, publish-to-deliver latency, server CPU per
+    /// delivery and RSS per idle connection, for 1 publisher and N subscribers.
+    Fanout(bench::fanout::FanoutArgs),
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
@@ -257,7 +300,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Publish(args) => publish(args).await,
+        Command::History(args) if args.follow => {
+            let from = match &args.after {
+                Some(after) => vec![Some(herald_core::Position::parse(after).map_err(
+                    |error| Failure::other(EXIT_USAGE, anyhow::anyhow!("--after: {error}")),
+                )?)],
+                None => vec![None],
+            };
+            let plan = subscribe::Plan {
+                channels: vec![args.channel.clone()],
+                // Without --after: everything retained, then live.
+                rewind: from[0].is_none().then_some(u64::MAX),
+                from,
+                guarantee: herald_core::Guarantee::ExactlyOnce,
+                hints: false,
+                filter: None,
+                count: None,
+                format: subscribe::Format::Table,
+            };
+            subscribe::run(plan, &args.client).await
+        }
         Command::History(args) => history(args).await,
+        Command::Subscribe(args) => {
+            let plan = subscribe::Plan {
+                from: subscribe::parse_from(&args.channels, &args.from)?,
+                channels: args.channels,
+                guarantee: args.guarantee,
+                rewind: args.rewind,
+                hints: args.hints,
+                filter: args.filter,
+                count: args.count,
+                format: subscribe::Format::JsonLines,
+            };
+            subscribe::run(plan, &args.client).await
+        }
         Command::Config(ConfigCommand::Init) => {
             print!("{}", config::DEFAULT_CONFIG_TOML);
             Ok(())
@@ -270,6 +346,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Bench(BenchCommand::Publish(args)) => bench::run(args)
+            .await
+            .map_err(|error| Failure::other(1, error)),
+        Command::Bench(BenchCommand::Fanout(args)) => bench::fanout::run(args)
             .await
             .map_err(|error| Failure::other(1, error)),
     }

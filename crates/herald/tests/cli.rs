@@ -392,3 +392,127 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let again = Served::start(data.path(), &["--dev"]);
     drop(again);
 }
+
+/// `herald subscribe` and `herald history --follow` against the real binary: JSON lines with
+/// the stored data, resume `--from`, live messages after history, and usage errors.
+#[test]
+fn subscribe_and_follow_print_history_then_live_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Served::start(dir.path(), &[]);
+    let with_server = |command: &mut Command| {
+        command
+            .args(["--url", &server.url, "--data"])
+            .arg(dir.path());
+    };
+    let publish = |data: &str| {
+        let mut command = herald();
+        command.args(["publish", "feed:cli", data, "--json"]);
+        with_server(&mut command);
+        let (code, stdout, stderr) = run(&mut command);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let first = publish(r#"{"n":1,"price":1.50}"#);
+    publish(r#"{"n":2}"#);
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+
+    // Resume after serial 1; a third message is published while the subscriber waits.
+    let mut subscriber = herald();
+    subscriber.args([
+        "subscribe",
+        "feed:cli",
+        "--from",
+        &format!("{epoch}:1"),
+        "--count",
+        "2",
+    ]);
+    with_server(&mut subscriber);
+    let subscriber = subscriber
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    publish(r#"{"n":3}"#);
+    let output = wait_with_deadline(subscriber, Duration::from_secs(20));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let serials: Vec<u64> = lines
+        .iter()
+        .map(|line| line["serial"].as_u64().unwrap())
+        .collect();
+    assert_eq!(serials, vec![2, 3]);
+    assert_eq!(lines[1]["data"], serde_json::json!({"n": 3}));
+    assert_eq!(lines[0]["channel"], "feed:cli");
+
+    // `--follow` prints everything retained, then keeps going; it is stopped by the test.
+    let mut follower = herald();
+    follower.args(["history", "feed:cli", "--follow"]);
+    with_server(&mut follower);
+    let mut follower = follower
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    for expected in 1..=4u64 {
+        if expected == 4 {
+            publish(r#"{"n":4}"#);
+        }
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("history --follow prints the next message");
+        assert!(
+            line.starts_with(&format!("{epoch}:{expected}\t")),
+            "line {expected}: {line}"
+        );
+        seen.push(line);
+    }
+    // The stored JSON text is printed as published (number spelling kept).
+    assert!(seen[0].ends_with(r#"{"n":1,"price":1.50}"#), "{}", seen[0]);
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // Usage errors exit 2 before connecting.
+    for args in [
+        vec!["subscribe", "feed:cli", "--from", "nonsense"],
+        vec!["subscribe", "a", "b", "--from", "E:1"],
+        vec!["subscribe", "feed:cli", "--guarantee", "sometimes"],
+    ] {
+        let mut command = herald();
+        command.args(&args);
+        with_server(&mut command);
+        let (code, _, stderr) = run(&mut command);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
+}
+
+/// Waits for a child, killing it if it runs past `limit`.
+fn wait_with_deadline(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the command did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}

@@ -434,6 +434,7 @@ fn format_errors(errors: &BTreeMap<String, u64>) -> String {
         .collect()
 }
 
+pub mod fanout;
 mod http_phases;
 mod log_phases;
 mod raw_phases;
