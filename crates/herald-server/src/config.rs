@@ -128,6 +128,9 @@ pub struct RealtimeConfig {
     pub frame_bytes: usize,
     /// Consecutive malformed frames after which a WebSocket is closed (4000).
     pub bad_frames_max: u32,
+    /// Read buffer per WebSocket, in bytes: the main part of an idle connection's memory.
+    /// Frames larger than this are read in several steps.
+    pub read_buffer_bytes: usize,
     /// Publishes one WebSocket may have waiting for their ack.
     pub publishes_in_flight_max: usize,
     /// Most bytes of a subscription filter expression.
@@ -152,6 +155,7 @@ impl Default for RealtimeConfig {
             subscriptions_per_connection: 100,
             frame_bytes: 256 * 1024,
             bad_frames_max: 10,
+            read_buffer_bytes: 1024,
             publishes_in_flight_max: 256,
             filter_bytes_max: 1024,
             catch_up_page_messages: 100,
@@ -499,6 +503,7 @@ impl RealtimeConfig {
                 self.publishes_in_flight_max,
             ),
             ("realtime.filter_bytes_max", self.filter_bytes_max),
+            ("realtime.read_buffer_bytes", self.read_buffer_bytes),
             (
                 "realtime.catch_up_page_messages",
                 self.catch_up_page_messages,

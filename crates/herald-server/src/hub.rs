@@ -126,3 +126,62 @@ impl DurableListener for Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::body::Bytes;
+    use herald_core::{ChainHash, Data, Epoch, MessageId, Serial, Timestamp};
+
+    use super::*;
+
+    fn message(channel: &ChannelName, serial: u64) -> Message {
+        let epoch = Epoch::parse("E1").unwrap();
+        Message {
+            channel: channel.clone(),
+            epoch: epoch.clone(),
+            serial: Serial(serial),
+            id: MessageId::parse(&format!("m{serial}")).unwrap(),
+            time: Timestamp(1),
+            name: None,
+            headers: BTreeMap::new(),
+            data: Data::Json(Bytes::from_static(b"{\"n\":1}")),
+            ttl_ms: None,
+            chain: ChainHash::genesis(&epoch),
+        }
+    }
+
+    /// Encode once, fan out the same bytes: every subscriber of a channel receives the same
+    /// `Arc<LiveMessage>`, whose frame is serialised on first use and then shared.
+    #[test]
+    fn every_subscriber_gets_the_same_encoded_bytes() {
+        let hub = Hub::new(8);
+        let channel = ChannelName::parse("chat:a").unwrap();
+        let mut first = hub.subscribe(&channel);
+        let mut second = hub.subscribe(&channel);
+        hub.on_durable(&[message(&channel, 1)]);
+        let (a, b) = (first.try_recv().unwrap(), second.try_recv().unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.frame().as_str().as_ptr(), b.frame().as_str().as_ptr());
+        assert!(
+            a.frame()
+                .as_str()
+                .starts_with(r#"{"type":"message","id":"m1""#)
+        );
+    }
+
+    #[test]
+    fn rings_exist_only_while_a_channel_has_subscribers() {
+        let hub = Hub::new(8);
+        let channel = ChannelName::parse("chat:a").unwrap();
+        // No subscriber: nothing is kept.
+        hub.on_durable(&[message(&channel, 1)]);
+        assert_eq!(hub.channels(), 0);
+        let receiver = hub.subscribe(&channel);
+        assert_eq!(hub.channels(), 1);
+        drop(receiver);
+        hub.release(&channel);
+        assert_eq!(hub.channels(), 0);
+    }
+}

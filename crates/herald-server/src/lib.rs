@@ -232,7 +232,14 @@ impl Server {
             let _ = stopping_seen.wait_for(|stopping| *stopping).await;
             tokio::time::sleep(grace).await;
         };
-        let served = axum::serve(self.listener, router).with_graceful_shutdown(signal);
+        // Deliveries are small frames written as they come: without TCP_NODELAY, Nagle's
+        // algorithm and delayed ACKs add tens of milliseconds to their tail latency.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        let served = axum::serve(listener, router).with_graceful_shutdown(signal);
         let result = tokio::select! {
             result = served => result.map_err(ServerError::Serve),
             () = grace_expired => {

@@ -55,6 +55,9 @@ pub async fn upgrade(
     };
     let frame_bytes = state.realtime.config.frame_bytes;
     upgrade
+        // The default read buffer (128 KiB, zero-filled on first read) would dominate the
+        // memory of an idle connection; client frames are small, bigger ones take more reads.
+        .read_buffer_size(state.realtime.config.read_buffer_bytes)
         .max_message_size(frame_bytes)
         .max_frame_size(frame_bytes)
         .protocols([SUBPROTOCOL])
