@@ -1155,3 +1155,81 @@ async fn shutdown_closes_open_websockets_with_1001() {
         .expect("the server stops in time")
         .unwrap();
 }
+
+/// A slow exactly-once subscriber that retention overtakes while it catches up is told so with
+/// `continuity_lost` (reason `retention`) and the exact range; every other serial still
+/// arrives once, in order: no silent jump.
+#[tokio::test]
+async fn retention_overtaking_a_slow_exactly_once_subscriber_is_reported_with_the_range() {
+    const N: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), |config| {
+        tiny_buffers(config);
+        config.namespaces.insert(
+            "short".into(),
+            herald_server::config::NamespaceConfig {
+                retention_messages_max: Some(20),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut subscriber =
+        WsClient::connect_with_receive_buffer(&server.ws_url(), SLOW_RECEIVE_BUFFER_BYTES).await;
+    subscriber.subscribe(json!({"channel": "short:slow"})).await;
+    publish_large(&server, "short:slow", 1, N).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut next = 1u64;
+    let mut lost_ranges = Vec::new();
+    for _ in 0..FRAMES_MAX {
+        let frame = subscriber.recv_skipping_heartbeats().await;
+        match frame["type"].as_str() {
+            Some("message") => {
+                let serial = frame["serial"].as_u64().unwrap();
+                assert_eq!(serial, next, "silent jump or repeat at {}", brief(&frame));
+                next = serial + 1;
+            }
+            Some("continuity_lost") => {
+                assert_eq!(frame["reason"], "retention", "{frame}");
+                let (from, to) = (serial_of(&frame["from"]), serial_of(&frame["to"]));
+                assert_eq!(
+                    from, next,
+                    "the lost range starts right after the last delivery"
+                );
+                assert!(to >= from, "{frame}");
+                lost_ranges.push((from, to));
+                next = to + 1;
+            }
+            other => panic!("unexpected frame {other:?}: {frame}"),
+        }
+        if next > N {
+            break;
+        }
+    }
+    assert_eq!(next, N + 1, "everything accounted for through {N}");
+    assert!(
+        !lost_ranges.is_empty(),
+        "retention (20 messages) must overtake the subscriber"
+    );
+    // Only what retention removed is missing: the last 20 serials are all delivered.
+    assert!(
+        lost_ranges.iter().all(|(_, to)| *to <= N - 20),
+        "{lost_ranges:?}"
+    );
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = format!(
+        "herald_continuity_lost_total{{reason=\"retention\"}} {}",
+        lost_ranges.len()
+    );
+    assert!(metrics.contains(&counted), "{counted} not in /metrics");
+    server.stop().await;
+}
