@@ -634,22 +634,9 @@ impl Session {
         };
         let serial = message.position.serial;
         let epoch = message.position.epoch.clone();
-        let check = match &subscription.position {
-            Some(held) if held.epoch != epoch => Err(BreakKind::Epoch {
-                serial,
-                received: epoch.clone(),
-            }),
-            Some(held) if serial <= held.serial => return Vec::new(),
-            held => {
-                let held_serial = held
-                    .as_ref()
-                    .map_or(Serial::BEFORE_FIRST, |held| held.serial);
-                if prev == held_serial {
-                    Ok(())
-                } else {
-                    Err(BreakKind::Prev { serial, prev })
-                }
-            }
+        let Some(check) = sequence_check(subscription.position.as_ref(), &epoch, serial, prev)
+        else {
+            return Vec::new();
         };
         let check = check.and_then(|()| {
             let base = subscription
@@ -708,27 +695,13 @@ impl Session {
             }
         };
         let serial = Serial(hint.serial);
-        let check = match &subscription.position {
-            Some(held) if held.epoch != epoch => Err(BreakKind::Epoch {
-                serial,
-                received: epoch.clone(),
-            }),
-            Some(held) if serial <= held.serial => return Vec::new(),
-            held => {
-                // A hint carries no `prev`: hints, like messages, come one serial after
-                // another unless a notice accounts for the ones in between.
-                let held_serial = held
-                    .as_ref()
-                    .map_or(Serial::BEFORE_FIRST, |held| held.serial);
-                if held_serial.next() == serial {
-                    Ok(())
-                } else {
-                    Err(BreakKind::Prev {
-                        serial,
-                        prev: Serial(serial.0 - 1),
-                    })
-                }
-            }
+        // A hint carries no `prev`: hints, like messages, come one serial after another
+        // unless a notice accounts for the ones in between.
+        let implied_prev = Serial(serial.0 - 1);
+        let Some(check) =
+            sequence_check(subscription.position.as_ref(), &epoch, serial, implied_prev)
+        else {
+            return Vec::new();
         };
         let mut outputs = Vec::new();
         if let Err(kind) = check {
@@ -1034,6 +1007,32 @@ fn decode_message(body: MessageBody) -> Result<(Serial, Message), String> {
             expires_at_ms: body.expires_at,
         },
     ))
+}
+
+/// Where a delivery stands against the held position: `None` for a repeat (dropped silently:
+/// the overlap of a resume), `Some(Err)` for a break (another epoch, or `prev` is not the
+/// held serial), `Some(Ok)` when it follows on.
+fn sequence_check(
+    held: Option<&Position>,
+    epoch: &Epoch,
+    serial: Serial,
+    prev: Serial,
+) -> Option<Result<(), BreakKind>> {
+    match held {
+        Some(held) if held.epoch != *epoch => Some(Err(BreakKind::Epoch {
+            serial,
+            received: epoch.clone(),
+        })),
+        Some(held) if serial <= held.serial => None,
+        held => {
+            let held_serial = held.map_or(Serial::BEFORE_FIRST, |held| held.serial);
+            Some(if prev == held_serial {
+                Ok(())
+            } else {
+                Err(BreakKind::Prev { serial, prev })
+            })
+        }
+    }
 }
 
 #[cfg(test)]

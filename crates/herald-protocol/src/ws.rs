@@ -155,7 +155,9 @@ pub struct Unsubscribe {
     pub channel: String,
 }
 
-/// Publish one message; answered by `ack` or `nack` with the same `req`.
+/// Publish one message; answered by `ack` or `nack` with the same `req`. The message fields
+/// repeat [`PublishMessage`]'s rather than flatten it: serde cannot reject unknown fields
+/// through `flatten`, and a typo must be an error here as on the HTTP API.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Publish {

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use herald_core::ChannelName;
 use herald_log::LogStore;
+use herald_protocol::ws::{Heartbeat, HeartbeatTag, ServerFrame};
 use tokio::sync::watch;
 
 use crate::config::RealtimeConfig;
@@ -55,5 +57,31 @@ impl Realtime {
 
     pub fn connections_closed(&self) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The `heartbeat` frame for these channels: each one's newest durable position (null for
+    /// a channel without messages), read from the store's in-memory index.
+    pub fn heartbeat<'a>(&self, channels: impl Iterator<Item = &'a ChannelName>) -> ServerFrame {
+        let store = &self.live.store;
+        let channels = channels
+            .map(|channel| {
+                let top = store
+                    .channel_status(channel)
+                    .ok()
+                    .flatten()
+                    .map(|status| status.top.to_string());
+                (channel.to_string(), top)
+            })
+            .collect();
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
+        ServerFrame::Heartbeat(Heartbeat {
+            kind: HeartbeatTag::Tag,
+            time,
+            channels,
+        })
     }
 }

@@ -15,7 +15,6 @@
 //! `error`, which `EventSource` reserves for connection failures). The stream
 //! starts with `retry:` and gets a `: keep-alive` comment when idle.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use axum::body::{Body, Bytes};
@@ -23,7 +22,7 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::{ChannelName, ErrorCode, Guarantee, InvalidInput, Position};
-use herald_protocol::ws::{Heartbeat, HeartbeatTag, ServerFrame};
+use herald_protocol::ws::ServerFrame;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -333,29 +332,7 @@ impl EventWriter {
     }
 
     fn heartbeat(&self) -> String {
-        let store = &self.state.store;
-        let channels: BTreeMap<String, Option<String>> = self
-            .channels
-            .iter()
-            .map(|channel| {
-                let top = store
-                    .channel_status(channel)
-                    .ok()
-                    .flatten()
-                    .map(|status| status.top.to_string());
-                (channel.to_string(), top)
-            })
-            .collect();
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        let frame = ServerFrame::Heartbeat(Heartbeat {
-            kind: HeartbeatTag::Tag,
-            time,
-            channels,
-        });
+        let frame = self.state.realtime.heartbeat(self.channels.iter());
         format!("event: heartbeat\ndata: {}\n\n", frame.to_json())
     }
 }

@@ -27,8 +27,8 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use herald_core::{ChannelName, ErrorCode, Guarantee, InvalidInput, Position};
 use herald_protocol::ws::{
     Ack, AckTag, ClientFrame, Connect, Connected, ConnectedTag, ConnectionLimits, ErrorFrame,
-    ErrorTag, FrameError, Heartbeat, HeartbeatTag, Nack, NackTag, PROTOCOL_VERSION, Pong, PongTag,
-    Publish, SUBPROTOCOL, ServerFrame, Subscribe, Unsubscribed, UnsubscribedTag, close,
+    ErrorTag, FrameError, Nack, NackTag, PROTOCOL_VERSION, Pong, PongTag, Publish, SUBPROTOCOL,
+    ServerFrame, Subscribe, Unsubscribed, UnsubscribedTag, close,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -522,28 +522,8 @@ impl Connection {
 
     /// Sends each subscribed channel's top. False when the connection is gone.
     async fn heartbeat(&mut self) -> bool {
-        let mut channels = std::collections::BTreeMap::new();
-        for channel in self.subscriptions.keys() {
-            let top = self
-                .state
-                .store
-                .channel_status(channel)
-                .ok()
-                .flatten()
-                .map(|status| status.top.to_string());
-            channels.insert(channel.to_string(), top);
-        }
-        let time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        self.send(ServerFrame::Heartbeat(Heartbeat {
-            kind: HeartbeatTag::Tag,
-            time,
-            channels,
-        }))
-        .await
+        let frame = self.state.realtime.heartbeat(self.subscriptions.keys());
+        self.send(frame).await
     }
 
     async fn error(

@@ -257,6 +257,17 @@ pub(crate) async fn publish_once(
     body: String,
     batch_size: usize,
 ) -> Result<(), String> {
+    let ack = post_json(client, url, body).await?;
+    check_ack(&ack, batch_size)
+}
+
+/// POSTs a JSON body and returns the parsed 2xx answer, or the error code to count
+/// (`timeout`, `transport`, `bad_ack` or the server's error code).
+pub(crate) async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: String,
+) -> Result<Value, String> {
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -275,8 +286,7 @@ pub(crate) async fn publish_once(
     if !status.is_success() {
         return Err(error_code(status.as_u16(), &bytes));
     }
-    let ack: Value = serde_json::from_slice(&bytes).map_err(|_| "bad_ack".to_owned())?;
-    check_ack(&ack, batch_size)
+    serde_json::from_slice(&bytes).map_err(|_| "bad_ack".to_owned())
 }
 
 /// Checks the ack of a publish of `batch_size` messages: one ack per message (a batch is answered

@@ -90,26 +90,7 @@ pub(crate) async fn publish_batch(
     messages: usize,
 ) -> Result<(u64, u64), String> {
     let body = batch_body(messages, unix_now_us(), &target.pad);
-    let response = target
-        .client
-        .post(&target.messages_url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await
-        .map_err(|error| {
-            if error.is_timeout() {
-                "timeout".to_owned()
-            } else {
-                "transport".to_owned()
-            }
-        })?;
-    let status = response.status();
-    let bytes = response.bytes().await.map_err(|_| "transport".to_owned())?;
-    if !status.is_success() {
-        return Err(error_code(status.as_u16(), &bytes));
-    }
-    let ack: Value = serde_json::from_slice(&bytes).map_err(|_| "bad_ack".to_owned())?;
+    let ack = post_json(&target.client, &target.messages_url, body).await?;
     let results = match ack.get("results").and_then(Value::as_array) {
         Some(results) if results.len() == messages => results,
         _ => return Err("bad_ack".to_owned()),
