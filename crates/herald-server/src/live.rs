@@ -124,6 +124,7 @@ pub fn spawn(
                     req: None,
                     channel: Some(pump.channel.to_string()),
                     code: herald_core::ErrorCode::StorageFailed.as_str().to_owned(),
+                    // Resubscribing `from` the last position held recovers exactly.
                     message,
                     retryable: true,
                 })))
@@ -424,15 +425,19 @@ impl Pump {
             Step::Duplicate => Ok(()),
             Step::CatchUp { to, .. } => {
                 Box::pin(self.catch_up(Some(to))).await?;
-                // The log may not have reached this message's serial (it is durable, so it
-                // will have; but never loop): offer it once more, delivering or dropping it.
+                // Everything before a live message is durable, so the log has reached it
+                // (or continuity was reported lost). Anything else is a server bug: end the
+                // subscription with an error rather than skip a serial.
                 match self
                     .cursor
                     .as_mut()
                     .map(|cursor| cursor.offer(&epoch, serial))
                 {
                     Some(Step::Deliver) => self.deliver(live).await,
-                    _ => Ok(()),
+                    Some(Step::Duplicate) => Ok(()),
+                    other => Err(End::Failed(format!(
+                        "the log did not reach serial {serial} while catching up ({other:?})"
+                    ))),
                 }
             }
             Step::Gap { from, to } => {
