@@ -458,6 +458,22 @@ impl Session {
                         });
                     }
                 }
+                if subscription.options.guarantee == Guarantee::AtMostOnce
+                    && after.is_none()
+                    && let Some(held) = &held
+                {
+                    // The channel had messages and now has none: its history was reset (a
+                    // wiped server), and its next message starts a new epoch. Say so, rather
+                    // than report that message as a break.
+                    outputs.push(Output::Event {
+                        channel: reply.channel.clone(),
+                        event: Event::ContinuityLost {
+                            from: Position::new(held.epoch.clone(), held.serial.next()),
+                            to: None,
+                            reason: "epoch_changed".to_owned(),
+                        },
+                    });
+                }
                 if subscription.started
                     && held.is_none()
                     && let Some(after) = after.as_ref().filter(|after| after.serial.0 > 0)
@@ -489,7 +505,9 @@ impl Session {
                         held.epoch != after.epoch || after.serial > held.serial
                     }
                     (None, _) => true,
-                    (Some(_), None) => false,
+                    // Only after a reset (reported above): exactly-once never gets here
+                    // holding a position, it subscribes `from` it.
+                    (Some(_), None) => subscription.options.guarantee == Guarantee::AtMostOnce,
                 };
                 if moves {
                     subscription.chain = after
@@ -1507,6 +1525,40 @@ mod tests {
         let reported = events(outputs);
         assert!(matches!(reported[0], Event::Broken(_)), "{reported:?}");
         assert!(matches!(reported[1], Event::Message(_)), "{reported:?}");
+    }
+
+    /// A server that lost its data answers a reconnecting at-most-once subscriber with an
+    /// empty channel: the session reports the reset, and the new epoch's first message is
+    /// delivered, not reported as a break.
+    #[test]
+    fn at_most_once_reports_a_reset_channel_and_follows_its_new_epoch() {
+        let mut session = Session::default();
+        let options = SubscribeOptions {
+            guarantee: Guarantee::AtMostOnce,
+            ..SubscribeOptions::default()
+        };
+        session.subscribe(CHANNEL, options);
+        let req = subscribe_req(&session.on_connected());
+        let mut old = Server::new("E1");
+        session.handle(subscribed(Some(req), Continuity::New, Some("E1:0")));
+        assert_eq!(delivered_serials(session.handle(old.append("1"))), vec![1]);
+        session.on_disconnected();
+        let req = subscribe_req(&session.on_connected());
+        let reported = events(session.handle(subscribed(Some(req), Continuity::New, None)));
+        assert_eq!(
+            reported[1..],
+            [Event::ContinuityLost {
+                from: Position::parse("E1:2").unwrap(),
+                to: None,
+                reason: "epoch_changed".to_owned(),
+            }]
+        );
+        let mut new = Server::new("E2");
+        assert_eq!(delivered_serials(session.handle(new.append("1"))), vec![1]);
+        assert_eq!(
+            session.position(CHANNEL),
+            Some(&Position::parse("E2:1").unwrap())
+        );
     }
 
     #[test]

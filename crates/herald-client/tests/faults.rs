@@ -6,11 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::proxy::Proxy;
 use common::{TestServer, WAIT, collect_messages, next_event, options, subscribed, ws_url};
 use herald_client::{
     Client, ClientError, Event, Guarantee, Position, Publication, SubscribeOptions,
 };
+use herald_faults::FaultProxy;
 use herald_server::auth::Operation;
 use herald_server::config::{ApiKeyConfig, CapabilityConfig};
 
@@ -46,7 +46,7 @@ async fn wait_state(client: &Client, what: &str, condition: impl Fn(bool, u64) -
 async fn a_silent_connection_is_dropped_after_missed_heartbeats_and_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let proxy = Proxy::start(server.addr).await;
+    let proxy = FaultProxy::start(server.addr).await.unwrap();
     let mut subscriber_options = options(ws_url(proxy.addr()));
     subscriber_options.handshake_timeout = Duration::from_millis(500);
     let subscriber = Client::connect(subscriber_options).unwrap();
@@ -87,7 +87,7 @@ async fn a_silent_connection_is_dropped_after_missed_heartbeats_and_resumed() {
 async fn at_most_once_reports_what_it_missed_while_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let proxy = Proxy::start(server.addr).await;
+    let proxy = FaultProxy::start(server.addr).await.unwrap();
     let subscriber = Client::connect(options(ws_url(proxy.addr()))).unwrap();
     let publisher = Client::connect(options(server.url())).unwrap();
     let live_only = SubscribeOptions {

@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::proxy::Proxy;
 use common::{TestServer, WAIT, collect_messages, next_event, options, subscribed, ws_url};
 use herald_client::{Ack, Client, Continuity, Event, Message, Publication, SubscribeOptions};
+use herald_faults::FaultProxy;
 use tokio::task::JoinSet;
 
 const CHANNEL: &str = "orders:eu";
@@ -75,7 +75,7 @@ fn assert_exactly_once_in_order(messages: &[Message], acks: &BTreeMap<String, Ac
 async fn a_cut_in_the_middle_of_a_burst_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let proxy = Proxy::start(server.addr).await;
+    let proxy = FaultProxy::start(server.addr).await.unwrap();
     let subscriber = Client::connect(options(ws_url(proxy.addr()))).unwrap();
     let publisher = Client::connect(options(server.url())).unwrap();
     let mut subscription = subscriber
@@ -199,7 +199,7 @@ async fn a_new_client_resumes_from_the_recovery_key() {
 async fn publishes_in_flight_during_a_cut_are_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let proxy = Proxy::start(server.addr).await;
+    let proxy = FaultProxy::start(server.addr).await.unwrap();
     let publisher = Client::connect(options(ws_url(proxy.addr()))).unwrap();
     publisher.wait_connected(1).await.unwrap();
 

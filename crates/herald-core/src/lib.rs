@@ -13,6 +13,8 @@
 //! - [`stream`]: `ChannelStream`, the per-channel sequencer and index shared by all stores.
 //! - [`subscription`]: the delivery `Cursor` of one subscription (exactly-once catch-up,
 //!   at-most-once gaps) and `SkipRun` for serials a subscriber does not receive.
+//! - [`engine`]: the sans-IO state machines a runtime drives (`SubscriptionMachine`: every
+//!   delivery decision of one subscription).
 //! - [`error`]: stable client-visible error codes.
 //!
 //! # Invariants
@@ -21,6 +23,7 @@
 //! - The same id on a channel maps to one serial for as long as the dedupe window holds it.
 
 pub mod chain;
+pub mod engine;
 pub mod error;
 pub mod limits;
 pub mod message;

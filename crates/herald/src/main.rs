@@ -1,5 +1,6 @@
 //! `herald`: the command-line tool. Runs the server (`serve`), talks to one (`publish`,
-//! `history`, `bench publish`) and manages configuration (`config init`, `config check`).
+//! `history`, `bench publish`, `verify`) and manages configuration (`config init`,
+//! `config check`).
 //!
 //! Client commands find the server with `--url` (env `HERALD_URL`) and authenticate with
 //! `--key` (env `HERALD_KEY`), falling back to the admin key the server generated in its data
@@ -9,6 +10,7 @@
 
 mod bench;
 mod subscribe;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -70,6 +72,10 @@ enum Command {
     /// Measure a running server.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check the delivery guarantees of a deployment (or of a server it spawns and kills):
+    /// publishers, subscribers of every guarantee and surface, faults, then a table of
+    /// violations. Exit 0: none; 1: a violation; 2: usage; 3: key refused; 4: unreachable.
+    Verify(Box<verify::VerifyArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -247,6 +253,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let cli = match cli.command {
+        Command::Verify(args) => return ExitCode::from(runtime.block_on(verify::main(*args))),
+        command => Cli { command },
+    };
     let result = runtime.block_on(run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -351,6 +361,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Bench(BenchCommand::Fanout(args)) => bench::fanout::run(args)
             .await
             .map_err(|error| Failure::other(1, error)),
+        Command::Verify(_) => unreachable!("verify has its own exit codes, handled in main"),
     }
 }
 

@@ -1,11 +1,9 @@
 //! The test kit of herald-client's integration tests: a real in-process server (embedded store
-//! in a temporary directory, real socket on 127.0.0.1) and a TCP fault proxy.
+//! in a temporary directory, real socket on 127.0.0.1). The TCP fault proxy is `herald-faults`.
 //!
 //! Every wait is bounded by [`WAIT`]; a test that hangs fails instead.
 
 #![allow(dead_code)] // each test binary uses its own part of the kit
-
-pub mod proxy;
 
 use std::net::SocketAddr;
 use std::path::Path;
