@@ -6,7 +6,9 @@
 //! positions of all its channels, comma-separated in the order of `channels=`, `-` for a
 //! channel without a position yet. For one channel it is exactly `EPOCH:SERIAL`. A browser
 //! sends the last id back as `Last-Event-ID` when it reconnects, and every channel resumes
-//! exactly-once from its own position; `from=` takes the same format on a first connect.
+//! exactly-once from its own position; `from=` takes the same format on a first connect. A `-`
+//! in a resume id means the channel had no message when the stream started: it resumes from
+//! its first message (reporting with `continuity_lost` what retention already removed).
 //!
 //! # Events
 //! Deliveries have no `event:` line (so `EventSource.onmessage` fires) and the WebSocket
@@ -124,11 +126,12 @@ fn open(
         .filter(|text| !text.trim().is_empty())
         .map(str::to_owned)
         .or(params.from);
+    let resuming = resume.is_some();
     let positions = match resume {
         Some(id) => parse_resume_id(&id, channels.len())?,
         None => vec![None; channels.len()],
     };
-    if guarantee == Guarantee::AtMostOnce && positions.iter().any(Option::is_some) {
+    if guarantee == Guarantee::AtMostOnce && resuming {
         return Err(InvalidInput::request(
             "at-most-once streams are live only: a resume position needs exactly-once",
         )
@@ -142,7 +145,13 @@ fn open(
             req: None,
             channel: channel.clone(),
             guarantee,
-            start: position.clone().map_or(Start::Live, Start::After),
+            // In a resume id, `-` is a channel that had no message when the stream started:
+            // everything it got since is owed, so it starts from its first message.
+            start: match (position, resuming) {
+                (Some(position), _) => Start::After(position.clone()),
+                (None, true) => Start::FromStart,
+                (None, false) => Start::Live,
+            },
             hints: false,
             filter: None,
         };
@@ -268,15 +277,18 @@ impl EventWriter {
             }
             Outgoing::Frame(frame) => {
                 let (event, moved_to) = match &frame {
-                    // The start position goes into the id too, so a stream that drops before
-                    // its first delivery still resumes where it started.
-                    ServerFrame::Subscribed(reply) => (
-                        "subscribed",
-                        reply
-                            .after
-                            .as_deref()
-                            .map(|after| (reply.channel.as_str(), after)),
-                    ),
+                    // The start position goes into the id too (`-` for a channel without
+                    // messages), so a stream that drops before its first delivery still
+                    // resumes where it started.
+                    ServerFrame::Subscribed(reply) => {
+                        if let Some(after) = &reply.after
+                            && let (Ok(channel), Ok(after)) =
+                                (ChannelName::parse(&reply.channel), Position::parse(after))
+                        {
+                            self.advance(&channel, after);
+                        }
+                        ("subscribed", None)
+                    }
                     ServerFrame::ContinuityLost(notice) => (
                         "continuity_lost",
                         notice.to.as_deref().map(|to| (notice.channel.as_str(), to)),
@@ -294,6 +306,9 @@ impl EventWriter {
                     _ => ("notice", None),
                 };
                 let _ = writeln!(text, "event: {event}");
+                if matches!(frame, ServerFrame::Subscribed(_)) {
+                    self.write_id(text);
+                }
                 if let Some((channel, to)) = moved_to
                     && let (Ok(channel), Ok(to)) =
                         (ChannelName::parse(channel), Position::parse(to))

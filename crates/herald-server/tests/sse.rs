@@ -282,3 +282,68 @@ async fn cors_and_bad_requests() {
     }
     server.stop().await;
 }
+
+/// A stream that started on a channel with no message holds `-` for it; resuming with that id
+/// owes the subscriber everything the channel got since, and what retention already removed is
+/// reported, not skipped.
+#[tokio::test]
+async fn a_channel_empty_at_start_resumes_from_its_first_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), |config| {
+        config.namespaces.insert(
+            "small".into(),
+            NamespaceConfig {
+                retention_messages_max: Some(3),
+                ..NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let mut stream = SseReader::open(&server, "channels=small:e,fresh", None).await;
+    let mut subscribed_id = None;
+    let mut subscribed = 0;
+    while subscribed < 2 {
+        let event = stream.next().await;
+        if event.event.as_deref() == Some("subscribed") {
+            subscribed += 1;
+            subscribed_id = event.id.clone();
+        }
+    }
+    assert_eq!(subscribed_id.as_deref(), Some("-,-"));
+    drop(stream);
+
+    let acks = server.publish_numbers("small:e", 1, 10).await;
+    let fresh = server.publish_numbers("fresh", 1, 2).await;
+    let epoch = acks[0]["epoch"].as_str().unwrap().to_owned();
+    let mut stream = SseReader::open(&server, "channels=small:e,fresh", Some("-,-")).await;
+    let (messages, all) = stream.messages(5).await;
+    let lost = all
+        .iter()
+        .find(|event| event.event.as_deref() == Some("continuity_lost"))
+        .expect("retention removed serials 1..=7 the subscriber was owed");
+    assert_eq!(lost.json()["from"], format!("{epoch}:1"));
+    assert_eq!(lost.json()["to"], format!("{epoch}:7"));
+    let mut by_channel: Vec<(String, u64)> = messages
+        .iter()
+        .map(|event| {
+            let json = event.json();
+            (
+                json["channel"].as_str().unwrap().to_owned(),
+                json["serial"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    by_channel.sort();
+    assert_eq!(
+        by_channel,
+        vec![
+            ("fresh".to_owned(), 1),
+            ("fresh".to_owned(), 2),
+            ("small:e".to_owned(), 8),
+            ("small:e".to_owned(), 9),
+            ("small:e".to_owned(), 10),
+        ]
+    );
+    assert_eq!(fresh.len(), 2);
+    server.stop().await;
+}

@@ -192,7 +192,12 @@ fn usage_errors_exit_2_and_an_unreachable_server_exits_4() {
 
 /// Reads SSE events (the `data:` of each) from `response` until one whose data contains
 /// `until`, at most `WAIT`.
-async fn sse_events_until(response: &mut reqwest::Response, until: &str) -> Vec<String> {
+/// Reads SSE events until one whose data contains `until`: every event's `data:`, and the
+/// last `id:` seen (what an `EventSource` would send back as `Last-Event-ID`).
+async fn sse_events_until(
+    response: &mut reqwest::Response,
+    until: &str,
+) -> (Vec<String>, Option<String>) {
     const WAIT: Duration = Duration::from_secs(10);
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut text = String::new();
@@ -212,17 +217,21 @@ async fn sse_events_until(response: &mut reqwest::Response, until: &str) -> Vec<
             })
             .collect();
         if events.iter().any(|data| data.contains(until)) {
-            return events;
+            let last_id = text
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("id: "))
+                .map(str::to_owned);
+            return (events, last_id);
         }
     }
 }
 
-/// Known gap (docs/guarantees.md, "Known gaps found"), found while building `herald verify`:
-/// an exactly-once SSE stream started on a channel with no message has no position for it, so
-/// after a drop it resumes live and silently misses what was published meanwhile. Ignored
-/// until the server fixes it; run it with `--ignored` to see it fail.
+/// Found while building `herald verify`: an exactly-once SSE stream started on a channel with
+/// no message had no position for it, so after a drop it resumed live and silently missed what
+/// was published meanwhile. The `subscribed` event now carries the id (`-` for that channel)
+/// and `-` in a resume id starts the channel from its first message.
 #[tokio::test]
-#[ignore = "known gap: exactly-once SSE on an empty channel loses messages across a drop"]
 async fn sse_exactly_once_on_an_empty_channel_loses_nothing_across_a_drop() {
     let dir = tempfile::tempdir().unwrap();
     let served = Served::start(&dir.path().join("data"));
@@ -236,8 +245,13 @@ async fn sse_exactly_once_on_an_empty_channel_loses_nothing_across_a_drop() {
         request.send()
     };
     let mut first = open(None).await.unwrap();
-    let events = sse_events_until(&mut first, "\"subscribed\"").await;
+    let (events, last_id) = sse_events_until(&mut first, "\"subscribed\"").await;
     assert!(events[0].contains("\"continuity\":\"new\""), "{events:?}");
+    assert_eq!(
+        last_id.as_deref(),
+        Some("-"),
+        "subscribed carries the resume id"
+    );
     drop(first); // the connection drops before the channel's first message
     for n in 1..=3 {
         let ack = http
@@ -249,9 +263,9 @@ async fn sse_exactly_once_on_an_empty_channel_loses_nothing_across_a_drop() {
             .unwrap();
         assert!(ack.status().is_success());
     }
-    // What an EventSource does: reconnect with the last id it saw (none was sent).
-    let mut again = open(None).await.unwrap();
-    let events = sse_events_until(&mut again, "\"subscribed\"").await;
+    // What an EventSource does: reconnect with the last id it saw.
+    let mut again = open(last_id).await.unwrap();
+    let (events, _) = sse_events_until(&mut again, "\"subscribed\"").await;
     let publish_more = http
         .post(format!("{}/v1/channels/verify:empty/messages", served.url))
         .bearer_auth(KEY)
@@ -261,16 +275,16 @@ async fn sse_exactly_once_on_an_empty_channel_loses_nothing_across_a_drop() {
         .unwrap();
     assert!(publish_more.status().is_success());
     let mut events = events;
-    events.extend(sse_events_until(&mut again, "\"type\":\"message\"").await);
-    let first_message = events
+    events.extend(sse_events_until(&mut again, "\"serial\":4,").await.0);
+    let serials: Vec<&String> = events
         .iter()
-        .find(|data| data.contains("\"type\":\"message\""))
-        .unwrap();
-    let explained = events
-        .iter()
-        .any(|data| data.contains("\"continuity_lost\""));
-    assert!(
-        first_message.contains("\"serial\":1,") || explained,
-        "serials 1..=3 were published during the drop and neither delivered nor reported: {events:#?}"
-    );
+        .filter(|data| data.contains("\"type\":\"message\""))
+        .collect();
+    assert_eq!(serials.len(), 4, "serials 1..=4, each once: {events:#?}");
+    for (index, data) in serials.iter().enumerate() {
+        assert!(
+            data.contains(&format!("\"serial\":{},", index + 1)),
+            "{events:#?}"
+        );
+    }
 }

@@ -78,6 +78,10 @@ pub enum Start {
     After(Position),
     /// With the last N messages.
     Rewind(u64),
+    /// With the channel's first message: the subscriber held no position because the channel
+    /// had no message when it subscribed, so everything the channel got since is owed to it.
+    /// Messages retention already removed are reported with `continuity_lost`.
+    FromStart,
 }
 
 /// Whether the requested start position was honoured (the `continuity` of `subscribed`).
@@ -383,13 +387,36 @@ impl<M: Deliverable> SubscriptionMachine<M> {
                         top: None,
                     })),
                 ),
+                // Still nothing: the subscriber has missed nothing.
+                Start::FromStart => (Continuity::Held, None),
                 Start::Live | Start::Rewind(_) => (Continuity::New, None),
             };
             self.started(continuity, notice, None);
             return;
         };
+        if start == Start::FromStart {
+            let requested = Position::new(status.epoch.clone(), Serial(0));
+            let lost = ContinuityLost {
+                reason: ContinuityReason::Retention,
+                requested,
+                first_available: status.first.clone(),
+                top: Some(status.top.clone()),
+            };
+            let resume = match &status.first {
+                Some(first) => Serial(first.serial.0 - 1),
+                None => status.top.serial,
+            };
+            self.cursor = Some(Cursor::new(self.guarantee, status.epoch.clone(), resume));
+            if resume == Serial(0) {
+                self.started(Continuity::Held, None, Some(status.top));
+            } else {
+                self.started(Continuity::Lost, Some(lost_notice(&lost)), Some(status.top));
+            }
+            return;
+        }
         let after = match start {
             Start::Live => status.top.serial,
+            Start::FromStart => unreachable!("handled above"),
             Start::Rewind(count) => {
                 let first_kept = status
                     .first
