@@ -15,6 +15,7 @@
 //!   at-most-once gaps) and `SkipRun` for serials a subscriber does not receive.
 //! - [`engine`]: the sans-IO state machines a runtime drives (`SubscriptionMachine`: every
 //!   delivery decision of one subscription).
+//! - [`subscriber`]: durable (at-least-once) subscribers: `SubscriberId`, `SubscriberState`.
 //! - [`error`]: stable client-visible error codes.
 //!
 //! # Invariants
@@ -31,6 +32,7 @@ pub mod names;
 pub mod policy;
 pub mod position;
 pub mod stream;
+pub mod subscriber;
 pub mod subscription;
 
 pub use chain::ChainHash;
@@ -44,4 +46,5 @@ pub use stream::{
     ChannelStream, ContinuityLost, ContinuityReason, PlanRejection, ReadFrom, ReadPlan, Sequenced,
     SkipReason, SkippedRange, StreamEntry, StreamStatus,
 };
+pub use subscriber::{SubscriberId, SubscriberOptions, SubscriberState};
 pub use subscription::{Cursor, Guarantee, SkipRun, SkippedRun, Step};
