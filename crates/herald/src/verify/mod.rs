@@ -22,11 +22,14 @@
 //!   3 the server refused verify's key, 4 unreachable.
 
 pub mod check;
+mod faults;
 pub mod history;
+mod publisher;
 mod report;
 mod run;
 mod spawn;
 mod sse;
+mod subscriber;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -15,39 +15,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use herald_client::{
-    BreakKind, Client, ClientError, ClientOptions, Event, Guarantee, Publication, SubscribeOptions,
-};
 use herald_faults::{FaultProxy, ProxyOptions};
-use herald_protocol::PublishAck;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::faults::*;
 use super::history::{Record, Recorder};
+use super::publisher::*;
 use super::spawn::SpawnedServer;
+use super::subscriber::*;
 use super::{VerifyArgs, check, report, sse};
 
-const EXIT_USAGE: u8 = 2;
+pub(super) const EXIT_USAGE: u8 = 2;
 /// The server refused verify's key (as the other client commands: "rejected").
-const EXIT_REJECTED: u8 = 3;
-const EXIT_UNREACHABLE: u8 = 4;
+pub(super) const EXIT_REJECTED: u8 = 3;
+pub(super) const EXIT_UNREACHABLE: u8 = 4;
 /// How long subscribers get to be subscribed to every channel before publishing starts.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(super) const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(15);
 /// One publish attempt's wait for its ack.
-const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts per message before a publisher gives up on it.
-const ATTEMPTS_MAX: u32 = 200;
+pub(super) const ATTEMPTS_MAX: u32 = 200;
 /// Pause between two publishes of one publisher: bounds the load (about 200/s each).
-const PUBLISH_INTERVAL: Duration = Duration::from_millis(5);
+pub(super) const PUBLISH_INTERVAL: Duration = Duration::from_millis(5);
 /// Socket buffers between a subscriber's proxy and the server.
-const SUBSCRIBER_SOCKET_BUFFER_BYTES: u32 = 8 * 1024;
+pub(super) const SUBSCRIBER_SOCKET_BUFFER_BYTES: u32 = 8 * 1024;
 /// Bounds of the counts a user can ask for.
-const PUBLISHERS_MAX: u32 = 64;
-const SUBSCRIBERS_PER_GUARANTEE_MAX: u32 = 32;
-const CHANNELS_MAX: u32 = 64;
+pub(super) const PUBLISHERS_MAX: u32 = 64;
+pub(super) const SUBSCRIBERS_PER_GUARANTEE_MAX: u32 = 32;
+pub(super) const CHANNELS_MAX: u32 = 64;
 
 /// A stop signal: cheap to clone, waits without polling.
 #[derive(Clone)]
@@ -66,112 +63,43 @@ impl Stop {
 /// Counters for the progress line.
 #[derive(Default)]
 pub struct Progress {
-    acked: AtomicU64,
-    delivered: AtomicU64,
-    faults: AtomicU64,
-    kills: AtomicU64,
-    subscribed: AtomicU64,
+    pub(super) acked: AtomicU64,
+    pub(super) delivered: AtomicU64,
+    pub(super) faults: AtomicU64,
+    pub(super) kills: AtomicU64,
+    pub(super) subscribed: AtomicU64,
 }
 
 /// The last serial each subscriber accounted for on each channel, for the drain.
-type Positions = Arc<Mutex<BTreeMap<(String, String), u64>>>;
+pub(super) type Positions = Arc<Mutex<BTreeMap<(String, String), u64>>>;
 
-/// What a subscriber task needs.
-pub struct SubscriberContext {
-    pub name: String,
-    /// `exactly-once` or `at-most-once`.
-    pub guarantee: String,
-    pub channels: Vec<String>,
-    /// `http://PROXY` for this subscriber.
-    pub base_url: reqwest::Url,
-    pub key: Option<String>,
-    /// SSE `from=` of the first connection (every channel from its start).
-    pub sse_from: Option<String>,
-    /// An SSE connection silent this long is dropped.
-    pub silence_max: Duration,
-    recorder: Recorder,
-    positions: Positions,
-    progress: Arc<Progress>,
-}
-
-impl SubscriberContext {
-    pub fn exactly_once(&self) -> bool {
-        self.guarantee == "exactly-once"
-    }
-
-    pub fn record(&self, record: Record) {
-        self.recorder.record(record);
-    }
-
-    pub fn delivered(&self, channel: &str, serial: u64) {
-        self.progress.delivered.fetch_add(1, Ordering::Relaxed);
-        self.advance(channel, serial);
-    }
-
-    /// A notice or `subscribed` accounted for everything up to `to`.
-    pub fn accounted(&self, channel: &str, to: Option<&str>) {
-        if let Some(serial) = to
-            .and_then(|to| to.rsplit_once(':'))
-            .and_then(|(_, serial)| serial.parse().ok())
-        {
-            self.advance(channel, serial);
-        }
-    }
-
-    fn advance(&self, channel: &str, serial: u64) {
-        let mut positions = self.positions.lock().expect("positions lock");
-        let held = positions
-            .entry((self.name.clone(), channel.to_owned()))
-            .or_default();
-        *held = (*held).max(serial);
-    }
-
-    /// A subscription to one channel started for the first time.
-    pub fn first_subscribed(&self) {
-        self.progress.subscribed.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-/// What publisher tasks share.
-#[derive(Clone)]
-struct PublisherContext {
-    run_id: String,
-    channels: Vec<String>,
-    key: Option<String>,
-    recorder: Recorder,
-    progress: Arc<Progress>,
-    /// A message in flight is given up after this.
-    give_up_at: Instant,
-    seed: u64,
-}
-
-fn usage(message: impl std::fmt::Display) -> u8 {
+pub(super) fn usage(message: impl std::fmt::Display) -> u8 {
     eprintln!("herald verify: {message}");
     EXIT_USAGE
 }
 
 /// What every part of a run shares.
-struct Run {
-    seed: u64,
-    run_id: String,
-    channels: Vec<String>,
-    key: Option<String>,
+pub(super) struct Run {
+    pub(super) seed: u64,
+    pub(super) run_id: String,
+    pub(super) channels: Vec<String>,
+    pub(super) key: Option<String>,
     /// The server's base URL (`http://HOST:PORT`), reached directly.
-    base_url: reqwest::Url,
+    pub(super) base_url: reqwest::Url,
     /// Where the proxies forward to.
-    server_addr: SocketAddr,
+    pub(super) server_addr: SocketAddr,
     /// For the seed publishes and the drain's status reads (direct, no proxy).
-    http: reqwest::Client,
-    recorder: Recorder,
-    progress: Arc<Progress>,
-    positions: Positions,
+    pub(super) http: reqwest::Client,
+    pub(super) recorder: Recorder,
+    pub(super) progress: Arc<Progress>,
+    pub(super) positions: Positions,
 }
 
 /// The subscriber tasks and their proxies.
-struct Subscribers {
-    names: Vec<String>,
-    tasks: Vec<JoinHandle<()>>,
-    proxies: Vec<(String, Arc<FaultProxy>, bool)>,
+pub(super) struct Subscribers {
+    pub(super) names: Vec<String>,
+    pub(super) tasks: Vec<JoinHandle<()>>,
+    pub(super) proxies: Vec<(String, Arc<FaultProxy>, bool)>,
 }
 
 pub async fn run(args: VerifyArgs) -> u8 {
@@ -181,7 +109,7 @@ pub async fn run(args: VerifyArgs) -> u8 {
 }
 
 /// The run; `Err` is an early exit code (its reason already printed).
-async fn run_checked(args: VerifyArgs) -> Result<u8, u8> {
+pub(super) async fn run_checked(args: VerifyArgs) -> Result<u8, u8> {
     validate(&args)?;
     let seed = args.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -343,7 +271,7 @@ async fn run_checked(args: VerifyArgs) -> Result<u8, u8> {
     Ok(run.finish(&args, kill_error.is_none()))
 }
 
-fn validate(args: &VerifyArgs) -> Result<(), u8> {
+pub(super) fn validate(args: &VerifyArgs) -> Result<(), u8> {
     if args.publishers == 0 || args.publishers > PUBLISHERS_MAX {
         return Err(usage(format!("--publishers must be 1..={PUBLISHERS_MAX}")));
     }
@@ -363,7 +291,10 @@ fn validate(args: &VerifyArgs) -> Result<(), u8> {
     Ok(())
 }
 
-async fn start_proxy(target: SocketAddr, options: ProxyOptions) -> Result<Arc<FaultProxy>, u8> {
+pub(super) async fn start_proxy(
+    target: SocketAddr,
+    options: ProxyOptions,
+) -> Result<Arc<FaultProxy>, u8> {
     match FaultProxy::start_with(target, options).await {
         Ok(proxy) => Ok(Arc::new(proxy)),
         Err(error) => {
@@ -374,7 +305,7 @@ async fn start_proxy(target: SocketAddr, options: ProxyOptions) -> Result<Arc<Fa
 }
 
 /// `base` with the proxy's address instead of the server's.
-fn proxy_url(base: &reqwest::Url, proxy: &FaultProxy) -> reqwest::Url {
+pub(super) fn proxy_url(base: &reqwest::Url, proxy: &FaultProxy) -> reqwest::Url {
     let mut url = base.clone();
     let _ = url.set_ip_host(proxy.addr().ip());
     let _ = url.set_port(Some(proxy.addr().port()));
@@ -616,12 +547,7 @@ impl Run {
     }
 }
 
-enum Killer {
-    Running(JoinHandle<(SpawnedServer, Option<anyhow::Error>)>),
-    Idle(Option<Box<SpawnedServer>>),
-}
-
-async fn health(http: &reqwest::Client, base: &reqwest::Url) -> Result<(), String> {
+pub(super) async fn health(http: &reqwest::Client, base: &reqwest::Url) -> Result<(), String> {
     let url = base.join("/health").map_err(|error| error.to_string())?;
     let response = http
         .get(url)
@@ -636,77 +562,8 @@ async fn health(http: &reqwest::Client, base: &reqwest::Url) -> Result<(), Strin
     }
 }
 
-fn messages_url(base: &reqwest::Url, channel: &str) -> reqwest::Url {
-    let mut url = base.clone();
-    url.path_segments_mut()
-        .expect("an http URL is a base")
-        .clear()
-        .extend(["v1", "channels", channel, "messages"]);
-    url
-}
-
-/// Why an HTTP publish got no ack.
-#[derive(Debug)]
-enum HttpFailure {
-    /// The server answered with an error status.
-    Refused { status: u16, body: String },
-    /// No answer (connection, timeout) or an answer that is not an ack.
-    Transport(String),
-}
-
-impl std::fmt::Display for HttpFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HttpFailure::Refused { status, body } => write!(f, "{status}: {body}"),
-            HttpFailure::Transport(error) => f.write_str(error),
-        }
-    }
-}
-
-/// One HTTP publish with an explicit id.
-async fn http_publish(
-    http: &reqwest::Client,
-    base: &reqwest::Url,
-    key: Option<&str>,
-    channel: &str,
-    id: &str,
-    data: serde_json::Value,
-    timeout: Duration,
-) -> Result<PublishAck, HttpFailure> {
-    let transport = |error: reqwest::Error| HttpFailure::Transport(error.to_string());
-    let mut request = http
-        .post(messages_url(base, channel))
-        .timeout(timeout)
-        .json(&serde_json::json!({"id": id, "data": data}));
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.map_err(transport)?;
-    let status = response.status();
-    let body = response.bytes().await.map_err(transport)?;
-    if !status.is_success() {
-        return Err(HttpFailure::Refused {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&body).chars().take(300).collect(),
-        });
-    }
-    serde_json::from_slice(&body)
-        .map_err(|error| HttpFailure::Transport(format!("unexpected answer: {error}")))
-}
-
-fn ack_record(publisher: &str, channel: &str, ack: &PublishAck) -> Record {
-    Record::Ack {
-        publisher: publisher.to_owned(),
-        channel: channel.to_owned(),
-        id: ack.id.clone(),
-        epoch: ack.epoch.clone(),
-        serial: ack.serial,
-        duplicate: ack.duplicate,
-    }
-}
-
 /// The channel's top, read directly from the server (retrying until `deadline`).
-async fn channel_top(
+pub(super) async fn channel_top(
     http: &reqwest::Client,
     base: &reqwest::Url,
     key: Option<&str>,
@@ -739,483 +596,8 @@ async fn channel_top(
     }
 }
 
-/// One WebSocket subscriber (the SDK), subscribed to every channel.
-async fn ws_subscriber(context: Arc<SubscriberContext>, stop: Stop) {
-    let mut options = ClientOptions::new(format!(
-        "ws://{}/v1/ws",
-        context
-            .base_url
-            .host_str()
-            .zip(context.base_url.port())
-            .map_or_else(String::new, |(host, port)| format!("{host}:{port}"))
-    ));
-    options.key = context.key.clone();
-    options.reconnect_delay_min = Duration::from_millis(20);
-    options.reconnect_delay_max = Duration::from_secs(1);
-    options.handshake_timeout = Duration::from_secs(5);
-    let client = match Client::connect(options) {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("herald verify: {}: {error}", context.name);
-            return;
-        }
-    };
-    let connections = Arc::new(AtomicU64::new(1));
-    let mut tasks = Vec::new();
-    for channel in &context.channels {
-        let options = if context.exactly_once() {
-            SubscribeOptions::from_oldest()
-        } else {
-            SubscribeOptions {
-                guarantee: Guarantee::AtMostOnce,
-                ..SubscribeOptions::default()
-            }
-        };
-        let subscription = match client.subscribe(channel, options).await {
-            Ok(subscription) => subscription,
-            Err(error) => {
-                context.record(Record::SubscriptionError {
-                    subscriber: context.name.clone(),
-                    channel: channel.clone(),
-                    code: "subscribe_failed".into(),
-                    message: error.to_string(),
-                });
-                continue;
-            }
-        };
-        tasks.push(tokio::spawn(ws_subscription(
-            context.clone(),
-            client.clone(),
-            connections.clone(),
-            channel.clone(),
-            subscription,
-            stop.clone(),
-        )));
-    }
-    for task in tasks {
-        let _ = task.await;
-    }
-    client.close().await;
-}
-
-async fn ws_subscription(
-    context: Arc<SubscriberContext>,
-    client: Client,
-    connections: Arc<AtomicU64>,
-    channel: String,
-    mut subscription: herald_client::Subscription,
-    mut stop: Stop,
-) {
-    let subscriber = context.name.clone();
-    let mut subscribed_before = false;
-    loop {
-        let event = tokio::select! {
-            event = subscription.next() => event,
-            () = stop.wait() => return,
-        };
-        let Some(event) = event else { return };
-        match event {
-            Event::Subscribed {
-                continuity,
-                after,
-                top,
-                ..
-            } => {
-                if subscribed_before {
-                    let now = client.connection_state().connections;
-                    if connections.fetch_max(now, Ordering::Relaxed) < now {
-                        context.record(Record::Reconnect {
-                            subscriber: subscriber.clone(),
-                        });
-                    }
-                } else {
-                    subscribed_before = true;
-                    context.first_subscribed();
-                }
-                let after = after.map(|after| after.to_string());
-                context.accounted(&channel, after.as_deref());
-                context.record(Record::Subscribed {
-                    subscriber: subscriber.clone(),
-                    channel: channel.clone(),
-                    continuity: sse::continuity_name(continuity),
-                    after,
-                    top: top.map(|top| top.to_string()),
-                });
-            }
-            Event::Message(message) => {
-                context.delivered(&channel, message.position.serial.0);
-                context.record(Record::Delivery {
-                    subscriber: subscriber.clone(),
-                    channel: channel.clone(),
-                    id: message.id.clone(),
-                    epoch: message.position.epoch.to_string(),
-                    serial: message.position.serial.0,
-                });
-            }
-            Event::ContinuityLost { from, to, reason } => {
-                let to = to.map(|to| to.to_string());
-                context.accounted(&channel, to.as_deref());
-                context.record(Record::Notice {
-                    subscriber: subscriber.clone(),
-                    channel: channel.clone(),
-                    notice: "continuity_lost".into(),
-                    from: from.to_string(),
-                    to,
-                    reason,
-                });
-            }
-            Event::Gap { from, to, reason } => {
-                notice(
-                    &context,
-                    &channel,
-                    "gap",
-                    from.to_string(),
-                    to.to_string(),
-                    reason,
-                );
-            }
-            Event::Skip { from, to, reason } => {
-                notice(
-                    &context,
-                    &channel,
-                    "skip",
-                    from.to_string(),
-                    to.to_string(),
-                    reason,
-                );
-            }
-            Event::Broken(broken) => {
-                let kind = match &broken.kind {
-                    BreakKind::Prev { .. } => "prev",
-                    BreakKind::Hole { .. } => "hole",
-                    BreakKind::Epoch { .. } => "epoch",
-                    BreakKind::Chain { .. } => "chain",
-                    BreakKind::Malformed { .. } => "malformed",
-                    _ => "other",
-                };
-                context.record(Record::Broken {
-                    subscriber: subscriber.clone(),
-                    channel: channel.clone(),
-                    break_kind: kind.into(),
-                    detail: format!("{broken:?}"),
-                });
-            }
-            Event::Error { code, message, .. } => context.record(Record::SubscriptionError {
-                subscriber: subscriber.clone(),
-                channel: channel.clone(),
-                code,
-                message,
-            }),
-            Event::Closed { reason } => {
-                context.record(Record::SubscriptionError {
-                    subscriber: subscriber.clone(),
-                    channel: channel.clone(),
-                    code: "closed".into(),
-                    message: reason,
-                });
-                return;
-            }
-            _ => {} // hints (not asked for), stalled (the drain checks tops itself)
-        }
-    }
-}
-
-/// Records a `gap` or `skip` notice.
-fn notice(
-    context: &SubscriberContext,
-    channel: &str,
-    kind: &str,
-    from: String,
-    to: String,
-    reason: String,
-) {
-    context.accounted(channel, Some(&to));
-    context.record(Record::Notice {
-        subscriber: context.name.clone(),
-        channel: channel.to_owned(),
-        notice: kind.to_owned(),
-        from,
-        to: Some(to),
-        reason,
-    });
-}
-
-/// An SDK publisher: publishes until `stop`, each message retried with its id until acked.
-async fn sdk_publisher(name: String, url: String, context: PublisherContext, stop: Stop) {
-    let mut options = ClientOptions::new(url);
-    options.key = context.key.clone();
-    options.reconnect_delay_min = Duration::from_millis(20);
-    options.reconnect_delay_max = Duration::from_secs(1);
-    options.handshake_timeout = Duration::from_secs(5);
-    let client = match Client::connect(options) {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("herald verify: {name}: {error}");
-            return;
-        }
-    };
-    let mut rng = StdRng::seed_from_u64(context.seed ^ fxhash(&name));
-    let mut sequence = 0u64;
-    while !stop.stopped() {
-        let channel = &context.channels[rng.random_range(0..context.channels.len())];
-        let id = format!("{}-{name}-{sequence}", context.run_id);
-        let publication = match Publication::json(&serde_json::json!({"n": sequence})) {
-            Ok(publication) => publication.id(id.clone()),
-            Err(_) => return,
-        };
-        for attempt in 1..=ATTEMPTS_MAX {
-            if Instant::now() >= context.give_up_at {
-                break;
-            }
-            context.recorder.record(Record::Publish {
-                publisher: name.clone(),
-                surface: "ws".into(),
-                channel: channel.clone(),
-                id: id.clone(),
-                attempt,
-            });
-            let outcome = tokio::time::timeout(
-                ATTEMPT_TIMEOUT,
-                client.publish(channel, publication.clone()),
-            )
-            .await;
-            let fatal = matches!(
-                &outcome,
-                Ok(Err(ClientError::Rejected(_) | ClientError::InvalidInput(_)))
-            );
-            let error = match outcome {
-                Ok(Ok(ack)) => {
-                    context.progress.acked.fetch_add(1, Ordering::Relaxed);
-                    context.recorder.record(Record::Ack {
-                        publisher: name.clone(),
-                        channel: channel.clone(),
-                        id: ack.id,
-                        epoch: ack.epoch,
-                        serial: ack.serial,
-                        duplicate: ack.duplicate,
-                    });
-                    break;
-                }
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("no ack within {ATTEMPT_TIMEOUT:?}"),
-            };
-            context.recorder.record(Record::PublishFailed {
-                publisher: name.clone(),
-                channel: channel.clone(),
-                id: id.clone(),
-                error: error.clone(),
-            });
-            if fatal {
-                eprintln!("herald verify: {name}: {error}");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        sequence += 1;
-        tokio::time::sleep(PUBLISH_INTERVAL).await;
-    }
-    client.close().await;
-}
-
-/// The HTTP publisher: explicit ids; every third publish is forced to fail (its proxy delays
-/// it past the request timeout, so it may or may not be stored) and retried with the same id,
-/// and every acked publish is sent once more, which must come back at the same position.
-async fn http_publisher(
-    proxy: Arc<FaultProxy>,
-    base: reqwest::Url,
-    context: PublisherContext,
-    stop: Stop,
-) {
-    const NAME: &str = "http-pub";
-    const FORCED_DELAY: Duration = Duration::from_millis(400);
-    const FORCED_TIMEOUT: Duration = Duration::from_millis(150);
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .expect("a reqwest client builds");
-    let key = context.key.as_deref();
-    let mut sequence = 0u64;
-    while !stop.stopped() {
-        let channel = &context.channels[(sequence as usize) % context.channels.len()];
-        let id = format!("{}-{NAME}-{sequence}", context.run_id);
-        let data = serde_json::json!({"h": sequence});
-        let publish = |attempt: u32| Record::Publish {
-            publisher: NAME.into(),
-            surface: "http".into(),
-            channel: channel.clone(),
-            id: id.clone(),
-            attempt,
-        };
-        let failed = |error: String| Record::PublishFailed {
-            publisher: NAME.into(),
-            channel: channel.clone(),
-            id: id.clone(),
-            error,
-        };
-        let mut attempt = 1;
-        let mut acked = false;
-        if sequence.is_multiple_of(3) {
-            proxy.delay(FORCED_DELAY);
-            context.progress.faults.fetch_add(1, Ordering::Relaxed);
-            context.recorder.record(Record::Fault {
-                target: NAME.into(),
-                fault: "delay".into(),
-            });
-            context.recorder.record(publish(attempt));
-            let outcome = http_publish(
-                &http,
-                &base,
-                key,
-                channel,
-                &id,
-                data.clone(),
-                FORCED_TIMEOUT,
-            )
-            .await;
-            proxy.delay(Duration::ZERO);
-            match outcome {
-                Ok(ack) => {
-                    context.recorder.record(ack_record(NAME, channel, &ack));
-                    acked = true;
-                }
-                Err(error) => {
-                    context.recorder.record(failed(format!("forced: {error}")));
-                }
-            }
-            attempt += 1;
-        }
-        while !acked && attempt <= ATTEMPTS_MAX && Instant::now() < context.give_up_at {
-            context.recorder.record(publish(attempt));
-            match http_publish(
-                &http,
-                &base,
-                key,
-                channel,
-                &id,
-                data.clone(),
-                ATTEMPT_TIMEOUT,
-            )
-            .await
-            {
-                Ok(ack) => {
-                    context.progress.acked.fetch_add(1, Ordering::Relaxed);
-                    context.recorder.record(ack_record(NAME, channel, &ack));
-                    acked = true;
-                }
-                Err(error) => {
-                    context.recorder.record(failed(error.to_string()));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-            attempt += 1;
-        }
-        if acked {
-            // The same id again: it must come back at the same position, `duplicate: true`.
-            context.recorder.record(publish(attempt));
-            match http_publish(&http, &base, key, channel, &id, data, ATTEMPT_TIMEOUT).await {
-                Ok(ack) => {
-                    context.recorder.record(ack_record(NAME, channel, &ack));
-                }
-                Err(error) => {
-                    context.recorder.record(failed(error.to_string()));
-                }
-            }
-        }
-        sequence += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Cuts and pauses verify's own connections at random until `stop`.
-async fn inject_faults(
-    proxies: Vec<(String, Arc<FaultProxy>, bool)>,
-    mode: super::FaultMode,
-    seed: u64,
-    recorder: Recorder,
-    progress: Arc<Progress>,
-    mut stop: Stop,
-) {
-    if !mode.drops() && !mode.pauses() {
-        return;
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let subscribers: Vec<&(String, Arc<FaultProxy>, bool)> = proxies
-        .iter()
-        .filter(|(_, _, subscriber)| *subscriber)
-        .collect();
-    loop {
-        let wait = Duration::from_millis(rng.random_range(200..1200));
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.wait() => return,
-        }
-        let cut = mode.drops() && (!mode.pauses() || rng.random_bool(0.5));
-        progress.faults.fetch_add(1, Ordering::Relaxed);
-        if cut {
-            let (name, proxy, _) = &proxies[rng.random_range(0..proxies.len())];
-            proxy.cut();
-            recorder.record(Record::Fault {
-                target: name.clone(),
-                fault: "cut".into(),
-            });
-        } else {
-            let (name, proxy, _) = subscribers[rng.random_range(0..subscribers.len())];
-            let pause = Duration::from_millis(rng.random_range(100..2000));
-            proxy.pause(true);
-            recorder.record(Record::Fault {
-                target: name.clone(),
-                fault: "pause".into(),
-            });
-            let (name, proxy, recorder) = (name.clone(), proxy.clone(), recorder.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(pause).await;
-                proxy.pause(false);
-                recorder.record(Record::Fault {
-                    target: name,
-                    fault: "resume".into(),
-                });
-            });
-        }
-    }
-}
-
-/// SIGKILLs and restarts the spawned server at random instants until `stop`. Returns the
-/// server (running) and the error that stopped the loop early, if any.
-async fn kill_loop(
-    mut server: SpawnedServer,
-    (min, max): (Duration, Duration),
-    seed: u64,
-    recorder: Recorder,
-    progress: Arc<Progress>,
-    mut stop: Stop,
-) -> (SpawnedServer, Option<anyhow::Error>) {
-    let mut rng = StdRng::seed_from_u64(seed.rotate_left(17));
-    loop {
-        let wait = if max > min {
-            rng.random_range(min..=max)
-        } else {
-            min
-        };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = stop.wait() => return (server, None),
-        }
-        let pid = server.pid;
-        if let Err(error) = server.kill9().await {
-            return (server, Some(error));
-        }
-        progress.kills.fetch_add(1, Ordering::Relaxed);
-        recorder.record(Record::Kill { pid });
-        if let Err(error) = server.restart().await {
-            return (server, Some(error));
-        }
-        recorder.record(Record::Restart { pid: server.pid });
-    }
-}
-
 /// One progress line per second on stderr.
-async fn report_progress(progress: Arc<Progress>, started: Instant, mut stop: Stop) {
+pub(super) async fn report_progress(progress: Arc<Progress>, started: Instant, mut stop: Stop) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -1233,7 +615,7 @@ async fn report_progress(progress: Arc<Progress>, started: Instant, mut stop: St
 }
 
 /// A stable 64-bit hash of a name (FNV-1a), to derive per-task seeds.
-fn fxhash(text: &str) -> u64 {
+pub(super) fn fxhash(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -14,7 +14,8 @@ use std::time::Duration;
 use herald_protocol::ws::ServerFrame;
 
 use super::history::Record;
-use super::run::{Stop, SubscriberContext};
+use super::run::Stop;
+use super::subscriber::SubscriberContext;
 
 /// Largest event accepted (the server's messages are at most 64 KiB of data plus framing).
 const EVENT_BYTES_MAX: usize = 1024 * 1024;
