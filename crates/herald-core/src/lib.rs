@@ -14,7 +14,8 @@
 //! - [`subscription`]: the delivery `Cursor` of one subscription (exactly-once catch-up,
 //!   at-most-once gaps) and `SkipRun` for serials a subscriber does not receive.
 //! - [`engine`]: the sans-IO state machines a runtime drives (`SubscriptionMachine`: every
-//!   delivery decision of one subscription).
+//!   delivery decision of one subscription; `DurableMachine`: the same for one connected
+//!   at-least-once subscriber).
 //! - [`subscriber`]: durable (at-least-once) subscribers: `SubscriberId`, `SubscriberState`.
 //! - [`error`]: stable client-visible error codes.
 //!

@@ -164,8 +164,12 @@ impl SubscriberState {
             .map_or(0, |at| self.attempts[at].1)
     }
 
-    /// Counts one more delivery of `serial`; returns the new count.
+    /// Counts one more delivery of `serial`; returns the new count. An acknowledged serial is
+    /// done and has no attempts: nothing is recorded and 0 is returned.
     pub fn record_attempt(&mut self, serial: Serial) -> u32 {
+        if self.is_acked(serial) {
+            return 0;
+        }
         match self
             .attempts
             .binary_search_by_key(&serial, |(known, _)| *known)
@@ -234,6 +238,12 @@ mod tests {
         assert_eq!(state.attempts, vec![(Serial(15), 1)]);
         assert_eq!(state.attempts_of(Serial(11)), 0);
         assert!(state.is_acked(Serial(16)) && !state.is_acked(Serial(15)));
+        assert_eq!(
+            state.record_attempt(Serial(12)),
+            0,
+            "acked: nothing to count"
+        );
+        assert_eq!(state.attempts, vec![(Serial(15), 1)]);
         assert!(state.ack_one(Serial(15)));
         assert_eq!(state.acked_through, Serial(16));
         assert!(state.attempts.is_empty());

@@ -6,6 +6,8 @@
 //! - [`store`]: the trait and its result types.
 //! - [`table`]: the channel table both stores share (sequencing, indexes, retention, recovery
 //!   steps), built on `herald_core::ChannelStream`.
+//! - [`subscribers`]: the durable subscriber snapshots both stores keep (newest per
+//!   (channel, id)).
 //! - [`memory`]: the in-memory store (tests, `backend = "memory"`).
 //! - [`clock`]: injectable time.
 //! - [`embedded`]: the embedded segmented log (the default store), on a [`fs::Filesystem`].
@@ -13,13 +15,14 @@
 //!
 //! # Invariants
 //! - Nothing is acknowledged before it is durable; a failed write or fsync poisons the store.
-//! - Readers see only durable messages.
+//! - Readers see only durable messages and durable subscriber snapshots.
 
 pub mod clock;
 pub mod embedded;
 pub mod fs;
 pub mod memory;
 pub mod store;
+pub mod subscribers;
 pub mod table;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -28,5 +31,6 @@ pub use fs::{Filesystem, SimFs, StdFs};
 pub use memory::MemoryStore;
 pub use store::{
     AppendError, AppendTicket, Appended, DurableListener, LogStore, ReadError, ReadPage, ReadQuery,
-    StoreError, StoreHealth, StoreStats,
+    SaveTicket, StoreError, StoreHealth, StoreStats,
 };
+pub use subscribers::{SubscriberChange, SubscriberTable};

@@ -2,17 +2,24 @@
 //!
 //! Appends are "durable" as soon as they are in the store's record image. The image is what
 //! survives [`MemoryStore::crash_and_recover`], which rebuilds every index from it through
-//! the same recovery steps as the embedded log. Faults can be injected with
-//! [`MemoryStore::fail_next_append`] and [`MemoryStore::fail_after_appends`].
+//! the same recovery steps as the embedded log. Subscriber snapshots are durable once saved
+//! and kept, newest per (channel, id), in a [`SubscriberTable`] that is part of the image.
+//! Faults can be injected with [`MemoryStore::fail_next_append`] and
+//! [`MemoryStore::fail_after_appends`]; they count subscriber saves and removals as writes too.
 
 use std::sync::{Arc, RwLock};
 
-use herald_core::{ChannelName, Message, MessageId, NewMessage, Policies, StreamStatus};
+use herald_core::{
+    ChannelName, Message, MessageId, NewMessage, Policies, StreamStatus, SubscriberId,
+    SubscriberState,
+};
 
 use crate::clock::Clock;
 use crate::store::{
-    AppendError, AppendTicket, LogStore, ReadError, ReadPage, ReadQuery, StoreError, StoreHealth,
+    AppendError, AppendTicket, LogStore, ReadError, ReadPage, ReadQuery, SaveTicket, StoreError,
+    StoreHealth,
 };
+use crate::subscribers::{SubscriberChange, SubscriberTable};
 use crate::table::{ChannelTable, ChannelTip, fetch_page};
 
 /// What the memory store keeps as its "disk".
@@ -31,6 +38,9 @@ pub struct MemoryStore {
 struct State {
     table: ChannelTable<Arc<Message>>,
     image: Vec<MemoryRecord>,
+    /// Durable subscriber snapshots: both the index and part of the image (a save replaces
+    /// the previous snapshot in place, so the image holds one per live subscriber).
+    subscribers: SubscriberTable<()>,
     poisoned: Option<String>,
     /// Appends still accepted before an injected failure, and the failure's reason.
     fail_after: Option<(u64, String)>,
@@ -41,11 +51,13 @@ struct State {
 
 impl MemoryStore {
     pub fn new(policies: Policies, clock: Arc<dyn Clock>) -> Self {
-        Self::from_image(Vec::new(), policies, clock).expect("an empty image is valid")
+        Self::from_image(Vec::new(), SubscriberTable::default(), policies, clock)
+            .expect("an empty image is valid")
     }
 
     fn from_image(
         image: Vec<MemoryRecord>,
+        subscribers: SubscriberTable<()>,
         policies: Policies,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
@@ -65,6 +77,7 @@ impl MemoryStore {
             state: RwLock::new(State {
                 table,
                 image,
+                subscribers,
                 poisoned: None,
                 fail_after: None,
                 stats: crate::store::StoreStats::default(),
@@ -77,8 +90,16 @@ impl MemoryStore {
 
     /// Simulates a crash and restart: a new store rebuilt from what was durable.
     pub fn crash_and_recover(&self) -> Result<MemoryStore, StoreError> {
-        let image = self.read_state().image.clone();
-        Self::from_image(image, self.policies.clone(), self.clock.clone())
+        let (image, subscribers) = {
+            let state = self.read_state();
+            (state.image.clone(), state.subscribers.clone())
+        };
+        Self::from_image(
+            image,
+            subscribers,
+            self.policies.clone(),
+            self.clock.clone(),
+        )
     }
 
     /// Makes the next append fail as a failed fsync would: the store is poisoned.
@@ -86,8 +107,9 @@ impl MemoryStore {
         self.fail_after_appends(0, reason);
     }
 
-    /// Accepts `appends` more appends, then fails every later one as a lost disk would: the
-    /// store is poisoned and only [`MemoryStore::crash_and_recover`] brings it back.
+    /// Accepts `appends` more writes (appends, subscriber saves and removals), then fails every
+    /// later one as a lost disk would: the store is poisoned and only
+    /// [`MemoryStore::crash_and_recover`] brings it back.
     pub fn fail_after_appends(&self, appends: u64, reason: &str) {
         self.write_state().fail_after = Some((appends, reason.to_owned()));
     }
@@ -141,6 +163,17 @@ impl MemoryStore {
         dropped
     }
 
+    /// Applies a subscriber change as one write (fault injection counts it like an append).
+    fn change_subscriber(&self, change: SubscriberChange) -> SaveTicket {
+        let mut state = self.write_state();
+        if let Err(error) = state.take_write() {
+            return SaveTicket::ready(Err(error));
+        }
+        state.subscribers.apply(change, ());
+        state.stats.subscriber_saves += 1;
+        SaveTicket::ready(Ok(()))
+    }
+
     fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state
             .read()
@@ -154,17 +187,27 @@ impl MemoryStore {
     }
 }
 
+impl State {
+    /// Counts one write against an injected failure; refuses it once the store is poisoned.
+    fn take_write(&mut self) -> Result<(), AppendError> {
+        match self.fail_after.take() {
+            Some((0, reason)) => self.poisoned = Some(reason),
+            Some((remaining, reason)) => self.fail_after = Some((remaining - 1, reason)),
+            None => {}
+        }
+        match &self.poisoned {
+            Some(reason) => Err(AppendError::Poisoned(reason.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
 impl LogStore for MemoryStore {
     fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket {
         let now = self.clock.now();
         let mut state = self.write_state();
-        match state.fail_after.take() {
-            Some((0, reason)) => state.poisoned = Some(reason),
-            Some((remaining, reason)) => state.fail_after = Some((remaining - 1, reason)),
-            None => {}
-        }
-        if let Some(reason) = &state.poisoned {
-            return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));
+        if let Err(error) = state.take_write() {
+            return AppendTicket::ready(Err(error));
         }
         let sequenced = state
             .table
@@ -255,6 +298,28 @@ impl LogStore for MemoryStore {
 
     fn set_durable_listener(&self, listener: Arc<dyn crate::store::DurableListener>) {
         self.write_state().listener = Some(listener);
+    }
+
+    fn save_subscriber(&self, state: SubscriberState) -> SaveTicket {
+        self.change_subscriber(SubscriberChange::Save(state))
+    }
+
+    fn remove_subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> SaveTicket {
+        self.change_subscriber(SubscriberChange::Remove {
+            channel: channel.clone(),
+            id: id.clone(),
+        })
+    }
+
+    fn subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> Option<SubscriberState> {
+        self.read_state()
+            .subscribers
+            .get(channel, id)
+            .map(|stored| stored.state.clone())
+    }
+
+    fn subscribers(&self) -> Vec<SubscriberState> {
+        self.read_state().subscribers.states()
     }
 }
 

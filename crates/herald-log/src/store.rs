@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use herald_core::{
     ChannelName, ContinuityLost, InvalidInput, Message, MessageId, NewMessage, Policies, Position,
-    ReadFrom, SkippedRange, StreamStatus,
+    ReadFrom, SkippedRange, StreamStatus, SubscriberId, SubscriberState,
 };
 use tokio::sync::oneshot;
 
@@ -70,6 +70,39 @@ impl AppendTicket {
 
 impl Future for AppendTicket {
     type Output = Result<Vec<Appended>, AppendError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|result| result.unwrap_or(Err(AppendError::Closed)))
+    }
+}
+
+/// A pending subscriber save or removal; resolves once the change is durable (or refused,
+/// for the same reasons as an append: poisoned, closed, overloaded, too large).
+pub struct SaveTicket(oneshot::Receiver<Result<(), AppendError>>);
+
+impl SaveTicket {
+    /// A ticket and the sender that completes it.
+    pub fn channel() -> (oneshot::Sender<Result<(), AppendError>>, SaveTicket) {
+        let (sender, receiver) = oneshot::channel();
+        (sender, SaveTicket(receiver))
+    }
+
+    /// A ticket that is already complete.
+    pub fn ready(result: Result<(), AppendError>) -> SaveTicket {
+        let (sender, ticket) = Self::channel();
+        let _ = sender.send(result);
+        ticket
+    }
+
+    /// Blocks the current thread until the save completes (for tests and tools without a runtime).
+    pub fn wait(self) -> Result<(), AppendError> {
+        self.0.blocking_recv().unwrap_or(Err(AppendError::Closed))
+    }
+}
+
+impl Future for SaveTicket {
+    type Output = Result<(), AppendError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.0)
             .poll(cx)
@@ -152,6 +185,8 @@ pub struct StoreStats {
     pub bytes: u64,
     /// Segments created after open (rollovers).
     pub rollovers: u64,
+    /// Subscriber snapshots and removals made durable (each rides a group counted in `groups`).
+    pub subscriber_saves: u64,
 }
 
 /// Receives every message once it is durable, for live delivery to subscribers.
@@ -179,6 +214,10 @@ pub enum StoreHealth {
 ///   all-or-nothing; ids are deduplicated per channel (same content: the original position
 ///   with `duplicate: true`; different content: `IdConflict`).
 /// - reads return only durable messages, within retention, whose TTL has not run out.
+/// - `save_subscriber` / `remove_subscriber` resolve `Ok` only once the change is durable,
+///   sharing the group commit of appends (no second sync path); `subscriber` and
+///   `subscribers` see only durable changes, the newest snapshot per (channel, id), and the
+///   same after a restart; reclaim never loses a live snapshot.
 pub trait LogStore: Send + Sync + 'static {
     fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket;
     fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError>;
@@ -199,4 +238,18 @@ pub trait LogStore: Send + Sync + 'static {
     /// Installs the listener that sees every message made durable from now on (one per store;
     /// a second call replaces the first).
     fn set_durable_listener(&self, listener: std::sync::Arc<dyn DurableListener>);
+
+    /// Persists a durable subscriber's snapshot, replacing the previous one of the same
+    /// (channel, id); resolves once durable. It rides the same queue and group commit as
+    /// appends (one write and one `fdatasync` for everything queued together) and is refused
+    /// like an append when the store is poisoned, closed or overloaded.
+    fn save_subscriber(&self, state: SubscriberState) -> SaveTicket;
+    /// Removes a subscriber durably (a tombstone). Removing an unknown subscriber is not an
+    /// error.
+    fn remove_subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> SaveTicket;
+    /// The newest durable snapshot of a subscriber, if it exists.
+    fn subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> Option<SubscriberState>;
+    /// Every stored subscriber, in (channel, id) order (bounded by what is stored; for expiry
+    /// sweeps and introspection).
+    fn subscribers(&self) -> Vec<SubscriberState>;
 }

@@ -894,6 +894,216 @@ fn failed_write_poisons_until_restart<H: Harness>() {
     verify_chain_from_genesis(&read_all(harness.store(), &room, 10));
 }
 
+// ----- durable subscribers -------------------------------------------------------------------
+
+/// A saved snapshot reads back whole, a later save replaces it, a removal drops it, and all of
+/// that holds after a restart; `subscribers()` lists every live one in (channel, id) order.
+fn subscriber_snapshots_are_saved_replaced_and_removed<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let store = harness.store();
+    let (jobs, mail) = (channel("jobs:a"), channel("mail"));
+    let (worker, backup) = (subscriber_id("worker-1"), subscriber_id("backup"));
+    assert_eq!(store.subscriber(&jobs, &worker), None);
+    assert!(store.subscribers().is_empty());
+
+    store
+        .save_subscriber(subscriber_state("jobs:a", "worker-1", 10))
+        .wait()
+        .unwrap();
+    store
+        .save_subscriber(subscriber_state("mail", "worker-1", 3))
+        .wait()
+        .unwrap();
+    store
+        .save_subscriber(subscriber_state("jobs:a", "backup", 7))
+        .wait()
+        .unwrap();
+    assert_eq!(
+        store.subscriber(&jobs, &worker),
+        Some(subscriber_state("jobs:a", "worker-1", 10))
+    );
+    // The same id on another channel is another subscriber.
+    assert_eq!(
+        store.subscriber(&mail, &worker),
+        Some(subscriber_state("mail", "worker-1", 3))
+    );
+
+    store
+        .save_subscriber(subscriber_state("jobs:a", "worker-1", 25))
+        .wait()
+        .unwrap();
+    store.remove_subscriber(&mail, &worker).wait().unwrap();
+    // Removing what is not there is not an error.
+    store
+        .remove_subscriber(&mail, &subscriber_id("never"))
+        .wait()
+        .unwrap();
+
+    let expected = vec![
+        subscriber_state("jobs:a", "backup", 7),
+        subscriber_state("jobs:a", "worker-1", 25),
+    ];
+    for _ in 0..2 {
+        let store = harness.store();
+        assert_eq!(store.subscribers(), expected);
+        assert_eq!(
+            store.subscriber(&jobs, &worker),
+            Some(subscriber_state("jobs:a", "worker-1", 25))
+        );
+        assert_eq!(store.subscriber(&mail, &worker), None);
+        assert_eq!(
+            store.subscriber(&jobs, &backup),
+            Some(subscriber_state("jobs:a", "backup", 7))
+        );
+        harness.restart();
+    }
+    // A removed subscriber can come back; the new snapshot survives a restart.
+    harness
+        .store()
+        .save_subscriber(subscriber_state("mail", "worker-1", 40))
+        .wait()
+        .unwrap();
+    harness.restart();
+    assert_eq!(
+        harness.store().subscriber(&mail, &worker),
+        Some(subscriber_state("mail", "worker-1", 40))
+    );
+}
+
+/// Saves queued concurrently with appends (without waiting in between) are all acknowledged,
+/// readable and durable, and the last save queued for a subscriber is the one that stays.
+fn subscriber_saves_interleave_with_appends<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let room = channel("room");
+    let store = harness.store();
+    let mut saves = Vec::new();
+    let mut appends = Vec::new();
+    for n in 0..20u64 {
+        appends.push(store.append(room.clone(), vec![json(&format!("m{n}"), "1")]));
+        saves.push(store.save_subscriber(subscriber_state("room", "worker", n)));
+        saves.push(store.save_subscriber(subscriber_state("room", &format!("s{n}"), n)));
+    }
+    for ticket in appends {
+        ticket.wait().expect("append acknowledged");
+    }
+    for ticket in saves {
+        ticket.wait().expect("save acknowledged");
+    }
+    for _ in 0..2 {
+        let store = harness.store();
+        assert_eq!(read_all(store, &room, 100).len(), 20);
+        assert_eq!(store.subscribers().len(), 21);
+        assert_eq!(
+            store.subscriber(&room, &subscriber_id("worker")),
+            Some(subscriber_state("room", "worker", 19))
+        );
+        assert_eq!(
+            store.subscriber(&room, &subscriber_id("s7")),
+            Some(subscriber_state("room", "s7", 7))
+        );
+        harness.restart();
+    }
+}
+
+/// Reclaim frees the segments holding snapshots without losing a live one: after reclaim and
+/// restart every live subscriber has its newest snapshot and a removed one stays removed.
+fn reclaim_keeps_live_snapshots_and_drops_removed_ones<H: Harness>() {
+    let clock = new_clock();
+    let mut harness = H::open(test_policies(), clock.clone());
+    let young = channel("young:room");
+    let payload = format!("\"{}\"", "x".repeat(200));
+    let store = harness.store();
+    store
+        .save_subscriber(subscriber_state("young:room", "early", 1))
+        .wait()
+        .unwrap();
+    store
+        .save_subscriber(subscriber_state("young:room", "gone", 1))
+        .wait()
+        .unwrap();
+    for n in 1..=40u64 {
+        append_ok(store, &young, vec![json(&format!("y{n}"), &payload)]);
+        // Churn: many superseded snapshots of one subscriber spread over the segments.
+        store
+            .save_subscriber(subscriber_state("young:room", "busy", n))
+            .wait()
+            .unwrap();
+    }
+    store
+        .remove_subscriber(&young, &subscriber_id("gone"))
+        .wait()
+        .unwrap();
+    clock.advance_ms(test_policies().namespaces["young"].dedupe_window_ms() + 1);
+    // Keeps the active segment busy so the older ones are sealed and dead.
+    append_ok(store, &channel("room"), vec![json("after", &payload)]);
+    let reclaimed = store.reclaim().unwrap();
+    assert!(reclaimed > 0, "something was reclaimable");
+    let expected = vec![
+        subscriber_state("young:room", "busy", 40),
+        subscriber_state("young:room", "early", 1),
+    ];
+    assert_eq!(harness.store().subscribers(), expected);
+    harness.restart();
+    assert_eq!(harness.store().subscribers(), expected);
+    // A second reclaim (the rewritten snapshots may now be the old ones) and restart.
+    clock.advance_ms(test_policies().namespaces["young"].dedupe_window_ms() + 1);
+    for n in 0..20 {
+        append_ok(
+            harness.store(),
+            &young,
+            vec![json(&format!("z{n}"), &payload)],
+        );
+    }
+    clock.advance_ms(test_policies().namespaces["young"].dedupe_window_ms() + 1);
+    append_ok(harness.store(), &channel("room"), vec![json("later", "1")]);
+    harness.store().reclaim().unwrap();
+    harness.restart();
+    assert_eq!(harness.store().subscribers(), expected);
+}
+
+/// A poisoned store refuses subscriber saves like appends and keeps serving the last durable
+/// snapshot; after a restart the refused save is either wholly there or absent.
+fn a_failed_write_refuses_subscriber_saves<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let room = channel("room");
+    let worker = subscriber_id("worker");
+    harness
+        .store()
+        .save_subscriber(subscriber_state("room", "worker", 1))
+        .wait()
+        .unwrap();
+    if !harness.fail_next_append("injected fsync failure") {
+        return;
+    }
+    let failed = harness
+        .store()
+        .save_subscriber(subscriber_state("room", "worker", 2))
+        .wait();
+    assert!(
+        matches!(failed, Err(AppendError::Poisoned(_))),
+        "{failed:?}"
+    );
+    let later = harness.store().remove_subscriber(&room, &worker).wait();
+    assert!(matches!(later, Err(AppendError::Poisoned(_))), "{later:?}");
+    assert_eq!(
+        harness.store().subscriber(&room, &worker),
+        Some(subscriber_state("room", "worker", 1)),
+        "only durable snapshots are visible"
+    );
+    harness.restart();
+    let recovered = harness.store().subscriber(&room, &worker);
+    assert!(
+        recovered == Some(subscriber_state("room", "worker", 1))
+            || recovered == Some(subscriber_state("room", "worker", 2)),
+        "{recovered:?}"
+    );
+    harness
+        .store()
+        .save_subscriber(subscriber_state("room", "worker", 3))
+        .wait()
+        .expect("a restarted store accepts saves");
+}
+
 // ----- instantiation -------------------------------------------------------------------------
 
 /// One test function per case and store: `conformance_suite!(module: Harness)`.
@@ -984,6 +1194,10 @@ macro_rules! conformance_suite {
             reclaim_twice_then_restart,
             failed_write_poisons_until_restart,
             durable_listener_hears_each_new_message_once_in_order,
+            subscriber_snapshots_are_saved_replaced_and_removed,
+            subscriber_saves_interleave_with_appends,
+            reclaim_keeps_live_snapshots_and_drops_removed_ones,
+            a_failed_write_refuses_subscriber_saves,
         );
     };
     (@cases $module:ident: $harness:ty; $($case:ident),* $(,)?) => {

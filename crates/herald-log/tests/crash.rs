@@ -10,7 +10,10 @@
 //! - no id appears twice on a channel, serials are contiguous from 1 and the chain verifies
 //!   from genesis to the top;
 //! - every batch is either wholly present, with consecutive serials, or wholly absent;
-//! - every stored message is one a client sent, with its content.
+//! - every stored message is one a client sent, with its content;
+//! - each client's durable subscriber (saved and sometimes removed between publishes, riding
+//!   the same group commits) is in the state of its last acknowledged save or removal, or of
+//!   one issued after it whose outcome is unknown: never older, never torn.
 //!
 //! `HERALD_CRASH_SEEDS=N` runs N seeds (default 64); `HERALD_CRASH_SEED=S` runs only seed S.
 //! A seed fixes the power-cut point and what the crash keeps; thread interleaving is up to
@@ -22,8 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use herald_core::{
-    ChainHash, ChannelName, Data, Headers, Message, MessageId, NewMessage, Policies, Position,
-    ReadFrom, Serial, Timestamp,
+    ChainHash, ChannelName, Data, Epoch, Headers, Message, MessageId, NewMessage, Policies,
+    Position, ReadFrom, Serial, SubscriberId, SubscriberOptions, SubscriberState, Timestamp,
 };
 use herald_log::{
     AppendError, Clock, EmbeddedLog, EmbeddedOptions, LogStore, ManualClock, MemoryStore,
@@ -65,6 +68,40 @@ struct Ledger {
     unresolved: Vec<Batch>,
     /// Batches acknowledged before; re-sending one must answer "duplicate".
     resolved: Vec<Batch>,
+}
+
+/// Per client: its durable subscriber's history.
+type Subscribers = Mutex<BTreeMap<usize, SubscriberLedger>>;
+
+/// One client's subscriber: the state after each save or removal it issued (`None`: removed),
+/// and the index of the last one acknowledged.
+#[derive(Default)]
+struct SubscriberLedger {
+    outcomes: Vec<Option<SubscriberState>>,
+    acked: Option<usize>,
+}
+
+fn subscriber_key(client: usize) -> (ChannelName, SubscriberId) {
+    (
+        ChannelName::parse(CHANNELS[client % CHANNELS.len()]).unwrap(),
+        SubscriberId::parse(&format!("worker-{client}")).unwrap(),
+    )
+}
+
+/// A distinct state for each version, with individually acked serials and attempts.
+fn subscriber_version(client: usize, version: u64) -> SubscriberState {
+    let (channel, id) = subscriber_key(client);
+    let mut state = SubscriberState::new(
+        channel,
+        id,
+        Position::new(Epoch::parse("E1").unwrap(), Serial(version * 3)),
+        SubscriberOptions::default(),
+        Timestamp(1_700_000_000_000),
+    );
+    state.ack_one(Serial(version * 3 + 2));
+    state.record_attempt(Serial(version * 3 + 1));
+    state.last_active = Timestamp(1_700_000_000_000 + version);
+    state
 }
 
 fn new_batch(rng: &mut StdRng, tag: &str) -> Batch {
@@ -170,9 +207,37 @@ fn verify(store: &dyn LogStore, ledger: &Ledger) {
     }
 }
 
+/// Each client's subscriber is in the state of its last acknowledged change or of a later one
+/// whose outcome is unknown, whole; no other subscriber exists.
+fn verify_subscribers(store: &dyn LogStore, subscribers: &BTreeMap<usize, SubscriberLedger>) {
+    let mut live = 0;
+    for (client, history) in subscribers {
+        let (channel, id) = subscriber_key(*client);
+        let found = store.subscriber(&channel, &id);
+        let allowed = match history.acked {
+            Some(acked) => &history.outcomes[acked..],
+            None => &history.outcomes[..],
+        };
+        assert!(
+            allowed.contains(&found) || (history.acked.is_none() && found.is_none()),
+            "subscriber of client {client} recovered as {found:?}, acknowledged {:?}",
+            history.acked.map(|acked| &history.outcomes[acked])
+        );
+        live += usize::from(found.is_some());
+    }
+    assert_eq!(store.subscribers().len(), live, "no stray subscribers");
+}
+
 /// One client's load: fresh batches, retries of unresolved ones, and re-sends of acknowledged
 /// ones (which must come back as duplicates at the same positions).
-fn client(store: &dyn LogStore, ledger: &Mutex<Ledger>, seed: u64, cycle: u64, client: usize) {
+fn client(
+    store: &dyn LogStore,
+    ledger: &Mutex<Ledger>,
+    subscribers: &Subscribers,
+    seed: u64,
+    cycle: u64,
+    client: usize,
+) {
     let mut rng = StdRng::seed_from_u64(seed ^ (cycle << 32) ^ (client as u64) << 48);
     for round in 0..BATCHES_PER_CLIENT {
         let mut resend = false;
@@ -228,6 +293,46 @@ fn client(store: &dyn LogStore, ledger: &Mutex<Ledger>, seed: u64, cycle: u64, c
             }
             Err(other) => panic!("unexpected refusal: {other}"),
         }
+        drop(ledger);
+        if rng.random_range(0..2) == 0 && !subscriber_step(store, subscribers, &mut rng, client) {
+            return;
+        }
+    }
+}
+
+/// Saves (or now and then removes) the client's subscriber; `false` when the store refused
+/// because it died (the outcome is unknown).
+fn subscriber_step(
+    store: &dyn LogStore,
+    subscribers: &Subscribers,
+    rng: &mut StdRng,
+    client: usize,
+) -> bool {
+    let (channel, id) = subscriber_key(client);
+    let (index, outcome) = {
+        let mut subscribers = subscribers.lock().unwrap();
+        let history = subscribers.entry(client).or_default();
+        let outcome = if rng.random_range(0..5) == 0 {
+            None
+        } else {
+            Some(subscriber_version(client, history.outcomes.len() as u64))
+        };
+        history.outcomes.push(outcome.clone());
+        (history.outcomes.len() - 1, outcome)
+    };
+    let ticket = match outcome {
+        Some(state) => store.save_subscriber(state),
+        None => store.remove_subscriber(&channel, &id),
+    };
+    match ticket.wait() {
+        Ok(()) => {
+            let mut subscribers = subscribers.lock().unwrap();
+            let history = subscribers.get_mut(&client).expect("history exists");
+            history.acked = Some(index);
+            true
+        }
+        Err(AppendError::Poisoned(_) | AppendError::Closed) => false,
+        Err(other) => panic!("unexpected refusal of a subscriber save: {other}"),
     }
 }
 
@@ -259,15 +364,17 @@ fn run_seed(seed: u64) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let clock = Arc::new(ManualClock::new(Timestamp(1_700_000_000_000)));
     let ledger = Mutex::new(Ledger::default());
+    let subscribers = Subscribers::default();
     let mut fs = SimFs::new();
     for cycle in 0..CYCLES {
         let store = open(&fs, &clock);
         verify(&store, &ledger.lock().unwrap());
+        verify_subscribers(&store, &subscribers.lock().unwrap());
         fs.lose_power_after(rng.random_range(1..=POWER_CUT_OPERATIONS_MAX));
         std::thread::scope(|scope| {
             for index in 0..CLIENTS {
-                let (store, ledger) = (&store, &ledger);
-                scope.spawn(move || client(store, ledger, seed, cycle, index));
+                let (store, ledger, subscribers) = (&store, &ledger, &subscribers);
+                scope.spawn(move || client(store, ledger, subscribers, seed, cycle, index));
             }
         });
         clock.advance_ms(1000);
@@ -278,6 +385,7 @@ fn run_seed(seed: u64) -> usize {
     let store = open(&fs, &clock);
     let ledger = ledger.into_inner().unwrap();
     verify(&store, &ledger);
+    verify_subscribers(&store, &subscribers.into_inner().unwrap());
     ledger.acked.len()
 }
 
@@ -287,14 +395,16 @@ fn run_seed_memory(seed: u64) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let clock = Arc::new(ManualClock::new(Timestamp(1_700_000_000_000)));
     let ledger = Mutex::new(Ledger::default());
+    let subscribers = Subscribers::default();
     let mut store = MemoryStore::new(Policies::default(), clock.clone() as Arc<dyn Clock>);
     for cycle in 0..CYCLES {
         verify(&store, &ledger.lock().unwrap());
+        verify_subscribers(&store, &subscribers.lock().unwrap());
         store.fail_after_appends(rng.random_range(1..=POWER_CUT_APPENDS_MAX), "power lost");
         std::thread::scope(|scope| {
             for index in 0..CLIENTS {
-                let (store, ledger) = (&store, &ledger);
-                scope.spawn(move || client(store, ledger, seed, cycle, index));
+                let (store, ledger, subscribers) = (&store, &ledger, &subscribers);
+                scope.spawn(move || client(store, ledger, subscribers, seed, cycle, index));
             }
         });
         clock.advance_ms(1000);
@@ -304,6 +414,7 @@ fn run_seed_memory(seed: u64) -> usize {
     }
     let ledger = ledger.into_inner().unwrap();
     verify(&store, &ledger);
+    verify_subscribers(&store, &subscribers.into_inner().unwrap());
     ledger.acked.len()
 }
 
@@ -419,9 +530,11 @@ fn verify_young(store: &dyn LogStore, ledger: &YoungLedger, now: Timestamp) {
 fn young_client(
     store: &EmbeddedLog,
     ledger: &Mutex<YoungLedger>,
+    subscribers: &Subscribers,
     clock: &ManualClock,
     tag: &str,
     seed: u64,
+    client: usize,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     for round in 0..BATCHES_PER_CLIENT {
@@ -450,6 +563,10 @@ fn young_client(
             Err(AppendError::Poisoned(_) | AppendError::Closed) => return,
             Err(other) => panic!("unexpected refusal: {other}"),
         }
+        // Snapshots land in the segments reclaim deletes: it must rewrite the live ones.
+        if rng.random_range(0..2) == 0 && !subscriber_step(store, subscribers, &mut rng, client) {
+            return;
+        }
     }
 }
 
@@ -469,6 +586,7 @@ fn run_reclaim_seed(seed: u64) -> usize {
     let mut rng = StdRng::seed_from_u64(seed);
     let clock = Arc::new(ManualClock::new(Timestamp(1_700_000_000_000)));
     let ledger = Mutex::new(YoungLedger::default());
+    let subscribers = Subscribers::default();
     let mut fs = SimFs::new();
     let open = |fs: &SimFs| {
         EmbeddedLog::open_with_fs(
@@ -484,13 +602,16 @@ fn run_reclaim_seed(seed: u64) -> usize {
     for cycle in 0..CYCLES {
         let store = open(&fs);
         verify_young(&store, &ledger.lock().unwrap(), clock.now());
+        verify_subscribers(&store, &subscribers.lock().unwrap());
         fs.lose_power_after(rng.random_range(1..=POWER_CUT_OPERATIONS_MAX));
         std::thread::scope(|scope| {
             for index in 0..CLIENTS {
-                let (store, ledger, clock) = (&store, &ledger, &*clock);
+                let (store, ledger, clock, subscribers) = (&store, &ledger, &*clock, &subscribers);
                 let tag = format!("s{seed}c{cycle}k{index}");
                 let client_seed = seed ^ (cycle << 32) ^ ((index as u64) << 48);
-                scope.spawn(move || young_client(store, ledger, clock, &tag, client_seed));
+                scope.spawn(move || {
+                    young_client(store, ledger, subscribers, clock, &tag, client_seed, index)
+                });
             }
             for _ in 0..RECLAIMS_PER_CYCLE {
                 std::thread::sleep(std::time::Duration::from_micros(500));
@@ -507,6 +628,7 @@ fn run_reclaim_seed(seed: u64) -> usize {
     }
     let store = open(&fs);
     verify_young(&store, &ledger.lock().unwrap(), clock.now());
+    verify_subscribers(&store, &subscribers.lock().unwrap());
     reclaimed
 }
 

@@ -10,10 +10,13 @@ use herald_core::{
     ChainHash, ChannelName, Data, Headers, Message, MessageId, NamespacePolicy, NewMessage,
     Policies, ReadFrom, Retention, Serial, Timestamp,
 };
+use herald_log::fs::FsFile;
 use herald_log::{
-    AppendError, Clock, EmbeddedLog, EmbeddedOptions, LogStore, ManualClock, ReadQuery, SimFs,
-    StoreError, StoreHealth,
+    AppendError, Clock, EmbeddedLog, EmbeddedOptions, Filesystem, LogStore, ManualClock, ReadQuery,
+    SimFs, StdFs, StoreError, StoreHealth,
 };
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 const START: Timestamp = Timestamp(1_700_000_000_000);
 const YOUNG_AGE_MS: u64 = 10_000;
@@ -734,5 +737,355 @@ fn a_full_commit_queue_refuses_explicitly_and_stores_nothing_it_refused() {
             .wait()
             .expect("queue drained, retry accepted");
         assert!(!replies[0].duplicate);
+    }
+}
+
+// ----- durable subscribers -------------------------------------------------------------------
+
+fn subscriber(channel_name: &str, id: &str, acked_through: u64) -> herald_core::SubscriberState {
+    let mut state = herald_core::SubscriberState::new(
+        channel(channel_name),
+        herald_core::SubscriberId::parse(id).unwrap(),
+        herald_core::Position::new(
+            herald_core::Epoch::parse("E1").unwrap(),
+            Serial(acked_through),
+        ),
+        herald_core::SubscriberOptions::default(),
+        START,
+    );
+    state.ack_one(Serial(acked_through + 2));
+    state.record_attempt(Serial(acked_through + 1));
+    state
+}
+
+/// Real files whose next `fdatasync`, once armed, waits until the test releases it: holds the
+/// committer inside one group's sync while the test queues the next group.
+#[derive(Clone, Default)]
+struct GatedFs {
+    gate: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum GateState {
+    #[default]
+    Open,
+    Armed,
+    Holding,
+}
+
+#[derive(Debug)]
+struct GatedFile {
+    file: Arc<dyn FsFile>,
+    gate: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+impl FsFile for GatedFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        let (state, changed) = &*self.gate;
+        let mut state = state.lock().unwrap();
+        if *state == GateState::Armed {
+            *state = GateState::Holding;
+            changed.notify_all();
+            // Bounded: the test releases the gate, or this gives up after 10 s.
+            let (released, _) = changed
+                .wait_timeout_while(state, Duration::from_secs(10), |state| {
+                    *state == GateState::Holding
+                })
+                .unwrap();
+            drop(released);
+        }
+        self.file.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+}
+
+impl GatedFs {
+    fn arm(&self) {
+        *self.gate.0.lock().unwrap() = GateState::Armed;
+    }
+    fn wait_until_holding(&self) {
+        let (state, changed) = &*self.gate;
+        let state = state.lock().unwrap();
+        let (state, timeout) = changed
+            .wait_timeout_while(state, Duration::from_secs(10), |state| {
+                *state != GateState::Holding
+            })
+            .unwrap();
+        assert!(!timeout.timed_out(), "the committer never reached its sync");
+        drop(state);
+    }
+    fn release(&self) {
+        *self.gate.0.lock().unwrap() = GateState::Open;
+        self.gate.1.notify_all();
+    }
+    fn wrap(&self, file: Arc<dyn FsFile>) -> Arc<dyn FsFile> {
+        Arc::new(GatedFile {
+            file,
+            gate: self.gate.clone(),
+        })
+    }
+}
+
+impl Filesystem for GatedFs {
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.create_dir_all(path)
+    }
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+        StdFs.open(path).map(|file| self.wrap(file))
+    }
+    fn create_new(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+        StdFs.create_new(path).map(|file| self.wrap(file))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        StdFs.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.remove_file(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        StdFs.list_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        StdFs.sync_dir(path)
+    }
+}
+
+/// Subscriber saves ride the group commit: N saves and M appends queued while the committer
+/// is busy with one sync become one group, i.e. one more write and one more `fdatasync`.
+#[test]
+fn saves_and_appends_queued_together_share_one_group_commit() {
+    const SAVES: u64 = 50;
+    const APPENDS: u64 = 30;
+    let fixture = Fixture::new();
+    let fs = GatedFs::default();
+    let store = EmbeddedLog::open_with_fs(
+        Arc::new(fs.clone()),
+        fixture.dir.path(),
+        small_options(),
+        policies(),
+        fixture.clock.clone() as Arc<dyn Clock>,
+    )
+    .unwrap();
+    // A first write holds the committer inside its sync.
+    fs.arm();
+    let plug = store.save_subscriber(subscriber("jobs:a", "plug", 1));
+    fs.wait_until_holding();
+    let before = store.stats();
+    let saves: Vec<_> = (0..SAVES)
+        .map(|n| store.save_subscriber(subscriber("jobs:a", &format!("s{n}"), n)))
+        .collect();
+    let appends: Vec<_> = (0..APPENDS)
+        .map(|n| store.append(channel("jobs:a"), vec![message(&format!("m{n}"), "1")]))
+        .collect();
+    // Nothing queued behind the held sync is visible yet.
+    assert_eq!(
+        store.subscriber(
+            &channel("jobs:a"),
+            &herald_core::SubscriberId::parse("s0").unwrap()
+        ),
+        None
+    );
+    fs.release();
+    plug.wait().unwrap();
+    for ticket in saves {
+        ticket.wait().unwrap();
+    }
+    for ticket in appends {
+        ticket.wait().unwrap();
+    }
+    let after = store.stats();
+    // The plug's group, then one group for all 80 writes queued behind it.
+    assert_eq!(after.groups, before.groups + 2, "{before:?} -> {after:?}");
+    assert_eq!(after.subscriber_saves, before.subscriber_saves + SAVES + 1);
+    assert_eq!(after.appends, before.appends + APPENDS);
+    assert_eq!(store.subscribers().len() as u64, SAVES + 1);
+    drop(store);
+    let store = fixture.open().unwrap();
+    assert_eq!(store.subscribers().len() as u64, SAVES + 1);
+    assert_eq!(read_all(&store, "jobs:a").len() as u64, APPENDS);
+}
+
+/// Saves share the appends' bounded queue: when it is full they are refused at once with
+/// `Overloaded` and nothing refused is stored; what was accepted is durable.
+#[test]
+fn a_full_queue_refuses_saves_like_appends() {
+    let fixture = Fixture::new();
+    let fs = GatedFs::default();
+    let store = EmbeddedLog::open_with_fs(
+        Arc::new(fs.clone()),
+        fixture.dir.path(),
+        small_options(),
+        policies(),
+        fixture.clock.clone() as Arc<dyn Clock>,
+    )
+    .unwrap();
+    fs.arm();
+    let plug = store.append(channel("jobs:a"), vec![message("plug", "1")]);
+    fs.wait_until_holding();
+    // queue_depth is 1024: the committer is held, so most of these cannot even queue.
+    let tickets: Vec<_> = (0..1_500)
+        .map(|n| {
+            (
+                n,
+                store.save_subscriber(subscriber("jobs:a", &format!("s{n}"), n)),
+            )
+        })
+        .collect();
+    fs.release();
+    plug.wait().unwrap();
+    let mut accepted = 0;
+    let mut refused = Vec::new();
+    for (n, ticket) in tickets {
+        match ticket.wait() {
+            Ok(()) => accepted += 1,
+            Err(AppendError::Overloaded) => refused.push(n),
+            Err(other) => panic!("unexpected refusal: {other}"),
+        }
+    }
+    assert!(!refused.is_empty() && accepted > 0, "{accepted} accepted");
+    assert_eq!(store.subscribers().len(), accepted);
+    for n in refused {
+        let id = herald_core::SubscriberId::parse(&format!("s{n}")).unwrap();
+        assert_eq!(store.subscriber(&channel("jobs:a"), &id), None);
+    }
+}
+
+/// A store that only ever saves snapshots of one subscriber (acks with no new messages) does
+/// not grow without bound: reclaim deletes the segments of superseded snapshots, and the
+/// newest one survives, also across a restart.
+#[test]
+fn snapshot_churn_is_reclaimed_and_the_newest_snapshot_kept() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    for n in 1..=2_000 {
+        store
+            .save_subscriber(subscriber("jobs:a", "worker", n))
+            .wait()
+            .unwrap();
+    }
+    let before = fixture.segment_files().len();
+    assert!(before >= 3, "the churn spans {before} segments");
+    store.reclaim().unwrap();
+    assert!(
+        fixture.segment_files().len() <= 2,
+        "{} segments left of {before}",
+        fixture.segment_files().len()
+    );
+    assert_eq!(
+        store.subscribers(),
+        vec![subscriber("jobs:a", "worker", 2_000)]
+    );
+    drop(store);
+    let store = fixture.open().unwrap();
+    assert_eq!(
+        store.subscribers(),
+        vec![subscriber("jobs:a", "worker", 2_000)]
+    );
+}
+
+/// A snapshot too large for one commit is refused up front with `batch_too_large`.
+#[test]
+fn an_oversized_snapshot_is_refused() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    let mut state = subscriber("jobs:a", "huge", 0);
+    // Gaps of 2^20 take three varint bytes each: far over a 16 KiB group.
+    state.acked_above = (1..10_000u64).map(|n| Serial(n << 20)).collect();
+    match store.save_subscriber(state).wait() {
+        Err(AppendError::Invalid(invalid)) => {
+            assert_eq!(invalid.code, herald_core::ErrorCode::BatchTooLarge)
+        }
+        other => panic!("expected batch_too_large, got {other:?}"),
+    }
+    assert!(store.subscribers().is_empty());
+}
+
+/// Subscriber snapshot saves riding the group commit: 100 subscribers saving (one save per
+/// ack, as an at-least-once subscriber does) alone, then beside 64 publishers. Reports saves/s,
+/// appends/s, fsyncs/s and the mean group size.
+/// Run: `cargo test -p herald-log --release --test embedded -- --ignored --nocapture subscriber_save_throughput`
+/// (set `HERALD_BENCH_DIR` to measure another disk than the target directory's).
+#[test]
+#[ignore = "benchmark; run explicitly in release mode"]
+fn subscriber_save_throughput() {
+    const SUBSCRIBERS: usize = 100;
+    const SAVES_PER_SUBSCRIBER: u64 = 1_000;
+    const PUBLISHERS: usize = 64;
+    const APPENDS_PER_PUBLISHER: usize = 1_500;
+    let base =
+        std::env::var("HERALD_BENCH_DIR").unwrap_or_else(|_| env!("CARGO_TARGET_TMPDIR").into());
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(herald_log::SystemClock);
+    let store = Arc::new(
+        EmbeddedLog::open(dir.path(), EmbeddedOptions::default(), policies(), clock).unwrap(),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let payload = Arc::new("p".repeat(254));
+    for (phase, publishers) in [("saves alone", 0), ("saves + appends", PUBLISHERS)] {
+        let before = store.stats();
+        let started = std::time::Instant::now();
+        runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for subscriber_index in 0..SUBSCRIBERS {
+                let store = store.clone();
+                let phase = phase.to_owned();
+                tasks.push(tokio::spawn(async move {
+                    let name = format!("bench:{}", subscriber_index % 64);
+                    let id = format!("{}-{subscriber_index}", phase.len());
+                    let mut state = subscriber(&name, &id, 0);
+                    state.acked_above.clear();
+                    state.attempts.clear();
+                    for serial in 1..=SAVES_PER_SUBSCRIBER {
+                        state.ack_through(Serial(serial));
+                        state.record_attempt(Serial(serial + 1));
+                        store.save_subscriber(state.clone()).await.unwrap();
+                    }
+                }));
+            }
+            for publisher in 0..publishers {
+                let (store, payload) = (store.clone(), payload.clone());
+                let phase = phase.to_owned();
+                tasks.push(tokio::spawn(async move {
+                    let name = channel(&format!("bench:{}", publisher % 64));
+                    for index in 0..APPENDS_PER_PUBLISHER {
+                        let id = format!("{}-p{publisher}-{index}", phase.len());
+                        store
+                            .append(name.clone(), vec![message(&id, &payload)])
+                            .await
+                            .unwrap();
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        let after = store.stats();
+        let saves = after.subscriber_saves - before.subscriber_saves;
+        let appends = after.appends - before.appends;
+        let groups = after.groups - before.groups;
+        eprintln!(
+            "{phase}: {saves} saves + {appends} appends in {seconds:.2} s = {:.0} saves/s, \
+             {:.0} appends/s; {groups} groups = {:.0} fsyncs/s, mean group {:.1} saves + {:.1} \
+             appends",
+            saves as f64 / seconds,
+            appends as f64 / seconds,
+            groups as f64 / seconds,
+            saves as f64 / groups as f64,
+            appends as f64 / groups as f64,
+        );
+        assert_eq!(saves, SUBSCRIBERS as u64 * SAVES_PER_SUBSCRIBER);
     }
 }

@@ -1,6 +1,8 @@
 //! Model-based test of the log stores: random sequences of appends, reads, id lookups, status
-//! queries, clock moves, restarts and reclaims, run against a store and against a plain
-//! reference model (a `BTreeMap` of accepted messages per channel, an id map and a clock).
+//! queries, durable subscriber saves and removals, clock moves, restarts and reclaims, run
+//! against a store and against a plain reference model (a `BTreeMap` of accepted messages per
+//! channel, an id map, the live subscriber versions and a clock). After every operation the
+//! store's `subscribers()` must equal the model's.
 //! Every observable output is compared: acks and their duplicate flags, conflicts, invalid
 //! TTLs, pages (messages, skipped ranges, cursors, `more`), continuity errors, lookups, status
 //! and reclaim counts. Chains are checked for every message read.
@@ -29,6 +31,8 @@ use proptest_state_machine::{ReferenceStateMachine, StateMachineTest, prop_state
 const CHANNELS: [&str; 4] = ["room", "few:room", "small:room", "young:room"];
 /// The id pool: small, so retries and conflicts are frequent.
 const ID_POOL: usize = 10;
+/// Durable subscriber ids per channel: few, so saves replace and removals hit.
+const SUBSCRIBER_POOL: usize = 3;
 /// TTL choices; the last is below the default minimum of 1 s, so it is refused.
 const TTLS: [Option<u64>; 4] = [None, Some(1_000), Some(5_000), Some(999)];
 /// Clock steps: around TTL and age boundaries, past the 2-minute dedupe window and past the
@@ -124,6 +128,15 @@ enum Operation {
     AdvanceClock {
         ms: u64,
     },
+    SaveSubscriber {
+        channel: usize,
+        slot: usize,
+        version: u64,
+    },
+    RemoveSubscriber {
+        channel: usize,
+        slot: usize,
+    },
     Restart,
     Reclaim,
 }
@@ -201,6 +214,13 @@ struct Model {
     /// Messages reclaimed so far, and by the last reclaim.
     reclaimed_total: usize,
     last_reclaim: usize,
+    /// Live durable subscribers: (channel, slot) -> the version last saved.
+    subscribers: BTreeMap<(usize, usize), u64>,
+}
+
+/// The snapshot a model subscriber stands for.
+fn model_subscriber(channel: usize, slot: usize, version: u64) -> herald_core::SubscriberState {
+    subscriber_state(CHANNELS[channel], &format!("sub-{slot}"), version)
 }
 
 impl Model {
@@ -211,6 +231,7 @@ impl Model {
             last_append: None,
             reclaimed_total: 0,
             last_reclaim: 0,
+            subscribers: BTreeMap::new(),
         }
     }
 
@@ -570,9 +591,14 @@ impl ReferenceStateMachine for LogModel {
             2 => read_backward,
             2 => (channel.clone(), 0..ID_POOL)
                 .prop_map(|(channel, id)| Operation::ById { channel, id }),
-            1 => channel.prop_map(|channel| Operation::Status { channel }),
+            1 => channel.clone().prop_map(|channel| Operation::Status { channel }),
             3 => prop::sample::select(CLOCK_STEPS_MS.to_vec())
                 .prop_map(|ms| Operation::AdvanceClock { ms }),
+            2 => (channel.clone(), 0..SUBSCRIBER_POOL, 0u64..1_000).prop_map(
+                |(channel, slot, version)| Operation::SaveSubscriber { channel, slot, version }
+            ),
+            1 => (channel, 0..SUBSCRIBER_POOL)
+                .prop_map(|(channel, slot)| Operation::RemoveSubscriber { channel, slot }),
             2 => Just(Operation::Restart),
             2 => Just(Operation::Reclaim),
         ]
@@ -591,6 +617,16 @@ impl ReferenceStateMachine for LogModel {
             Operation::Reclaim => {
                 state.last_reclaim = state.reclaim();
                 state.reclaimed_total += state.last_reclaim;
+            }
+            Operation::SaveSubscriber {
+                channel,
+                slot,
+                version,
+            } => {
+                state.subscribers.insert((*channel, *slot), *version);
+            }
+            Operation::RemoveSubscriber { channel, slot } => {
+                state.subscribers.remove(&(*channel, *slot));
             }
             Operation::ReadForward { .. }
             | Operation::ReadBackward { .. }
@@ -875,6 +911,23 @@ impl<H: Harness> StateMachineTest for ModelTest<H> {
                 }
             }
             Operation::AdvanceClock { ms } => sut.clock.advance_ms(ms),
+            Operation::SaveSubscriber {
+                channel,
+                slot,
+                version,
+            } => sut
+                .store()
+                .save_subscriber(model_subscriber(channel, slot, version))
+                .wait()
+                .expect("save acknowledged"),
+            Operation::RemoveSubscriber { channel, slot } => sut
+                .store()
+                .remove_subscriber(
+                    &common::channel(CHANNELS[channel]),
+                    &subscriber_id(&format!("sub-{slot}")),
+                )
+                .wait()
+                .expect("removal acknowledged"),
             Operation::Restart => sut.harness.restart(),
             Operation::Reclaim => {
                 let dropped = sut.store().reclaim().expect("reclaim works");
@@ -899,6 +952,13 @@ impl<H: Harness> StateMachineTest for ModelTest<H> {
     fn check_invariants(sut: &Sut<H>, model: &Model) {
         assert_eq!(sut.clock.now(), Timestamp(model.now));
         assert_eq!(sut.store().health(), StoreHealth::Ok);
+        let mut expected: Vec<herald_core::SubscriberState> = model
+            .subscribers
+            .iter()
+            .map(|(&(channel, slot), &version)| model_subscriber(channel, slot, version))
+            .collect();
+        expected.sort_by(|a, b| (&a.channel, &a.id).cmp(&(&b.channel, &b.id)));
+        assert_eq!(sut.store().subscribers(), expected, "durable subscribers");
     }
 }
 

@@ -959,6 +959,26 @@ impl LogStore for HangingStore {
     fn set_durable_listener(&self, listener: Arc<dyn herald_log::DurableListener>) {
         self.inner.set_durable_listener(listener)
     }
+    fn save_subscriber(&self, state: herald_core::SubscriberState) -> herald_log::SaveTicket {
+        self.inner.save_subscriber(state)
+    }
+    fn remove_subscriber(
+        &self,
+        channel: &herald_core::ChannelName,
+        id: &herald_core::SubscriberId,
+    ) -> herald_log::SaveTicket {
+        self.inner.remove_subscriber(channel, id)
+    }
+    fn subscriber(
+        &self,
+        channel: &herald_core::ChannelName,
+        id: &herald_core::SubscriberId,
+    ) -> Option<herald_core::SubscriberState> {
+        self.inner.subscriber(channel, id)
+    }
+    fn subscribers(&self) -> Vec<herald_core::SubscriberState> {
+        self.inner.subscribers()
+    }
 }
 
 #[tokio::test]

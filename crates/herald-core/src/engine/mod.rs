@@ -10,8 +10,17 @@
 //! - [`subscription`]: [`SubscriptionMachine`], the delivery decisions of one subscription
 //!   (start position, replay, catch-up, at-most-once drops and gaps, skip runs, lost
 //!   continuity).
+//! - [`durable`]: [`DurableMachine`], the at-least-once decisions of one connected durable
+//!   subscriber (window, delivery counts, acks, redelivery, dead letters, expiry), persisting
+//!   its `SubscriberState` through the driver.
 
+pub mod durable;
 pub mod subscription;
+
+pub use durable::{
+    AckRejected, AckTicket, DeadLetterReason, DurableAction, DurableMachine, DurableOutbound,
+    dead_letter_channel, dead_letter_id, idle_deadline,
+};
 
 pub use subscription::{
     Action, Continuity, Deliverable, Filter, Outbound, Page, SkipCause, Start, SubscriptionMachine,

@@ -1,9 +1,10 @@
 //! The committer: the log's only writer, on its own thread.
 //!
 //! It blocks for the first command, then takes whatever else is already queued (bounded by
-//! `group_bytes_max` and by the room left in the active segment), sequences every batch through
-//! the channel table, encodes all records into one buffer, and makes them durable with one
-//! write and one `fdatasync`. Only then does it mark the channels durable and answer. There is
+//! `group_bytes_max` and by the room left in the active segment): publish batches and
+//! subscriber snapshots alike. It sequences every batch through the channel table, encodes all
+//! records into one buffer, and makes them durable with one write and one `fdatasync`. Only
+//! then does it mark the channels durable, apply the subscriber changes and answer. There is
 //! no artificial delay: the group is whatever queued while the previous sync ran.
 //!
 //! It also keeps the next segment prepared on a helper thread (zero-filled and synced under a
@@ -14,7 +15,8 @@
 //! - A failed write, sync or segment creation poisons the store; the failed group and every
 //!   later append are refused with `AppendError::Poisoned`. A sync is never retried.
 //! - Reclaim deletes only sealed segments, oldest first, after writing and syncing a tip for
-//!   every channel whose last record lives in them.
+//!   every channel whose last record lives in them and a fresh snapshot for every subscriber
+//!   whose live snapshot lives in them.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,7 +28,10 @@ use std::thread::JoinHandle;
 use herald_core::{ChannelName, Message, Serial};
 use tokio::sync::oneshot;
 
-use super::record::{self, encode_message, encode_tip, seal_message_record};
+use super::record::{
+    self, encode_message, encode_subscriber_change, encode_tip, seal_message_record,
+    seal_standalone_record,
+};
 use super::segment::{
     SEGMENT_HEADER_BYTES, SegmentHeader, create_segment, discard_prepared, install_segment,
     prepare_segment,
@@ -34,6 +39,7 @@ use super::segment::{
 use super::{Command, EmbeddedOptions, RecordLocator, Shared};
 use crate::fs::{Filesystem, FsFile};
 use crate::store::{AppendError, Appended, StoreError};
+use crate::subscribers::SubscriberChange;
 use crate::table::ChannelTip;
 
 /// The segment records are appended to.
@@ -53,11 +59,99 @@ struct Spare {
 }
 
 type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
+type SaveReply = oneshot::Sender<Result<(), AppendError>>;
 
-struct PendingAppend {
-    channel: ChannelName,
-    batch: Vec<herald_core::NewMessage>,
-    reply: Reply,
+/// One write of a group: a publish batch, or a subscriber change encoded by its caller.
+enum Pending {
+    Append {
+        channel: ChannelName,
+        batch: Vec<herald_core::NewMessage>,
+        reply: Reply,
+    },
+    Subscriber {
+        change: Box<SubscriberChange>,
+        frame: Vec<u8>,
+        reply: SaveReply,
+    },
+}
+
+impl Pending {
+    /// Takes a queued write out of a command (`Err` gives back any other command), with the
+    /// bytes it counted against the queue.
+    fn from_command(command: Command) -> Result<(Pending, usize), Command> {
+        match command {
+            Command::Append {
+                channel,
+                batch,
+                bound_bytes,
+                reply,
+            } => Ok((
+                Pending::Append {
+                    channel,
+                    batch,
+                    reply,
+                },
+                bound_bytes,
+            )),
+            Command::Subscriber {
+                change,
+                frame,
+                reply,
+            } => {
+                let bound_bytes = frame.len();
+                Ok((
+                    Pending::Subscriber {
+                        change,
+                        frame,
+                        reply,
+                    },
+                    bound_bytes,
+                ))
+            }
+            other => Err(other),
+        }
+    }
+
+    fn into_command(self, bound_bytes: usize) -> Command {
+        match self {
+            Pending::Append {
+                channel,
+                batch,
+                reply,
+            } => Command::Append {
+                channel,
+                batch,
+                bound_bytes,
+                reply,
+            },
+            Pending::Subscriber {
+                change,
+                frame,
+                reply,
+            } => Command::Subscriber {
+                change,
+                frame,
+                reply,
+            },
+        }
+    }
+
+    fn refuse(self, error: AppendError) {
+        match self {
+            Pending::Append { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::Subscriber { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// How one write of a group is answered once the group's sync is done.
+enum Outcome {
+    Append(Reply, Result<Vec<Appended>, AppendError>),
+    Subscriber(SaveReply, Box<SubscriberChange>),
 }
 
 pub(crate) struct Committer {
@@ -128,28 +222,21 @@ impl Committer {
                     Err(_) => return,
                 },
             };
-            match command {
-                Command::Shutdown => {
+            match Pending::from_command(command) {
+                Ok((first, bound_bytes)) => {
+                    self.dequeued(bound_bytes);
+                    let group = self.collect_group(first, bound_bytes);
+                    self.commit_group(group);
+                }
+                Err(Command::Shutdown) => {
                     self.refuse_queued();
                     return;
                 }
-                Command::Reclaim { reply } => {
+                Err(Command::Reclaim { reply }) => {
                     let _ = reply.send(self.reclaim());
                 }
-                Command::Append {
-                    channel,
-                    batch,
-                    bound_bytes,
-                    reply,
-                } => {
-                    self.dequeued(bound_bytes);
-                    let first = PendingAppend {
-                        channel,
-                        batch,
-                        reply,
-                    };
-                    let group = self.collect_group(first, bound_bytes);
-                    self.commit_group(group);
+                Err(Command::Append { .. } | Command::Subscriber { .. }) => {
+                    unreachable!("writes are taken by Pending::from_command")
                 }
             }
         }
@@ -169,6 +256,9 @@ impl Committer {
                 Command::Append { reply, .. } => {
                     let _ = reply.send(Err(AppendError::Closed));
                 }
+                Command::Subscriber { reply, .. } => {
+                    let _ = reply.send(Err(AppendError::Closed));
+                }
                 Command::Reclaim { reply } => {
                     let _ = reply.send(Err(StoreError::Io {
                         path: self.segments_dir().display().to_string(),
@@ -181,7 +271,7 @@ impl Committer {
     }
 
     /// Builds a group from `first` plus whatever is already queued and fits.
-    fn collect_group(&mut self, first: PendingAppend, first_bound: usize) -> Vec<PendingAppend> {
+    fn collect_group(&mut self, first: Pending, first_bound: usize) -> Vec<Pending> {
         let poisoned = self.shared.poisoned.get().is_some();
         if !poisoned
             && self.active.write_offset + first_bound as u64 > self.active.capacity_bytes
@@ -195,38 +285,35 @@ impl Committer {
         let mut group_bytes = first_bound as u64;
         let mut group = vec![first];
         loop {
-            match self.receiver.try_recv() {
-                Ok(Command::Append {
-                    channel,
-                    batch,
-                    bound_bytes,
-                    reply,
-                }) if group_bytes + bound_bytes as u64 <= room => {
+            let command = match self.receiver.try_recv() {
+                Ok(command) => command,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            };
+            match Pending::from_command(command) {
+                Ok((pending, bound_bytes)) if group_bytes + bound_bytes as u64 <= room => {
                     self.dequeued(bound_bytes);
                     group_bytes += bound_bytes as u64;
-                    group.push(PendingAppend {
-                        channel,
-                        batch,
-                        reply,
-                    });
+                    group.push(pending);
                 }
-                Ok(other) => {
+                Ok((pending, bound_bytes)) => {
+                    // Put back as it was: it counts against the queue until it is taken.
+                    self.carried = Some(pending.into_command(bound_bytes));
+                    break;
+                }
+                Err(other) => {
                     self.carried = Some(other);
                     break;
                 }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
         group
     }
 
     /// Sequences, writes, syncs and answers one group.
-    fn commit_group(&mut self, group: Vec<PendingAppend>) {
+    fn commit_group(&mut self, group: Vec<Pending>) {
         if let Some(reason) = self.shared.poisoned.get().cloned() {
             for pending in group {
-                let _ = pending
-                    .reply
-                    .send(Err(AppendError::Poisoned(reason.clone())));
+                pending.refuse(AppendError::Poisoned(reason.clone()));
             }
             return;
         }
@@ -245,17 +332,34 @@ impl Committer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         let mut made_durable: Vec<Message> = Vec::new();
+        let mut subscriber_changes = 0u64;
         for pending in group {
+            let (channel, batch, reply) = match pending {
+                Pending::Append {
+                    channel,
+                    batch,
+                    reply,
+                } => (channel, batch, reply),
+                Pending::Subscriber {
+                    change,
+                    frame,
+                    reply,
+                } => {
+                    let start = buffer.len();
+                    buffer.extend_from_slice(&frame);
+                    seal_standalone_record(&mut buffer[start..], base_offset);
+                    subscriber_changes += 1;
+                    outcomes.push(Outcome::Subscriber(reply, change));
+                    continue;
+                }
+            };
             let mut frames: Vec<(usize, usize)> = Vec::new();
             // Locked per batch, not per group, so readers wait for one batch at most.
             let result = {
                 let mut state = self.shared.write_state();
-                state.table.sequence(
-                    &pending.channel,
-                    &pending.batch,
-                    &self.shared.policies,
-                    now,
-                    |message| {
+                state
+                    .table
+                    .sequence(&channel, &batch, &self.shared.policies, now, |message| {
                         let start = buffer.len();
                         let len = encode_message(&mut buffer, message);
                         frames.push((start, len));
@@ -264,8 +368,7 @@ impl Committer {
                             offset: base_offset + start as u64,
                             len: u32::try_from(len).expect("record fits u32"),
                         }
-                    },
-                )
+                    })
             };
             if let Ok(sequenced) = &result
                 && let Some(last) = sequenced.new_messages.last()
@@ -277,14 +380,17 @@ impl Committer {
                     // Everything before this group's offset was synced before this write.
                     seal_message_record(&mut buffer[*start..*start + *len], following, base_offset);
                 }
-                tops.push((pending.channel.clone(), last.serial));
+                tops.push((channel.clone(), last.serial));
             }
             if listener.is_some()
                 && let Ok(sequenced) = &result
             {
                 made_durable.extend(sequenced.new_messages.iter().cloned());
             }
-            outcomes.push((pending.reply, result.map(|sequenced| sequenced.replies)));
+            outcomes.push(Outcome::Append(
+                reply,
+                result.map(|sequenced| sequenced.replies),
+            ));
         }
         assert!(
             base_offset + buffer.len() as u64 <= self.active.capacity_bytes,
@@ -308,13 +414,21 @@ impl Committer {
                     counters.groups.fetch_add(1, Ordering::Relaxed);
                     counters.bytes.fetch_add(group_len, Ordering::Relaxed);
                 }
-                let accepted = outcomes.iter().filter(|(_, result)| result.is_ok()).count();
+                let accepted = outcomes
+                    .iter()
+                    .filter(|outcome| matches!(outcome, Outcome::Append(_, Ok(_))))
+                    .count();
                 counters
                     .appends
                     .fetch_add(accepted as u64, Ordering::Relaxed);
                 counters
                     .messages
                     .fetch_add(message_count, Ordering::Relaxed);
+                counters
+                    .subscriber_saves
+                    .fetch_add(subscriber_changes, Ordering::Relaxed);
+                let mut append_replies = Vec::with_capacity(outcomes.len());
+                let mut save_replies = Vec::new();
                 {
                     let mut state = self.shared.write_state();
                     for (channel, top) in &tops {
@@ -324,9 +438,23 @@ impl Committer {
                             .expect("sequenced channel exists")
                             .mark_durable(*top);
                     }
+                    // In queue order, so the last change queued for a subscriber wins, as it
+                    // does on recovery.
+                    for outcome in outcomes {
+                        match outcome {
+                            Outcome::Append(reply, result) => append_replies.push((reply, result)),
+                            Outcome::Subscriber(reply, change) => {
+                                state.subscribers.apply(*change, segment);
+                                save_replies.push(reply);
+                            }
+                        }
+                    }
                 }
-                for (reply, result) in outcomes {
+                for (reply, result) in append_replies {
                     let _ = reply.send(result);
+                }
+                for reply in save_replies {
+                    let _ = reply.send(Ok(()));
                 }
                 if let Some(listener) = listener
                     && !made_durable.is_empty()
@@ -336,10 +464,17 @@ impl Committer {
             }
             Err(reason) => {
                 self.poison(reason.clone());
-                for (reply, result) in outcomes {
-                    // A refusal (conflict, invalid) stays what it was: nothing was stored.
-                    let answer = result.and(Err(AppendError::Poisoned(reason.clone())));
-                    let _ = reply.send(answer);
+                for outcome in outcomes {
+                    match outcome {
+                        Outcome::Append(reply, result) => {
+                            // A refusal (conflict, invalid) stays what it was: nothing was stored.
+                            let answer = result.and(Err(AppendError::Poisoned(reason.clone())));
+                            let _ = reply.send(answer);
+                        }
+                        Outcome::Subscriber(reply, _) => {
+                            let _ = reply.send(Err(AppendError::Poisoned(reason.clone())));
+                        }
+                    }
                 }
             }
         }
@@ -454,7 +589,7 @@ impl Committer {
             return Err(StoreError::Poisoned(reason));
         }
         let now = self.shared.clock.now();
-        let (keep_from, tips) = {
+        let (keep_from, tips, snapshots) = {
             let state = self.shared.read_state();
             let Some(oldest) = state.segments.keys().next().copied() else {
                 return Ok(0);
@@ -493,9 +628,21 @@ impl Committer {
             }
             // Deterministic record order regardless of the table's hashing.
             tips.sort_by(|a, b| a.channel.cmp(&b.channel));
-            (keep_from, tips)
+            // Live snapshots in doomed segments are written again before those go (tombstones
+            // never need to be: whatever they removed is older, so it is doomed too).
+            let snapshots: Vec<herald_core::SubscriberState> = state
+                .subscribers
+                .iter()
+                .filter(|stored| stored.locator < keep_from)
+                .map(|stored| stored.state.clone())
+                .collect();
+            (keep_from, tips, snapshots)
         };
-        if let Err(reason) = self.write_tips(&tips) {
+        let rewritten = snapshots.len();
+        let written = self
+            .write_tips(&tips)
+            .and_then(|()| self.rewrite_snapshots(snapshots));
+        if let Err(reason) = written {
             self.poison(reason.clone());
             return Err(StoreError::Poisoned(reason));
         }
@@ -526,9 +673,62 @@ impl Committer {
             segments = doomed.len(),
             messages = dropped,
             tips = tips.len(),
+            subscriber_snapshots = rewritten,
             "reclaimed log segments"
         );
         Ok(dropped)
+    }
+
+    /// Writes fresh copies of live subscriber snapshots (reclaim is about to delete the
+    /// segments holding them) in as many groups as they need, and points the table at them.
+    fn rewrite_snapshots(
+        &mut self,
+        snapshots: Vec<herald_core::SubscriberState>,
+    ) -> Result<(), String> {
+        let mut frames: Vec<(SubscriberChange, Vec<u8>)> = snapshots
+            .into_iter()
+            .map(|state| {
+                let change = SubscriberChange::Save(state);
+                let mut frame = Vec::new();
+                encode_subscriber_change(&mut frame, &change);
+                (change, frame)
+            })
+            .collect();
+        while !frames.is_empty() {
+            let mut count = 0;
+            let mut bytes = 0;
+            for (_, frame) in &frames {
+                if bytes + frame.len() > self.options.group_bytes_max {
+                    break;
+                }
+                bytes += frame.len();
+                count += 1;
+            }
+            assert!(
+                count > 0,
+                "a stored snapshot fits a group (checked when it was saved)"
+            );
+            if self.active.write_offset + bytes as u64 > self.active.capacity_bytes {
+                self.roll_over()?;
+            }
+            let synced_through = self.active.write_offset;
+            let mut buffer = Vec::with_capacity(bytes);
+            for (_, frame) in &frames[..count] {
+                let start = buffer.len();
+                buffer.extend_from_slice(frame);
+                seal_standalone_record(&mut buffer[start..], synced_through);
+            }
+            self.write_and_sync(&buffer, self.active.write_offset)?;
+            self.active.write_offset += buffer.len() as u64;
+            self.start_spare_if_due();
+            let segment = self.active.number;
+            let mut state = self.shared.write_state();
+            for (change, _) in frames.drain(..count) {
+                let (channel, id) = change.key();
+                state.subscribers.relocate(channel, id, segment);
+            }
+        }
+        Ok(())
     }
 
     /// Appends and syncs tip records, in as many groups as they need.

@@ -11,7 +11,8 @@
 //! # Threads and state
 //! One committer thread owns the active segment and is the only writer of records; a helper
 //! thread it starts prepares the next segment file ahead of each rollover. Everything readers
-//! need (the [`ChannelTable`] index, the open segment files) sits behind one
+//! need (the [`ChannelTable`] index, the [`SubscriberTable`] of durable subscriber snapshots,
+//! the open segment files) sits behind one
 //! `RwLock`; the committer takes the write lock only to sequence a group, to mark it durable
 //! and to drop reclaimed entries, never across I/O. Readers plan under the read lock, clone
 //! the handles of the segments they need, release the lock and then `pread`.
@@ -21,6 +22,8 @@
 //! - Readers only see durable records (`ChannelStream::mark_durable` after the sync).
 //! - After a failed write or sync the store is poisoned: no later append is acknowledged.
 //! - A batch's records are written together in one group write, in one segment.
+//! - Subscriber snapshots ride the same queue and group writes as appends (no second sync
+//!   path), and become visible only after the sync covering them.
 
 pub mod committer;
 pub mod record;
@@ -36,15 +39,17 @@ use std::thread::JoinHandle;
 
 use herald_core::{
     ChannelName, ErrorCode, InvalidInput, Message, MessageId, NewMessage, Policies, StreamStatus,
+    SubscriberId, SubscriberState,
 };
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::fs::{Filesystem, FsFile, StdFs};
 use crate::store::{
-    AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, StoreError,
-    StoreHealth,
+    AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, SaveTicket,
+    StoreError, StoreHealth,
 };
+use crate::subscribers::{SubscriberChange, SubscriberTable};
 use crate::table::{ChannelTable, fetch_page};
 
 use record::{DecodeError, Record};
@@ -132,6 +137,7 @@ pub(crate) struct Counters {
     pub(crate) messages: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) rollovers: AtomicU64,
+    pub(crate) subscriber_saves: AtomicU64,
 }
 
 /// What readers and the committer share.
@@ -153,6 +159,9 @@ pub(crate) struct Shared {
 
 pub(crate) struct State {
     pub(crate) table: ChannelTable<RecordLocator>,
+    /// The newest durable snapshot of each subscriber, with the number of the segment holding
+    /// its record (reclaim rewrites snapshots that live in segments it deletes).
+    pub(crate) subscribers: SubscriberTable<u64>,
     /// Every segment file still on disk, by number; readers clone handles out of it.
     pub(crate) segments: BTreeMap<u64, Arc<dyn FsFile>>,
 }
@@ -185,6 +194,14 @@ pub(crate) enum Command {
         /// Upper bound on the bytes the batch's records take.
         bound_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
+    },
+    /// A subscriber snapshot or tombstone, already encoded by the caller (the committer only
+    /// sets `synced_through` and the CRC). Boxed: the queue preallocates `queue_depth` slots
+    /// of the largest variant.
+    Subscriber {
+        change: Box<SubscriberChange>,
+        frame: Vec<u8>,
+        reply: oneshot::Sender<Result<(), AppendError>>,
     },
     Reclaim {
         reply: SyncSender<Result<usize, StoreError>>,
@@ -238,6 +255,7 @@ impl EmbeddedLog {
             listener: RwLock::new(None),
             state: RwLock::new(State {
                 table: recovered.table,
+                subscribers: recovered.subscribers,
                 segments: recovered.segments,
             }),
             policies,
@@ -295,6 +313,7 @@ impl EmbeddedLog {
             messages: counters.messages.load(Ordering::Relaxed),
             bytes: counters.bytes.load(Ordering::Relaxed),
             rollovers: counters.rollovers.load(Ordering::Relaxed),
+            subscriber_saves: counters.subscriber_saves.load(Ordering::Relaxed),
         }
     }
 
@@ -320,8 +339,69 @@ impl EmbeddedLog {
             })?;
         match record::decode_frame(&frame) {
             Ok(Record::Message { message, .. }) => Ok(message),
-            Ok(Record::Tip { .. }) => Err(corrupt("index points at a tip record".into())),
+            Ok(Record::Tip { .. } | Record::Subscriber { .. }) => Err(corrupt(
+                "index points at a record that is not a message".into(),
+            )),
             Err(DecodeError::Torn(detail) | DecodeError::Invalid(detail)) => Err(corrupt(detail)),
+        }
+    }
+
+    /// Queues a command whose records take at most `bound_bytes`, or refuses it at once:
+    /// poisoned, or the queue is full by count or by bytes (never blocks the caller).
+    fn enqueue(&self, command: Command, bound_bytes: usize) -> Result<(), AppendError> {
+        if let Some(reason) = self.shared.poisoned.get() {
+            return Err(AppendError::Poisoned(reason.clone()));
+        }
+        // Bound the queue by bytes too: depth alone would let it hold queue_depth full batches.
+        let queue_bytes_max = self.group_bytes_max.saturating_mul(QUEUE_GROUPS_MAX);
+        let queued = self
+            .shared
+            .queued_bytes
+            .fetch_add(bound_bytes, Ordering::AcqRel);
+        if queued + bound_bytes > queue_bytes_max {
+            self.shared
+                .queued_bytes
+                .fetch_sub(bound_bytes, Ordering::AcqRel);
+            return Err(AppendError::Overloaded);
+        }
+        // Never block the caller (an async worker thread): a full queue is an explicit,
+        // retryable refusal.
+        let refused = match self.sender.try_send(command) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::TrySendError::Full(_)) => AppendError::Overloaded,
+            Err(mpsc::TrySendError::Disconnected(_)) => AppendError::Closed,
+        };
+        self.shared
+            .queued_bytes
+            .fetch_sub(bound_bytes, Ordering::AcqRel);
+        Err(refused)
+    }
+
+    /// Encodes a subscriber change here, on the caller's thread, and queues it for the next
+    /// group commit.
+    fn change_subscriber(&self, change: SubscriberChange) -> SaveTicket {
+        let mut frame = Vec::new();
+        let bound_bytes = record::encode_subscriber_change(&mut frame, &change);
+        if bound_bytes > self.group_bytes_max {
+            let (channel, id) = change.key();
+            return SaveTicket::ready(Err(AppendError::Invalid(InvalidInput::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "the state of subscriber {id} on {channel} needs {bound_bytes} bytes of log, \
+                     one commit holds at most {}",
+                    self.group_bytes_max
+                ),
+            ))));
+        }
+        let (reply, ticket) = SaveTicket::channel();
+        let command = Command::Subscriber {
+            change: Box::new(change),
+            frame,
+            reply,
+        };
+        match self.enqueue(command, bound_bytes) {
+            Ok(()) => ticket,
+            Err(error) => SaveTicket::ready(Err(error)),
         }
     }
 
@@ -361,21 +441,6 @@ impl LogStore for EmbeddedLog {
                 ),
             ))));
         }
-        if let Some(reason) = self.shared.poisoned.get() {
-            return AppendTicket::ready(Err(AppendError::Poisoned(reason.clone())));
-        }
-        // Bound the queue by bytes too: depth alone would let it hold queue_depth full batches.
-        let queue_bytes_max = self.group_bytes_max.saturating_mul(QUEUE_GROUPS_MAX);
-        let queued = self
-            .shared
-            .queued_bytes
-            .fetch_add(bound_bytes, Ordering::AcqRel);
-        if queued + bound_bytes > queue_bytes_max {
-            self.shared
-                .queued_bytes
-                .fetch_sub(bound_bytes, Ordering::AcqRel);
-            return AppendTicket::ready(Err(AppendError::Overloaded));
-        }
         let (reply, ticket) = AppendTicket::channel();
         let command = Command::Append {
             channel,
@@ -383,17 +448,33 @@ impl LogStore for EmbeddedLog {
             bound_bytes,
             reply,
         };
-        // Never block the caller (an async worker thread): a full queue is an explicit,
-        // retryable refusal.
-        let refused = match self.sender.try_send(command) {
-            Ok(()) => return ticket,
-            Err(mpsc::TrySendError::Full(_)) => AppendError::Overloaded,
-            Err(mpsc::TrySendError::Disconnected(_)) => AppendError::Closed,
-        };
+        match self.enqueue(command, bound_bytes) {
+            Ok(()) => ticket,
+            Err(error) => AppendTicket::ready(Err(error)),
+        }
+    }
+
+    fn save_subscriber(&self, state: SubscriberState) -> SaveTicket {
+        self.change_subscriber(SubscriberChange::Save(state))
+    }
+
+    fn remove_subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> SaveTicket {
+        self.change_subscriber(SubscriberChange::Remove {
+            channel: channel.clone(),
+            id: id.clone(),
+        })
+    }
+
+    fn subscriber(&self, channel: &ChannelName, id: &SubscriberId) -> Option<SubscriberState> {
         self.shared
-            .queued_bytes
-            .fetch_sub(bound_bytes, Ordering::AcqRel);
-        AppendTicket::ready(Err(refused))
+            .read_state()
+            .subscribers
+            .get(channel, id)
+            .map(|stored| stored.state.clone())
+    }
+
+    fn subscribers(&self) -> Vec<SubscriberState> {
+        self.shared.read_state().subscribers.states()
     }
 
     fn stats(&self) -> crate::store::StoreStats {

@@ -19,17 +19,23 @@
 
 use bytes::Bytes;
 use herald_core::{
-    ChainHash, ChannelName, Data, Epoch, Headers, Message, MessageId, Serial, Timestamp,
+    ChainHash, ChannelName, Data, Epoch, Headers, Message, MessageId, Serial, SubscriberId,
+    SubscriberOptions, SubscriberState, Timestamp,
 };
 
+use crate::subscribers::SubscriberChange;
 use crate::table::ChannelTip;
 
 /// Bytes of `len | crc32c` before each body.
 pub const FRAME_HEADER_BYTES: usize = 8;
 
-/// Record kinds. Issue #5 adds subscriber positions as a new kind riding the same commits.
+/// Record kinds.
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_TIP: u8 = 2;
+/// A durable subscriber's whole state; the newest per (channel, id) wins on recovery.
+pub const KIND_SUBSCRIBER: u8 = 3;
+/// A durable subscriber was removed.
+pub const KIND_SUBSCRIBER_REMOVED: u8 = 4;
 
 /// Largest epoch the encoding reserves room for when bounding a batch before it has one.
 const EPOCH_BYTES_BOUND: usize = herald_core::names::EPOCH_BYTES_MAX;
@@ -46,14 +52,19 @@ pub enum Record {
         tip: ChannelTip,
         synced_through: u64,
     },
+    /// A subscriber snapshot (kind 3) or tombstone (kind 4).
+    Subscriber {
+        change: SubscriberChange,
+        synced_through: u64,
+    },
 }
 
 impl Record {
     pub fn synced_through(&self) -> u64 {
         match self {
-            Record::Message { synced_through, .. } | Record::Tip { synced_through, .. } => {
-                *synced_through
-            }
+            Record::Message { synced_through, .. }
+            | Record::Tip { synced_through, .. }
+            | Record::Subscriber { synced_through, .. } => *synced_through,
         }
     }
 }
@@ -142,6 +153,78 @@ pub fn encode_tip(out: &mut Vec<u8>, tip: &ChannelTip, synced_through: u64) -> u
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     seal(&mut out[start..]);
     out.len() - start
+}
+
+/// Appends a subscriber snapshot or tombstone record to `out`, with `synced_through` 0; the
+/// committer sets it and the CRC with [`seal_standalone_record`]. Returns its length.
+///
+/// Snapshots are encoded by the caller's thread (not the committer's), so the encoding asserts
+/// the state's invariants there: a broken state is a bug of the caller.
+pub fn encode_subscriber_change(out: &mut Vec<u8>, change: &SubscriberChange) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    match change {
+        SubscriberChange::Save(state) => {
+            out.push(KIND_SUBSCRIBER);
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+            put_channel(out, &state.channel);
+            put_short(out, state.id.as_str().as_bytes());
+            put_short(out, state.epoch.as_str().as_bytes());
+            out.extend_from_slice(&state.acked_through.0.to_le_bytes());
+            out.extend_from_slice(&state.created.0.to_le_bytes());
+            out.extend_from_slice(&state.last_active.0.to_le_bytes());
+            let options = &state.options;
+            out.extend_from_slice(&options.ack_wait_ms.to_le_bytes());
+            out.extend_from_slice(&options.max_deliveries.to_le_bytes());
+            out.extend_from_slice(&options.inflight_max.to_le_bytes());
+            out.extend_from_slice(&options.expires_after_ms.to_le_bytes());
+            // Serials as gaps from the previous one (the first from `acked_through`), as
+            // LEB128 varints: an inflight window of 100 takes ~100 bytes, not 800.
+            put_varint(out, state.acked_above.len() as u64);
+            let mut previous = state.acked_through;
+            for serial in &state.acked_above {
+                assert!(
+                    *serial > previous,
+                    "acked_above of {}/{} is not ascending above acked_through",
+                    state.channel,
+                    state.id
+                );
+                put_varint(out, serial.0 - previous.0);
+                previous = *serial;
+            }
+            // Attempts are gaps from 0, so the record holds whatever the state holds (a stale
+            // attempt at or below `acked_through` is the state's business, not the log's).
+            put_varint(out, state.attempts.len() as u64);
+            let mut previous = Serial(0);
+            for (serial, count) in &state.attempts {
+                assert!(
+                    *serial > previous,
+                    "attempts of {}/{} are not ascending",
+                    state.channel,
+                    state.id
+                );
+                put_varint(out, serial.0 - previous.0);
+                put_varint(out, u64::from(*count));
+                previous = *serial;
+            }
+        }
+        SubscriberChange::Remove { channel, id } => {
+            out.push(KIND_SUBSCRIBER_REMOVED);
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
+            put_channel(out, channel);
+            put_short(out, id.as_str().as_bytes());
+        }
+    }
+    let body_len = out.len() - start - FRAME_HEADER_BYTES;
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out.len() - start
+}
+
+/// Sets `synced_through` of an encoded record that is not part of a batch and computes its CRC.
+pub fn seal_standalone_record(frame: &mut [u8], synced_through: u64) {
+    seal_message_record(frame, 0, synced_through);
 }
 
 fn seal(frame: &mut [u8]) {
@@ -289,6 +372,58 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
                 synced_through,
             }
         }
+        KIND_SUBSCRIBER | KIND_SUBSCRIBER_REMOVED => {
+            if batch_following != 0 {
+                return Err("subscriber record claims batch members".into());
+            }
+            let channel = reader.channel()?;
+            let id = SubscriberId::parse(reader.short_str()?).map_err(|e| e.to_string())?;
+            let change = if kind == KIND_SUBSCRIBER_REMOVED {
+                SubscriberChange::Remove { channel, id }
+            } else {
+                let epoch = reader.epoch()?;
+                let acked_through = Serial(reader.u64()?);
+                let created = Timestamp(reader.u64()?);
+                let last_active = Timestamp(reader.u64()?);
+                let options = SubscriberOptions {
+                    ack_wait_ms: reader.u64()?,
+                    max_deliveries: reader.u32()?,
+                    inflight_max: reader.u32()?,
+                    expires_after_ms: reader.u64()?,
+                };
+                // Counts are checked against the bytes left by the reads themselves; nothing
+                // is preallocated from a count.
+                let mut acked_above = Vec::new();
+                let mut previous = acked_through;
+                for _ in 0..reader.varint()? {
+                    previous = reader.serial_after(previous)?;
+                    acked_above.push(previous);
+                }
+                let mut attempts = Vec::new();
+                let mut previous = Serial(0);
+                for _ in 0..reader.varint()? {
+                    previous = reader.serial_after(previous)?;
+                    let count = u32::try_from(reader.varint()?)
+                        .map_err(|_| "delivery count out of range".to_string())?;
+                    attempts.push((previous, count));
+                }
+                SubscriberChange::Save(SubscriberState {
+                    channel,
+                    id,
+                    epoch,
+                    acked_through,
+                    acked_above,
+                    attempts,
+                    options,
+                    created,
+                    last_active,
+                })
+            };
+            Record::Subscriber {
+                change,
+                synced_through,
+            }
+        }
         other => return Err(format!("unknown record kind {other}")),
     };
     if !reader.bytes.is_empty() {
@@ -307,6 +442,15 @@ fn put_channel(out: &mut Vec<u8>, channel: &ChannelName) {
 fn put_short(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(u8::try_from(bytes.len()).expect("short field fits 255 bytes"));
     out.extend_from_slice(bytes);
+}
+
+/// LEB128: seven bits per byte, low first, high bit set on every byte but the last.
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
 fn put_long(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -371,6 +515,33 @@ impl<'a> Reader<'a> {
     }
     fn epoch(&mut self) -> Result<Epoch, String> {
         Epoch::parse(self.short_str()?).map_err(|e| e.to_string())
+    }
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err("varint overflows u64".into());
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+    /// A serial stored as its (non-zero) gap from `previous`.
+    fn serial_after(&mut self, previous: Serial) -> Result<Serial, String> {
+        let gap = self.varint()?;
+        if gap == 0 {
+            return Err("subscriber serials are not ascending".into());
+        }
+        previous
+            .0
+            .checked_add(gap)
+            .map(Serial)
+            .ok_or_else(|| "subscriber serial overflows".to_string())
     }
 }
 
@@ -442,6 +613,74 @@ mod tests {
                 tip,
                 synced_through: 64
             })
+        );
+    }
+
+    fn subscriber() -> SubscriberState {
+        let mut state = SubscriberState::new(
+            ChannelName::parse("jobs:a").unwrap(),
+            SubscriberId::parse("worker-1").unwrap(),
+            herald_core::Position::new(Epoch::parse("E1").unwrap(), Serial(10)),
+            SubscriberOptions::default(),
+            Timestamp(1_000),
+        );
+        state.last_active = Timestamp(2_000);
+        state.ack_one(Serial(12));
+        state.ack_one(Serial(300));
+        state.ack_one(Serial(u64::MAX));
+        state.record_attempt(Serial(11));
+        state.record_attempt(Serial(11));
+        state.record_attempt(Serial(200_000));
+        state
+    }
+
+    #[test]
+    fn subscriber_records_round_trip_compactly() {
+        let state = subscriber();
+        let mut out = Vec::new();
+        let len = encode_subscriber_change(&mut out, &SubscriberChange::Save(state.clone()));
+        seal_standalone_record(&mut out, 4096);
+        assert_eq!(len, out.len());
+        // 21 header + 54 fixed + 6 channel + 8 id + 2 epoch + a few list bytes.
+        assert!(len < 150, "snapshot takes {len} bytes");
+        assert_eq!(
+            decode_frame(&out),
+            Ok(Record::Subscriber {
+                change: SubscriberChange::Save(state.clone()),
+                synced_through: 4096,
+            })
+        );
+        let removal = SubscriberChange::Remove {
+            channel: state.channel.clone(),
+            id: state.id.clone(),
+        };
+        let mut out = Vec::new();
+        encode_subscriber_change(&mut out, &removal);
+        seal_standalone_record(&mut out, 64);
+        assert_eq!(
+            decode_frame(&out),
+            Ok(Record::Subscriber {
+                change: removal,
+                synced_through: 64
+            })
+        );
+    }
+
+    #[test]
+    fn a_subscriber_record_with_serials_out_of_order_is_invalid() {
+        let mut state = subscriber();
+        state.acked_above = vec![Serial(12)];
+        state.attempts.clear();
+        let mut out = Vec::new();
+        encode_subscriber_change(&mut out, &SubscriberChange::Save(state));
+        // The last two bytes are the acked_above gap (2) and the attempts count (0): a zero
+        // gap would repeat a serial.
+        let gap = out.len() - 2;
+        assert_eq!(out[gap], 2);
+        out[gap] = 0;
+        seal_standalone_record(&mut out, 64);
+        assert!(
+            matches!(decode_frame(&out), Err(DecodeError::Invalid(detail)) if detail.contains("ascending"))
         );
     }
 

@@ -13,6 +13,9 @@
 //! mismatch or garbage after the end in a sealed segment, a record whose CRC holds but whose
 //! body is invalid or of an unknown kind, broken batch framing, or a message that does not
 //! continue its channel's stream (serial, epoch or chain).
+//!
+//! Subscriber records rebuild the [`SubscriberTable`]: in log order, the newest snapshot of a
+//! (channel, id) wins and a tombstone drops it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -29,10 +32,12 @@ use super::segment::{
 use super::{EmbeddedOptions, RecordLocator};
 use crate::fs::{Filesystem, FsFile};
 use crate::store::StoreError;
+use crate::subscribers::{SubscriberChange, SubscriberTable};
 use crate::table::ChannelTable;
 
 pub(crate) struct Recovered {
     pub(crate) table: ChannelTable<RecordLocator>,
+    pub(crate) subscribers: SubscriberTable<u64>,
     pub(crate) segments: BTreeMap<u64, Arc<dyn FsFile>>,
     pub(crate) active: ActiveSegment,
     pub(crate) tip_segments: HashMap<ChannelName, u64>,
@@ -102,6 +107,7 @@ pub(crate) fn recover(
 
     let mut scan = Scan {
         table: ChannelTable::default(),
+        subscribers: SubscriberTable::default(),
         tip_segments: HashMap::new(),
         messages: 0,
     };
@@ -147,11 +153,13 @@ pub(crate) fn recover(
     tracing::info!(
         segments = segments.len(),
         messages = scan.messages,
+        subscribers = scan.subscribers.len(),
         dir = %segments_dir.display(),
         "log recovered"
     );
     Ok(Recovered {
         table: scan.table,
+        subscribers: scan.subscribers,
         segments,
         active,
         tip_segments: scan.tip_segments,
@@ -190,6 +198,7 @@ fn later_sync_proof(bytes: &[u8], damaged: usize) -> Option<(usize, u64)> {
 
 struct Scan {
     table: ChannelTable<RecordLocator>,
+    subscribers: SubscriberTable<u64>,
     tip_segments: HashMap<ChannelName, u64>,
     messages: u64,
 }
@@ -319,6 +328,23 @@ impl Scan {
                         .recover_tip(&tip)
                         .map_err(|detail| corrupt(path, offset as u64, detail))?;
                     self.tip_segments.insert(tip.channel.clone(), number);
+                }
+                Record::Subscriber { change, .. } => {
+                    if !batch.is_empty() {
+                        return Err(corrupt(
+                            path,
+                            offset as u64,
+                            "subscriber record inside a batch",
+                        ));
+                    }
+                    match change {
+                        SubscriberChange::Save(state) => {
+                            self.subscribers.recover_snapshot(state, number)
+                        }
+                        SubscriberChange::Remove { channel, id } => {
+                            self.subscribers.recover_removal(channel, id)
+                        }
+                    }
                 }
             }
             offset = end;

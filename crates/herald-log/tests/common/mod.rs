@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use herald_core::{
-    ChainHash, ChannelName, Data, Message, MessageId, NamespacePolicy, NewMessage, Policies,
-    Position, ReadFrom, Retention, Timestamp,
+    ChainHash, ChannelName, Data, Epoch, Message, MessageId, NamespacePolicy, NewMessage, Policies,
+    Position, ReadFrom, Retention, Serial, SubscriberId, SubscriberOptions, SubscriberState,
+    Timestamp,
 };
 use herald_log::embedded::GROUP_BYTES_MIN;
 use herald_log::embedded::segment::SEGMENT_HEADER_BYTES;
@@ -297,6 +298,31 @@ pub fn json(message_id: &str, data: &str) -> NewMessage {
 pub fn with_ttl(mut message: NewMessage, ttl_ms: u64) -> NewMessage {
     message.ttl_ms = Some(ttl_ms);
     message
+}
+
+pub fn subscriber_id(text: &str) -> SubscriberId {
+    SubscriberId::parse(text).expect("valid subscriber id")
+}
+
+/// A subscriber of `channel` acknowledged through `acked_through`, with a few individually
+/// acked serials and delivery attempts above it so every field of a snapshot is exercised.
+pub fn subscriber_state(channel_name: &str, id: &str, acked_through: u64) -> SubscriberState {
+    let mut state = SubscriberState::new(
+        channel(channel_name),
+        subscriber_id(id),
+        Position::new(Epoch::parse("E1").unwrap(), Serial(acked_through)),
+        SubscriberOptions {
+            ack_wait_ms: 1_000 + acked_through,
+            ..SubscriberOptions::default()
+        },
+        START,
+    );
+    state.ack_one(Serial(acked_through + 3));
+    state.record_attempt(Serial(acked_through + 1));
+    state.record_attempt(Serial(acked_through + 1));
+    state.record_attempt(Serial(acked_through + 2));
+    state.last_active = START.plus_ms(acked_through);
+    state
 }
 
 // ----- driving a store -----------------------------------------------------------------------
