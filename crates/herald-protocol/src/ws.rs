@@ -524,6 +524,77 @@ pub fn delivery_json(message: &MessageBody) -> String {
     text
 }
 
+/// What a `subscribed` reply echoes of the request.
+#[derive(Clone, Debug)]
+pub struct SubscribeEcho {
+    pub req: Option<u64>,
+    pub guarantee: String,
+    pub hints: bool,
+    pub filter: Option<String>,
+}
+
+/// The frame for what a subscription machine sends, except deliveries, which each transport
+/// encodes its own way (shared bytes, hints): those come back as `Err(message)`.
+pub fn subscription_frame<M>(
+    channel: &str,
+    outbound: herald_core::engine::Outbound<M>,
+    echo: &SubscribeEcho,
+) -> Result<ServerFrame, M> {
+    use herald_core::engine::{Continuity as MachineContinuity, Outbound};
+    let channel = channel.to_owned();
+    Ok(match outbound {
+        Outbound::Delivery(message) => return Err(message),
+        Outbound::Subscribed {
+            continuity,
+            after,
+            top,
+        } => ServerFrame::Subscribed(Subscribed {
+            kind: SubscribedTag::Tag,
+            req: echo.req,
+            channel,
+            guarantee: echo.guarantee.clone(),
+            hints: echo.hints,
+            filter: echo.filter.clone(),
+            continuity: match continuity {
+                MachineContinuity::New => Continuity::New,
+                MachineContinuity::Held => Continuity::Held,
+                MachineContinuity::Lost => Continuity::Lost,
+            },
+            after: after.map(|position| position.to_string()),
+            top: top.map(|position| position.to_string()),
+        }),
+        Outbound::ContinuityLost { from, to, reason } => {
+            ServerFrame::ContinuityLost(ContinuityLostNotice {
+                kind: ContinuityLostTag::Tag,
+                channel,
+                from: from.to_string(),
+                to: to.map(|to| to.to_string()),
+                reason: reason.as_str().to_owned(),
+            })
+        }
+        Outbound::Gap { from, to } => ServerFrame::Gap(GapNotice {
+            kind: GapTag::Tag,
+            channel,
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: "slow_consumer".to_owned(),
+        }),
+        Outbound::Skip {
+            from,
+            to,
+            cause,
+            chain,
+        } => ServerFrame::Skip(SkipNotice {
+            kind: SkipTag::Tag,
+            channel,
+            from: from.to_string(),
+            to: to.to_string(),
+            reason: cause.as_str().to_owned(),
+            chain: chain.map(|chain| chain.to_hex()),
+        }),
+    })
+}
+
 // One unit enum per frame type: `"type"` must be exactly that string, and serialising writes it.
 macro_rules! frame_tags {
     ($($tag:ident => $name:literal),* $(,)?) => {

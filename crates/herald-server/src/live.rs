@@ -17,15 +17,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use herald_core::engine::{
-    Action, Continuity as MachineContinuity, Deliverable, Outbound, Page, SubscriptionMachine,
-};
+use herald_core::engine::{Action, Deliverable, Outbound, Page, SubscriptionMachine};
 use herald_core::{ChannelName, ContinuityReason, Guarantee, Message};
 use herald_log::{ReadError, ReadQuery};
-use herald_protocol::ws::{
-    Continuity, ContinuityLostNotice, ContinuityLostTag, ErrorFrame, ErrorTag, GapNotice, GapTag,
-    ServerFrame, SkipNotice, SkipTag, Subscribed, SubscribedTag,
-};
+use herald_protocol::ws::{ErrorFrame, ErrorTag, ServerFrame, SubscribeEcho, subscription_frame};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -326,62 +321,20 @@ impl Pump {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The wire form of what the machine sends.
+    /// The wire form of what the machine sends: deliveries as the shared live bytes (or a
+    /// hint), everything else as its frame.
     fn encode(&self, outbound: Outbound<Arc<LiveMessage>>) -> Outgoing {
-        let channel = self.channel.to_string();
-        let frame = match outbound {
-            Outbound::Delivery(live) if self.hints => return Outgoing::Hint(live),
-            Outbound::Delivery(live) => return Outgoing::Message(live),
-            Outbound::Subscribed {
-                continuity,
-                after,
-                top,
-            } => ServerFrame::Subscribed(Subscribed {
-                kind: SubscribedTag::Tag,
-                req: self.req,
-                channel,
-                guarantee: self.guarantee.as_str().to_owned(),
-                hints: self.hints,
-                filter: self.filter_source.clone(),
-                continuity: match continuity {
-                    MachineContinuity::New => Continuity::New,
-                    MachineContinuity::Held => Continuity::Held,
-                    MachineContinuity::Lost => Continuity::Lost,
-                },
-                after: after.map(|position| position.to_string()),
-                top: top.map(|position| position.to_string()),
-            }),
-            Outbound::ContinuityLost { from, to, reason } => {
-                ServerFrame::ContinuityLost(ContinuityLostNotice {
-                    kind: ContinuityLostTag::Tag,
-                    channel,
-                    from: from.to_string(),
-                    to: to.map(|to| to.to_string()),
-                    reason: reason.as_str().to_owned(),
-                })
-            }
-            Outbound::Gap { from, to } => ServerFrame::Gap(GapNotice {
-                kind: GapTag::Tag,
-                channel,
-                from: from.to_string(),
-                to: to.to_string(),
-                reason: "slow_consumer".to_owned(),
-            }),
-            Outbound::Skip {
-                from,
-                to,
-                cause,
-                chain,
-            } => ServerFrame::Skip(SkipNotice {
-                kind: SkipTag::Tag,
-                channel,
-                from: from.to_string(),
-                to: to.to_string(),
-                reason: cause.as_str().to_owned(),
-                chain: chain.map(|chain| chain.to_hex()),
-            }),
+        let echo = SubscribeEcho {
+            req: self.req,
+            guarantee: self.guarantee.as_str().to_owned(),
+            hints: self.hints,
+            filter: self.filter_source.clone(),
         };
-        Outgoing::Frame(frame)
+        match subscription_frame(self.channel.as_str(), outbound, &echo) {
+            Ok(frame) => Outgoing::Frame(frame),
+            Err(live) if self.hints => Outgoing::Hint(live),
+            Err(live) => Outgoing::Message(live),
+        }
     }
 }
 

@@ -18,9 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use herald_core::engine::{
-    Action, Continuity as MachineContinuity, Outbound, Page, Start, SubscriptionMachine,
-};
+use herald_core::engine::{Action, Outbound, Page, Start, SubscriptionMachine};
 use herald_core::{
     ChannelName, ErrorCode, Guarantee, Message, MessageId, NewMessage, Policies, Position, ReadFrom,
 };
@@ -30,10 +28,9 @@ use herald_log::{
 };
 use herald_protocol::MessageBody;
 use herald_protocol::ws::{
-    Ack, AckTag, ClientFrame, Connected, ConnectedTag, ConnectionLimits, Continuity,
-    ContinuityLostNotice, ContinuityLostTag, ErrorFrame, ErrorTag, GapNotice, GapTag, Nack,
-    NackTag, Pong, PongTag, ServerFrame, SkipNotice, SkipTag, Subscribe, Subscribed, SubscribedTag,
-    Unsubscribed, UnsubscribedTag, delivery_json,
+    Ack, AckTag, ClientFrame, Connected, ConnectedTag, ConnectionLimits, ErrorFrame, ErrorTag,
+    Nack, NackTag, Pong, PongTag, ServerFrame, Subscribe, SubscribeEcho, Unsubscribed,
+    UnsubscribedTag, delivery_json, subscription_frame,
 };
 use herald_server::error::ApiError;
 use herald_server::filter::Filter;
@@ -626,63 +623,18 @@ fn count(stats: &mut ServerStats, item: &Outbound<Arc<Message>>) {
     }
 }
 
-/// The wire frame of what the machine sends (the mapping `live.rs` makes).
+/// The wire frame of what the machine sends (the same mapping `live.rs` uses).
 fn encode(pump: &Pump, item: Outbound<Arc<Message>>) -> String {
-    let channel = pump.channel.to_string();
-    let frame = match item {
-        Outbound::Delivery(message) => {
-            return delivery_json(&MessageBody::from_message(&message));
-        }
-        Outbound::Subscribed {
-            continuity,
-            after,
-            top,
-        } => ServerFrame::Subscribed(Subscribed {
-            kind: SubscribedTag::Tag,
-            req: pump.req,
-            channel,
-            guarantee: pump.guarantee.as_str().to_owned(),
-            hints: false,
-            filter: pump.filter_source.clone(),
-            continuity: match continuity {
-                MachineContinuity::New => Continuity::New,
-                MachineContinuity::Held => Continuity::Held,
-                MachineContinuity::Lost => Continuity::Lost,
-            },
-            after: after.map(|position| position.to_string()),
-            top: top.map(|position| position.to_string()),
-        }),
-        Outbound::ContinuityLost { from, to, reason } => {
-            ServerFrame::ContinuityLost(ContinuityLostNotice {
-                kind: ContinuityLostTag::Tag,
-                channel,
-                from: from.to_string(),
-                to: to.map(|to| to.to_string()),
-                reason: reason.as_str().to_owned(),
-            })
-        }
-        Outbound::Gap { from, to } => ServerFrame::Gap(GapNotice {
-            kind: GapTag::Tag,
-            channel,
-            from: from.to_string(),
-            to: to.to_string(),
-            reason: "slow_consumer".to_owned(),
-        }),
-        Outbound::Skip {
-            from,
-            to,
-            cause,
-            chain,
-        } => ServerFrame::Skip(SkipNotice {
-            kind: SkipTag::Tag,
-            channel,
-            from: from.to_string(),
-            to: to.to_string(),
-            reason: cause.as_str().to_owned(),
-            chain: chain.map(|chain| chain.to_hex()),
-        }),
+    let echo = SubscribeEcho {
+        req: pump.req,
+        guarantee: pump.guarantee.as_str().to_owned(),
+        hints: false,
+        filter: pump.filter_source.clone(),
     };
-    frame.to_json()
+    match subscription_frame(pump.channel.as_str(), item, &echo) {
+        Ok(frame) => frame.to_json(),
+        Err(message) => delivery_json(&MessageBody::from_message(&message)),
+    }
 }
 
 fn error_frame(
