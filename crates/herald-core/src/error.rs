@@ -53,6 +53,11 @@ pub enum ErrorCode {
     TooManySubscriptions,
     /// A subscription filter does not compile, or is not a boolean expression.
     InvalidFilter,
+    /// An `ack` names a serial that was not delivered to this durable subscriber, or another
+    /// epoch than its position.
+    InvalidAck,
+    /// No durable subscriber with this id on this channel.
+    SubscriberNotFound,
 }
 
 impl ErrorCode {
@@ -86,6 +91,8 @@ impl ErrorCode {
         ErrorCode::NotSubscribed,
         ErrorCode::TooManySubscriptions,
         ErrorCode::InvalidFilter,
+        ErrorCode::InvalidAck,
+        ErrorCode::SubscriberNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -119,6 +126,8 @@ impl ErrorCode {
             ErrorCode::NotSubscribed => "not_subscribed",
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::InvalidFilter => "invalid_filter",
+            ErrorCode::InvalidAck => "invalid_ack",
+            ErrorCode::SubscriberNotFound => "subscriber_not_found",
         }
     }
 
@@ -135,13 +144,17 @@ impl ErrorCode {
             | ErrorCode::InvalidFrame
             | ErrorCode::UnknownFrame
             | ErrorCode::UnsupportedProtocol
-            | ErrorCode::InvalidFilter => 400,
+            | ErrorCode::InvalidFilter
+            | ErrorCode::InvalidAck => 400,
             ErrorCode::AlreadySubscribed => 409,
             ErrorCode::NotSubscribed => 404,
             ErrorCode::TooManySubscriptions => 429,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
-            ErrorCode::MessageNotFound | ErrorCode::ChannelNotFound | ErrorCode::NotFound => 404,
+            ErrorCode::MessageNotFound
+            | ErrorCode::ChannelNotFound
+            | ErrorCode::NotFound
+            | ErrorCode::SubscriberNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::IdConflict => 409,
             ErrorCode::ContinuityLost => 410,

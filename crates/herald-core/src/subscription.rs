@@ -47,7 +47,7 @@ impl Guarantee {
             "at-most-once" => Ok(Guarantee::AtMostOnce),
             "exactly-once" => Ok(Guarantee::ExactlyOnce),
             "at-least-once" => Err(InvalidInput::request(
-                "guarantee \"at-least-once\" needs a durable subscriber, which this server does not offer yet",
+                "guarantee \"at-least-once\" is a durable subscriber: subscribe over WebSocket with a subscriber_id",
             )),
             other => Err(InvalidInput::request(format!(
                 "unknown guarantee {other:?}; expected \"at-most-once\" or \"exactly-once\""

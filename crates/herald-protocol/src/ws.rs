@@ -43,6 +43,10 @@ pub mod close {
     pub const HANDSHAKE_TIMEOUT: u16 = 4002;
     /// `connect` asked for a protocol version the server does not speak.
     pub const UNSUPPORTED_PROTOCOL: u16 = 4003;
+    /// Another connection subscribed with the same `subscriber_id` (at-least-once) and took the
+    /// subscriber over, or the subscriber was deleted. Reconnecting is the client's choice: it
+    /// would take the subscriber back.
+    pub const TAKEN_OVER: u16 = 4004;
 }
 
 /// Why a frame could not be decoded.
@@ -119,7 +123,7 @@ pub struct Connect {
 }
 
 /// Subscribe to one channel. A connection holds at most one subscription per channel.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Subscribe {
     #[serde(rename = "type")]
@@ -128,9 +132,18 @@ pub struct Subscribe {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub req: Option<u64>,
     pub channel: String,
-    /// `"at-most-once"` or `"exactly-once"` (default).
+    /// `"at-most-once"`, `"exactly-once"` (default) or `"at-least-once"` (needs
+    /// `subscriber_id`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guarantee: Option<String>,
+    /// At-least-once: the durable subscriber's name, unique per channel. The server keeps its
+    /// acknowledged position; a later subscribe with the same id continues from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_id: Option<String>,
+    /// At-least-once: how the subscriber is served. Taken when the subscriber is created;
+    /// an existing subscriber keeps its stored options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<DurableOptions>,
     /// Resume after this position (exactly-once only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
@@ -195,6 +208,43 @@ impl Publish {
     }
 }
 
+/// Options of a new at-least-once subscriber; each one absent takes the server's default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurableOptions {
+    /// Messages delivered and not yet acked, at most (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inflight_max: Option<u32>,
+    /// A delivery not acked within this time is delivered again (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack_wait_ms: Option<u64>,
+    /// Deliveries of one message before it goes to the dead-letter channel (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_deliveries: Option<u32>,
+    /// The subscriber is removed after this long without a connection (default 7 days;
+    /// 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_after_ms: Option<u64>,
+}
+
+/// At-least-once: acknowledges deliveries of a durable subscription. Exactly one of `through`
+/// (cumulative: every serial up to this position) and `position` (this one serial).
+/// Answered by `acked` once the ack is durable when `req` is given; an ack that cannot apply
+/// gets an `error` (`invalid_ack`) either way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckDeliveries {
+    #[serde(rename = "type")]
+    pub kind: AckDeliveriesTag,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub req: Option<u64>,
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+}
+
 /// Application-level ping; answered by `pong` with the same `req`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -213,6 +263,7 @@ pub enum ClientFrame {
     Unsubscribe(Unsubscribe),
     Publish(Publish),
     Ping(Ping),
+    Ack(AckDeliveries),
 }
 
 impl ClientFrame {
@@ -223,6 +274,7 @@ impl ClientFrame {
             "unsubscribe" => decode(text).map(ClientFrame::Unsubscribe),
             "publish" => decode(text).map(ClientFrame::Publish),
             "ping" => decode(text).map(ClientFrame::Ping),
+            "ack" => decode(text).map(ClientFrame::Ack),
             other => Err(FrameError::UnknownType(other.to_owned())),
         }
     }
@@ -234,6 +286,7 @@ impl ClientFrame {
             ClientFrame::Unsubscribe(frame) => serde_json::to_string(frame),
             ClientFrame::Publish(frame) => serde_json::to_string(frame),
             ClientFrame::Ping(frame) => serde_json::to_string(frame),
+            ClientFrame::Ack(frame) => serde_json::to_string(frame),
         };
         result.expect("client frames serialise")
     }
@@ -246,6 +299,7 @@ impl ClientFrame {
             ClientFrame::Unsubscribe(frame) => frame.req,
             ClientFrame::Publish(frame) => Some(frame.req),
             ClientFrame::Ping(frame) => frame.req,
+            ClientFrame::Ack(frame) => frame.req,
         }
     }
 }
@@ -355,6 +409,31 @@ pub struct Nack {
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub message: MessageBody,
+    /// At-least-once only: how many times this message has been delivered to this subscriber
+    /// (1 the first time). Absent for the other guarantees.
+    pub delivery: Option<u32>,
+}
+
+/// At-least-once: the acks of the `ack` frame with this `req` are durable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acked {
+    #[serde(rename = "type")]
+    pub kind: AckedTag,
+    pub req: u64,
+    pub channel: String,
+}
+
+/// At-least-once: the TTL of the messages `from..=to` ran out before they were acked. They
+/// count as done: they will not be delivered again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiredNotice {
+    #[serde(rename = "type")]
+    pub kind: ExpiredTag,
+    pub channel: String,
+    pub from: String,
+    pub to: String,
 }
 
 /// A hint: a message exists at this position; fetch it through the sync API if needed.
@@ -469,6 +548,8 @@ pub enum ServerFrame {
     Skip(SkipNotice),
     Error(ErrorFrame),
     Pong(Pong),
+    Acked(Acked),
+    Expired(ExpiredNotice),
 }
 
 impl ServerFrame {
@@ -480,8 +561,18 @@ impl ServerFrame {
             "ack" => decode(text).map(ServerFrame::Ack),
             "nack" => decode(text).map(ServerFrame::Nack),
             // `flatten` cannot carry RawValue either: decode the body, then tag it.
-            "message" => decode::<MessageBody>(text)
-                .map(|message| ServerFrame::Message(Box::new(Delivery { message }))),
+            "message" => {
+                #[derive(Deserialize)]
+                struct DeliveryCount {
+                    delivery: Option<u32>,
+                }
+                let message = decode::<MessageBody>(text)?;
+                let DeliveryCount { delivery } = decode(text)?;
+                Ok(ServerFrame::Message(Box::new(Delivery {
+                    message,
+                    delivery,
+                })))
+            }
             "hint" => decode(text).map(ServerFrame::Hint),
             "heartbeat" => decode(text).map(ServerFrame::Heartbeat),
             "continuity_lost" => decode(text).map(ServerFrame::ContinuityLost),
@@ -489,6 +580,8 @@ impl ServerFrame {
             "skip" => decode(text).map(ServerFrame::Skip),
             "error" => decode(text).map(ServerFrame::Error),
             "pong" => decode(text).map(ServerFrame::Pong),
+            "acked" => decode(text).map(ServerFrame::Acked),
+            "expired" => decode(text).map(ServerFrame::Expired),
             other => Err(FrameError::UnknownType(other.to_owned())),
         }
     }
@@ -500,7 +593,13 @@ impl ServerFrame {
             ServerFrame::Unsubscribed(frame) => serde_json::to_string(frame),
             ServerFrame::Ack(frame) => serde_json::to_string(frame),
             ServerFrame::Nack(frame) => serde_json::to_string(frame),
-            ServerFrame::Message(frame) => return delivery_json(&frame.message),
+            ServerFrame::Message(frame) => {
+                let json = delivery_json(&frame.message);
+                return match frame.delivery {
+                    Some(count) => with_delivery_count(&json, count),
+                    None => json,
+                };
+            }
             ServerFrame::Hint(frame) => serde_json::to_string(frame),
             ServerFrame::Heartbeat(frame) => serde_json::to_string(frame),
             ServerFrame::ContinuityLost(frame) => serde_json::to_string(frame),
@@ -508,6 +607,8 @@ impl ServerFrame {
             ServerFrame::Skip(frame) => serde_json::to_string(frame),
             ServerFrame::Error(frame) => serde_json::to_string(frame),
             ServerFrame::Pong(frame) => serde_json::to_string(frame),
+            ServerFrame::Acked(frame) => serde_json::to_string(frame),
+            ServerFrame::Expired(frame) => serde_json::to_string(frame),
         };
         result.expect("server frames serialise")
     }
@@ -519,8 +620,25 @@ pub fn delivery_json(message: &MessageBody) -> String {
     let body = serde_json::to_string(message).expect("a message body serialises");
     // `{"id":...}` becomes `{"type":"message","id":...}`: no second pass over the data.
     let mut text = String::with_capacity(body.len() + 17);
-    text.push_str("{\"type\":\"message\",");
+    text.push_str(MESSAGE_PREFIX);
     text.push_str(&body[1..]);
+    text
+}
+
+const MESSAGE_PREFIX: &str = "{\"type\":\"message\",";
+
+/// An at-least-once delivery: the shared `message` frame of [`delivery_json`] with
+/// `"delivery":N` spliced in after the type (one copy, no re-encoding of the message).
+pub fn with_delivery_count(message_json: &str, count: u32) -> String {
+    let body = message_json
+        .strip_prefix(MESSAGE_PREFIX)
+        .expect("a frame made by delivery_json");
+    let mut text = String::with_capacity(message_json.len() + 16);
+    text.push_str(MESSAGE_PREFIX);
+    text.push_str("\"delivery\":");
+    text.push_str(&count.to_string());
+    text.push(',');
+    text.push_str(body);
     text
 }
 
@@ -627,6 +745,9 @@ frame_tags! {
     SkipTag => "skip",
     ErrorTag => "error",
     PongTag => "pong",
+    AckDeliveriesTag => "ack",
+    AckedTag => "acked",
+    ExpiredTag => "expired",
 }
 
 #[cfg(test)]
@@ -679,6 +800,41 @@ mod tests {
         };
         assert_eq!(delivery.message.serial, 3);
         assert_eq!(delivery.message.data.get(), "[1, 2]");
+    }
+
+    #[test]
+    fn an_at_least_once_delivery_carries_its_count() {
+        let body: MessageBody = serde_json::from_str(
+            r#"{"id":"m1","channel":"c","serial":3,"epoch":"E","position":"E:3","prev":2,"chain":"ab","time":5,"data":{"k":1}}"#,
+        )
+        .unwrap();
+        let text = with_delivery_count(&delivery_json(&body), 4);
+        assert!(
+            text.starts_with(r#"{"type":"message","delivery":4,"id":"m1""#),
+            "{text}"
+        );
+        let ServerFrame::Message(delivery) = ServerFrame::from_json(&text).unwrap() else {
+            panic!("not a message");
+        };
+        assert_eq!(delivery.delivery, Some(4));
+        assert_eq!(delivery.message.data.get(), r#"{"k":1}"#);
+        assert_eq!(ServerFrame::Message(delivery).to_json(), text);
+        let plain = ServerFrame::from_json(&delivery_json(&body)).unwrap();
+        assert!(matches!(plain, ServerFrame::Message(d) if d.delivery.is_none()));
+    }
+
+    #[test]
+    fn ack_frames_decode_with_either_form() {
+        let text = r#"{"type":"ack","req":9,"channel":"c","through":"E:4"}"#;
+        let ClientFrame::Ack(ack) = ClientFrame::from_json(text).unwrap() else {
+            panic!("not an ack");
+        };
+        assert_eq!(ack.through.as_deref(), Some("E:4"));
+        assert_eq!(ClientFrame::Ack(ack).to_json(), text);
+        assert!(matches!(
+            ClientFrame::from_json(r#"{"type":"ack","channel":"c","serial":4}"#),
+            Err(FrameError::Invalid(_))
+        ));
     }
 
     #[test]

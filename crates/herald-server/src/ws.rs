@@ -359,6 +359,7 @@ impl Connection {
                 }
             }
             ClientFrame::Publish(publish) => self.publish(publish).await,
+            ClientFrame::Ack(ack) => self.ack(ack).await,
             ClientFrame::Ping(ping) => {
                 self.send(ServerFrame::Pong(Pong {
                     kind: PongTag::Tag,
@@ -518,6 +519,16 @@ impl Connection {
             drop(slot);
         });
         true
+    }
+
+    async fn ack(&mut self, ack: herald_protocol::ws::AckDeliveries) -> bool {
+        self.error(
+            ack.req,
+            Some(ack.channel.clone()),
+            ErrorCode::NotSubscribed,
+            format!("no at-least-once subscription on {:?}", ack.channel),
+        )
+        .await
     }
 
     /// Sends each subscribed channel's top. False when the connection is gone.

@@ -228,6 +228,9 @@ impl Server {
                 },
             })),
             ClientFrame::Subscribe(subscribe) => self.subscribe(connection, subscribe),
+            ClientFrame::Ack(_) => {
+                panic!("the simulated clients do not use at-least-once subscriptions: {text}")
+            }
             ClientFrame::Unsubscribe(unsubscribe) => {
                 let removed = ChannelName::parse(&unsubscribe.channel)
                     .ok()

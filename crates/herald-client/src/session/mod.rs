@@ -348,9 +348,11 @@ impl Session {
     /// Takes one frame from the server.
     pub fn handle(&mut self, frame: ServerFrame) -> Vec<Output> {
         match frame {
-            ServerFrame::Connected(_) | ServerFrame::Pong(_) | ServerFrame::Unsubscribed(_) => {
-                Vec::new()
-            }
+            ServerFrame::Connected(_)
+            | ServerFrame::Pong(_)
+            | ServerFrame::Unsubscribed(_)
+            | ServerFrame::Acked(_)
+            | ServerFrame::Expired(_) => Vec::new(),
             ServerFrame::Subscribed(reply) => self.on_subscribed(reply),
             ServerFrame::Ack(ack) => self.on_ack(ack),
             ServerFrame::Nack(nack) => self.on_nack(nack),
@@ -953,6 +955,8 @@ fn subscribe_frame(channel: &str, subscription: &mut SubscriptionState, req: u64
         req: Some(req),
         channel: channel.to_owned(),
         guarantee: Some(options.guarantee.as_str().to_owned()),
+        subscriber_id: None,
+        options: None,
         from,
         rewind,
         hints: options.hints.then_some(true),

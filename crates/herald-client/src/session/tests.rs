@@ -63,7 +63,10 @@ impl Server {
 }
 
 fn deliver(message: MessageBody) -> ServerFrame {
-    ServerFrame::Message(Box::new(ws::Delivery { message }))
+    ServerFrame::Message(Box::new(ws::Delivery {
+        message,
+        delivery: None,
+    }))
 }
 
 fn subscribed(req: Option<u64>, continuity: Continuity, after: Option<&str>) -> ServerFrame {

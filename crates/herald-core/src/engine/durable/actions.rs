@@ -98,7 +98,7 @@ pub enum AckRejected {
 
 impl AckRejected {
     pub fn code(&self) -> ErrorCode {
-        ErrorCode::InvalidPosition
+        ErrorCode::InvalidAck
     }
 }
 

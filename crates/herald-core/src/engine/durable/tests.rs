@@ -401,7 +401,7 @@ fn acks_of_undelivered_serials_or_another_epoch_are_rejected() {
         .machine
         .handle_ack_one(&position("E9", 1), harness.now);
     assert!(matches!(other, Err(AckRejected::WrongEpoch { .. })));
-    assert_eq!(other.unwrap_err().code(), ErrorCode::InvalidPosition);
+    assert_eq!(other.unwrap_err().code(), ErrorCode::InvalidAck);
     // Nothing changed: the durable position is still before 1.
     assert_eq!(harness.durable.as_ref().unwrap().acked_through, Serial(0));
     // Acking again what is acked is fine (and durable at once).

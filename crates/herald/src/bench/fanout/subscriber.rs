@@ -339,10 +339,7 @@ async fn open_one(
         req: Some(SUBSCRIBE_REQ),
         channel: channel.to_owned(),
         guarantee: Some(guarantee.as_str().to_owned()),
-        from: None,
-        rewind: None,
-        hints: None,
-        filter: None,
+        ..Subscribe::default()
     });
     socket.send(Message::text(subscribe.to_json())).await?;
     let subscribed = next_control_frame(&mut socket, |frame| match frame {
