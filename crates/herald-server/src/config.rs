@@ -51,6 +51,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub realtime: RealtimeConfig,
+    pub durable: DurableConfig,
     /// Namespace policies by name. `default` applies to bare channel names and to every
     /// namespace not listed; a listed namespace takes unset keys from `default`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -76,6 +77,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             realtime: RealtimeConfig::default(),
+            durable: DurableConfig::default(),
             namespaces: BTreeMap::from([(DEFAULT_NAMESPACE.to_owned(), default_namespace)]),
             api_keys: Vec::new(),
         }
@@ -162,6 +164,77 @@ impl Default for RealtimeConfig {
             sse_keepalive_interval: Duration::from_secs(15),
             sse_retry: Duration::from_secs(2),
         }
+    }
+}
+
+/// At-least-once (durable) subscribers: the defaults a new subscriber gets when its subscribe
+/// request leaves an option out, the bounds a request must stay within, and idle expiry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DurableConfig {
+    /// Messages delivered and not yet acked per subscriber, by default.
+    pub inflight_max: u32,
+    /// The most a subscribe request may ask for `inflight_max`.
+    pub inflight_max_limit: u32,
+    /// A delivery not acked within this time is delivered again, by default.
+    #[serde(with = "human_duration")]
+    pub ack_wait: Duration,
+    /// Deliveries of a message before it goes to `<channel>.dead`, by default.
+    pub max_deliveries: u32,
+    /// A subscriber without a connection for this long is removed, by default ("0s": never).
+    #[serde(with = "human_duration")]
+    pub expires_after: Duration,
+    /// How often idle subscribers are looked for.
+    #[serde(with = "human_duration")]
+    pub sweep_interval: Duration,
+    /// How long a takeover (or a delete) waits for the previous connection of the subscriber
+    /// to persist its last state before going ahead anyway.
+    #[serde(with = "human_duration")]
+    pub takeover_timeout: Duration,
+}
+
+impl Default for DurableConfig {
+    fn default() -> Self {
+        let options = herald_core::SubscriberOptions::default();
+        Self {
+            inflight_max: options.inflight_max,
+            inflight_max_limit: 10_000,
+            ack_wait: Duration::from_millis(options.ack_wait_ms),
+            max_deliveries: options.max_deliveries,
+            expires_after: Duration::from_millis(options.expires_after_ms),
+            sweep_interval: Duration::from_secs(60),
+            takeover_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl DurableConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.inflight_max == 0 || self.inflight_max > self.inflight_max_limit {
+            return Err(ConfigError::invalid(
+                "durable.inflight_max",
+                "must be between 1 and durable.inflight_max_limit",
+            ));
+        }
+        if self.max_deliveries == 0 {
+            return Err(ConfigError::invalid(
+                "durable.max_deliveries",
+                "must be at least 1",
+            ));
+        }
+        if self.ack_wait < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "durable.ack_wait",
+                "must be at least 10ms",
+            ));
+        }
+        if self.sweep_interval < Duration::from_millis(10) {
+            return Err(ConfigError::invalid(
+                "durable.sweep_interval",
+                "must be at least 10ms",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -566,6 +639,7 @@ impl Config {
             .check()
             .map_err(|error| ConfigError::invalid("storage", error.to_string()))?;
         self.realtime.validate()?;
+        self.durable.validate()?;
         if self.storage.reclaim_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "storage.reclaim_interval",

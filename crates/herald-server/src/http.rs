@@ -59,6 +59,7 @@ pub struct AppState {
     pub request_timeout: Duration,
     pub metrics: Arc<Metrics>,
     pub realtime: Arc<crate::realtime::Realtime>,
+    pub durable: Arc<crate::durable::DurableContext>,
 }
 
 /// The HTTP body limit: a full batch plus room for JSON syntax, escaping and base64 (which
@@ -80,6 +81,10 @@ pub fn router(state: AppState) -> Router {
             get(message_by_id),
         )
         .route("/v1/channels/{channel}", get(channel_status))
+        .route(
+            "/v1/channels/{channel}/subscribers/{id}",
+            get(crate::durable::admin::show).delete(crate::durable::admin::remove),
+        )
         .route("/v1/ws", get(crate::ws::upgrade))
         .route("/v1/sse", get(crate::sse::subscribe))
         .route("/health", get(health))
@@ -160,7 +165,7 @@ async fn method_not_allowed(request: Request) -> ApiError {
     )
 }
 
-fn authorize(
+pub(crate) fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     channel: &str,
@@ -466,7 +471,7 @@ async fn ready(State(state): State<AppState>) -> Result<Response, ApiError> {
 }
 
 /// Runs a blocking store call on the blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)

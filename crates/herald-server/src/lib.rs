@@ -26,6 +26,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod filter;
 pub mod http;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod realtime;
 pub mod sse;
 pub mod ws;
+pub mod ws_durable;
 
 use std::future::Future;
 use std::io::Write as _;
@@ -203,18 +205,27 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
+        let realtime = realtime::Realtime::new(
+            self.store.store.clone(),
+            self.config.realtime.clone(),
+            self.config.http.cors_origins.clone(),
+            stopping_seen.clone(),
+        );
+        let durable = durable::DurableContext::new(
+            self.store.store.clone(),
+            realtime.live.hub.clone(),
+            self.config.realtime.catch_up_page_messages,
+            self.config.durable.clone(),
+        );
+        let sweeper = durable::sweeper::spawn(durable.clone(), stopping_seen.clone());
         let state = http::AppState {
             store: self.store.store.clone(),
             auth: self.auth,
             limits: self.config.limits(),
             request_timeout: self.config.http.request_timeout,
             metrics: Arc::default(),
-            realtime: realtime::Realtime::new(
-                self.store.store.clone(),
-                self.config.realtime.clone(),
-                self.config.http.cors_origins.clone(),
-                stopping_seen.clone(),
-            ),
+            realtime,
+            durable,
         };
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
         let reclaim = tokio::spawn(reclaim_loop(
@@ -248,6 +259,7 @@ impl Server {
             }
         };
         reclaim.abort();
+        sweeper.abort();
         let close = self.store.close;
         // Closing joins the committer thread, which may wait for its last fsync.
         let _ = tokio::task::spawn_blocking(close).await;

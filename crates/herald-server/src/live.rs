@@ -35,6 +35,11 @@ pub use herald_core::engine::Start;
 pub enum Outgoing {
     Message(Arc<LiveMessage>),
     Hint(Arc<LiveMessage>),
+    /// An at-least-once delivery: the shared message bytes with its delivery count.
+    Counted {
+        live: Arc<LiveMessage>,
+        delivery: u32,
+    },
     /// Replies and notices.
     Frame(ServerFrame),
     /// Close the connection with this code (the writer stops after it).

@@ -267,7 +267,8 @@ impl EventWriter {
 
     fn format(&mut self, item: Outgoing, text: &mut String) {
         match item {
-            Outgoing::Message(live) | Outgoing::Hint(live) => {
+            // (`Counted` is WebSocket-only: SSE has no at-least-once subscriptions.)
+            Outgoing::Message(live) | Outgoing::Hint(live) | Outgoing::Counted { live, .. } => {
                 let message = &live.message;
                 self.advance(&message.channel, message.position());
                 self.write_id(text);

@@ -26,9 +26,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt as _, StreamExt as _};
 use herald_core::{ChannelName, ErrorCode, Guarantee, InvalidInput, Position};
 use herald_protocol::ws::{
-    Ack, AckTag, ClientFrame, Connect, Connected, ConnectedTag, ConnectionLimits, ErrorFrame,
-    ErrorTag, FrameError, Nack, NackTag, PROTOCOL_VERSION, Pong, PongTag, Publish, SUBPROTOCOL,
-    ServerFrame, Subscribe, Unsubscribed, UnsubscribedTag, close,
+    Ack, AckDeliveries, AckTag, ClientFrame, Connect, Connected, ConnectedTag, ConnectionLimits,
+    ErrorFrame, ErrorTag, FrameError, Nack, NackTag, PROTOCOL_VERSION, Pong, PongTag, Publish,
+    SUBPROTOCOL, ServerFrame, Subscribe, Unsubscribed, UnsubscribedTag, close, with_delivery_count,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
@@ -38,6 +38,13 @@ use crate::error::ApiError;
 use crate::filter::Filter;
 use crate::http::{AppState, validate_message};
 use crate::live::{self, Outgoing, Start, SubscriptionRequest};
+use crate::ws_durable::{self, DurableSubscription};
+
+/// A validated subscribe request.
+enum Requested {
+    Live(SubscriptionRequest),
+    Durable(crate::durable::DurableRequest),
+}
 
 /// Upgrades to the protocol. An `Authorization` header, when present, is checked before the
 /// upgrade (a bad key is a plain `401`), and stands in for `connect.auth`.
@@ -81,10 +88,24 @@ async fn connection(socket: WebSocket, state: AppState, pre_authenticated: Optio
     if connection.handshake(&mut stream, pre_authenticated).await {
         connection.serve(&mut stream).await;
     }
-    for (_, pump) in connection.subscriptions.drain() {
-        pump.abort();
+    let mut closing = Vec::new();
+    for (_, subscription) in connection.subscriptions.drain() {
+        match subscription {
+            Subscription::Live(pump) => pump.abort(),
+            // A durable pump persists its last snapshot before it stops.
+            Subscription::Durable(durable) => closing.push(durable.close()),
+        }
     }
     drop(connection);
+    for pump in closing {
+        let abort = pump.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), pump)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
     // The writer ends once every sender (pumps, publish tasks) is gone and the queue drained;
     // a peer that stopped reading must not keep it forever.
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
@@ -121,6 +142,9 @@ fn encode(item: Outgoing) -> Message {
     match item {
         Outgoing::Message(live) => Message::Text(live.frame().clone()),
         Outgoing::Hint(live) => Message::Text(live.hint_frame().clone()),
+        Outgoing::Counted { live, delivery } => Message::Text(Utf8Bytes::from(
+            with_delivery_count(live.frame().as_str(), delivery),
+        )),
         Outgoing::Frame(frame) => Message::Text(Utf8Bytes::from(frame.to_json())),
         Outgoing::Close { code, reason } => Message::Close(Some(CloseFrame {
             code,
@@ -134,12 +158,40 @@ struct Connection {
     out: mpsc::Sender<Outgoing>,
     principal: Principal,
     /// Channel -> its pump.
-    subscriptions: HashMap<ChannelName, JoinHandle<()>>,
+    subscriptions: HashMap<ChannelName, Subscription>,
     publish_slots: Arc<Semaphore>,
     bad_frames: u32,
 }
 
 type FrameStream = futures_util::stream::SplitStream<WebSocket>;
+
+enum Subscription {
+    /// Exactly-once or at-most-once.
+    Live(JoinHandle<()>),
+    Durable(DurableSubscription),
+}
+
+impl Subscription {
+    fn is_finished(&self) -> bool {
+        match self {
+            Subscription::Live(pump) => pump.is_finished(),
+            Subscription::Durable(durable) => durable.task.is_finished(),
+        }
+    }
+
+    /// Stops the subscription; resolves once it sends nothing more.
+    async fn stop(self) {
+        match self {
+            Subscription::Live(pump) => {
+                pump.abort();
+                let _ = pump.await;
+            }
+            Subscription::Durable(durable) => {
+                let _ = durable.close().await;
+            }
+        }
+    }
+}
 
 /// Why the read loop ends.
 enum Exit {
@@ -336,10 +388,9 @@ impl Connection {
                     .ok()
                     .and_then(|name| self.subscriptions.remove(&name))
                 {
-                    Some(pump) => {
+                    Some(subscription) => {
                         // Wait until it has stopped, so no frame of it follows the reply.
-                        pump.abort();
-                        let _ = pump.await;
+                        subscription.stop().await;
                         self.send(ServerFrame::Unsubscribed(Unsubscribed {
                             kind: UnsubscribedTag::Tag,
                             req: unsubscribe.req,
@@ -405,23 +456,38 @@ impl Connection {
                     .await;
             }
         };
-        let channel = request.channel.clone();
-        let pump = live::spawn(self.state.realtime.live.clone(), request, self.out.clone());
-        self.subscriptions.insert(channel, pump);
+        let (channel, subscription) = match request {
+            Requested::Live(request) => (
+                request.channel.clone(),
+                Subscription::Live(live::spawn(
+                    self.state.realtime.live.clone(),
+                    request,
+                    self.out.clone(),
+                )),
+            ),
+            Requested::Durable(request) => (
+                request.channel.clone(),
+                Subscription::Durable(ws_durable::spawn(
+                    self.state.durable.clone(),
+                    req,
+                    request,
+                    self.out.clone(),
+                )),
+            ),
+        };
+        self.subscriptions.insert(channel, subscription);
         true
     }
 
-    fn validate_subscribe(
-        &mut self,
-        subscribe: Subscribe,
-    ) -> Result<SubscriptionRequest, ApiError> {
+    fn validate_subscribe(&mut self, subscribe: Subscribe) -> Result<Requested, ApiError> {
         let config = &self.state.realtime.config;
         let channel = ChannelName::parse(&subscribe.channel)?;
         self.state
             .auth
             .authorize(self.principal, &channel, Operation::Subscribe)?;
         // A pump that ended (its store read failed) no longer holds its channel.
-        self.subscriptions.retain(|_, pump| !pump.is_finished());
+        self.subscriptions
+            .retain(|_, subscription| !subscription.is_finished());
         if self.subscriptions.contains_key(&channel) {
             return Err(ApiError::new(
                 ErrorCode::AlreadySubscribed,
@@ -436,6 +502,16 @@ impl Connection {
                     self.subscriptions.len()
                 ),
             ));
+        }
+        if subscribe.guarantee.as_deref() == Some(ws_durable::AT_LEAST_ONCE) {
+            let request = ws_durable::request(&self.state.durable, channel, &subscribe)?;
+            return Ok(Requested::Durable(request));
+        }
+        if subscribe.subscriber_id.is_some() || subscribe.options.is_some() {
+            return Err(InvalidInput::request(
+                "subscriber_id and options are for guarantee \"at-least-once\"",
+            )
+            .into());
         }
         let guarantee = match subscribe.guarantee.as_deref() {
             None => Guarantee::ExactlyOnce,
@@ -460,14 +536,14 @@ impl Connection {
             .as_deref()
             .map(|expression| Filter::compile(expression, config.filter_bytes_max))
             .transpose()?;
-        Ok(SubscriptionRequest {
+        Ok(Requested::Live(SubscriptionRequest {
             req: subscribe.req,
             channel,
             guarantee,
             start,
             hints: subscribe.hints.unwrap_or(false),
             filter,
-        })
+        }))
     }
 
     async fn publish(&mut self, publish: Publish) -> bool {
@@ -521,14 +597,27 @@ impl Connection {
         true
     }
 
-    async fn ack(&mut self, ack: herald_protocol::ws::AckDeliveries) -> bool {
-        self.error(
-            ack.req,
-            Some(ack.channel.clone()),
-            ErrorCode::NotSubscribed,
-            format!("no at-least-once subscription on {:?}", ack.channel),
-        )
-        .await
+    /// Routes an `ack` to its durable subscription's pump, which answers it.
+    async fn ack(&mut self, ack: AckDeliveries) -> bool {
+        let durable = ChannelName::parse(&ack.channel).ok().and_then(|channel| {
+            match self.subscriptions.get(&channel) {
+                Some(Subscription::Durable(durable)) => Some(durable),
+                _ => None,
+            }
+        });
+        let refused = match durable {
+            Some(durable) => match durable.ack(&ack).await {
+                Ok(()) => return true,
+                Err(refused) => refused,
+            },
+            None => (
+                ErrorCode::NotSubscribed,
+                format!("no at-least-once subscription on {:?}", ack.channel),
+            ),
+        };
+        let (code, message) = refused;
+        self.error(ack.req, Some(ack.channel.clone()), code, message)
+            .await
     }
 
     /// Sends each subscribed channel's top. False when the connection is gone.

@@ -1012,13 +1012,21 @@ async fn serve_dev_router(
 ) -> (String, tokio::task::JoinHandle<()>) {
     // No WebSocket in these tests: the shutdown signal may as well be already closed.
     let (_, stopping) = tokio::sync::watch::channel(false);
+    let realtime = herald_server::realtime::Realtime::new(
+        store.clone(),
+        Default::default(),
+        Vec::new(),
+        stopping,
+    );
+    let durable = herald_server::durable::DurableContext::new(
+        store.clone(),
+        realtime.live.hub.clone(),
+        100,
+        Default::default(),
+    );
     let state = herald_server::http::AppState {
-        realtime: herald_server::realtime::Realtime::new(
-            store.clone(),
-            Default::default(),
-            Vec::new(),
-            stopping,
-        ),
+        realtime,
+        durable,
         store,
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),

@@ -569,6 +569,23 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         }
     }
 
+    /// The subscriber refused or failed a delivery (a webhook receiver's error): deliver it
+    /// again at `retry_at` instead of after `ack_wait_ms` (exponential backoff is the
+    /// driver's). False when the serial is not an unacked delivery of this connection.
+    pub fn handle_retry_at(&mut self, position: &Position, retry_at: Timestamp) -> bool {
+        let same_epoch = self
+            .state
+            .as_ref()
+            .is_some_and(|state| state.epoch == position.epoch);
+        match self.inflight.get_mut(&position.serial) {
+            Some(entry) if same_epoch && matches!(entry.stage, Stage::Sent { .. }) => {
+                entry.stage = Stage::Sent { deadline: retry_at };
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Cumulative ack: every serial up to `through` is done.
     pub fn handle_ack_through(
         &mut self,

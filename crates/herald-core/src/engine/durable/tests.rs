@@ -434,6 +434,36 @@ fn an_ack_is_reported_durable_once_its_snapshot_is() {
 }
 
 #[test]
+fn a_retry_time_replaces_ack_wait_for_that_delivery_only() {
+    let mut harness = Harness::create(Log::new(0), options(10, 5), Start::FromStart);
+    harness.publish(2);
+    assert_eq!(harness.take_deliveries(), vec![(1, 1), (2, 1)]);
+    let epoch = harness.log.epoch;
+    assert!(
+        harness
+            .machine
+            .handle_retry_at(&position(epoch, 1), Timestamp(250))
+    );
+    assert!(
+        !harness
+            .machine
+            .handle_retry_at(&position(epoch, 7), Timestamp(250)),
+        "serial 7 was never delivered"
+    );
+    assert!(
+        !harness
+            .machine
+            .handle_retry_at(&position("other", 2), Timestamp(250)),
+        "another epoch"
+    );
+    assert_eq!(harness.machine.next_deadline(), Some(Timestamp(250)));
+    harness.tick(250);
+    assert_eq!(harness.take_deliveries(), vec![(1, 2)]);
+    harness.tick(750);
+    assert_eq!(harness.take_deliveries(), vec![(2, 2)]);
+}
+
+#[test]
 fn unacked_deliveries_come_again_after_ack_wait_with_their_count() {
     let mut harness = Harness::create(Log::new(0), options(10, 5), Start::FromStart);
     harness.publish(3);
