@@ -450,6 +450,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .metrics
         .render(&state.store.stats(), &state.store.health());
     crate::metrics::render_live(&mut text, &state.realtime);
+    crate::metrics::render_durable(&mut text, &state.durable);
     (
         [(
             header::CONTENT_TYPE,

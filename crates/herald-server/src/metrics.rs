@@ -157,6 +157,11 @@ impl Metrics {
                 store.bytes,
             ),
             (
+                "herald_store_subscriber_saves_total",
+                "Durable subscriber snapshots and removals written (in the same group commits).",
+                store.subscriber_saves,
+            ),
+            (
                 "herald_store_segment_rollovers_total",
                 "Log segments started after open.",
                 store.rollovers,
@@ -261,6 +266,90 @@ pub fn render_live(out: &mut String, realtime: &crate::realtime::Realtime) {
             "herald_continuity_lost_total{{reason=\"{reason}\"}} {}",
             load(counter)
         );
+    }
+}
+
+/// The at-least-once part: durable subscriptions, deliveries and redeliveries, acks,
+/// snapshots, dead letters, expiry, takeovers and removals.
+pub fn render_durable(out: &mut String, durable: &crate::durable::DurableContext) {
+    let counters = &durable.counters;
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    for (name, kind, help, value) in [
+        (
+            "herald_durable_subscriptions",
+            "gauge",
+            "At-least-once subscribers held by a connection or a webhook worker.",
+            load(&counters.subscriptions),
+        ),
+        (
+            "herald_durable_deliveries_total",
+            "counter",
+            "At-least-once deliveries handed out, first and repeated.",
+            load(&counters.deliveries),
+        ),
+        (
+            "herald_durable_redeliveries_total",
+            "counter",
+            "At-least-once deliveries of a message delivered before (after ack_wait, a reconnect or a retry).",
+            load(&counters.redeliveries),
+        ),
+        (
+            "herald_durable_acks_total",
+            "counter",
+            "At-least-once acks accepted (cumulative and individual).",
+            load(&counters.acks),
+        ),
+        (
+            "herald_durable_acks_rejected_total",
+            "counter",
+            "At-least-once acks refused with invalid_ack.",
+            load(&counters.acks_rejected),
+        ),
+        (
+            "herald_durable_snapshots_total",
+            "counter",
+            "Subscriber snapshots written (each rides a group commit of the log).",
+            load(&counters.persists),
+        ),
+        (
+            "herald_durable_dead_letters_total",
+            "counter",
+            "Messages moved to a dead-letter channel after max_deliveries.",
+            load(&counters.dead_letters),
+        ),
+        (
+            "herald_durable_expired_notices_total",
+            "counter",
+            "expired notices: messages whose TTL ran out before they were acked.",
+            load(&counters.expired_notices),
+        ),
+        (
+            "herald_durable_continuity_lost_total",
+            "counter",
+            "continuity_lost notices sent to at-least-once subscribers.",
+            load(&counters.continuity_lost),
+        ),
+        (
+            "herald_durable_takeovers_total",
+            "counter",
+            "Subscribers taken over by a second connection (the first closed with 4004).",
+            load(&counters.takeovers),
+        ),
+        (
+            "herald_durable_subscribers_expired_total",
+            "counter",
+            "Subscribers removed after being idle past their expiry.",
+            load(&counters.subscribers_expired),
+        ),
+        (
+            "herald_durable_subscribers_deleted_total",
+            "counter",
+            "Subscribers removed with DELETE.",
+            load(&counters.subscribers_deleted),
+        ),
+    ] {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
     }
 }
 
