@@ -5,12 +5,19 @@
 //! [`Event::Message`] (or [`Event::Hint`]), or part of the range of a [`Event::Skip`],
 //! [`Event::Gap`] or [`Event::ContinuityLost`]. Anything the session cannot account for that
 //! way is an [`Event::Broken`]: the SDK reports it and never smooths it over.
+//!
+//! At-least-once subscriptions get [`Event::Delivery`] instead of [`Event::Message`]: each
+//! message at least once until acked (a redelivery may come after later serials), with its
+//! delivery count and an [`AckHandle`]; and [`Event::Expired`] for messages whose TTL ran out
+//! before they were acked.
 
 use std::collections::BTreeMap;
 
 use herald_core::{ChainHash, Data, Epoch, Position, Serial};
 use herald_protocol::ws::Continuity;
 use serde::de::DeserializeOwned;
+
+use crate::ack::{AckError, AckHandle};
 
 /// One message as delivered, with its place in the channel's stream checked: its `prev` was
 /// the position held before it, and its `chain` was recomputed when the chain was known.
@@ -45,6 +52,35 @@ impl Message {
     }
 }
 
+/// At-least-once: one delivery of a message, to be acked through [`Delivery::ack`] (or the
+/// [`AckHandle`], which can be cloned and moved to another task).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub message: Message,
+    /// How many times the server has delivered this message to this subscriber, across
+    /// connections and restarts: 1 the first time.
+    pub delivery: u32,
+    pub ack: AckHandle,
+}
+
+impl Delivery {
+    /// Acks this delivery; see [`AckHandle::ack`].
+    pub fn ack(&self) -> Result<(), AckError> {
+        self.ack.ack()
+    }
+
+    /// Acks every delivery up to and including this one; see [`AckHandle::ack_through`].
+    pub fn ack_through(&self) -> Result<(), AckError> {
+        self.ack.ack_through()
+    }
+
+    /// Whether the server delivered this message before (it was not acked in time, or the
+    /// connection dropped before the ack arrived).
+    pub fn is_redelivery(&self) -> bool {
+        self.delivery > 1
+    }
+}
+
 /// What happened on a subscribed channel, in stream order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -58,6 +94,19 @@ pub enum Event {
         top: Option<Position>,
     },
     Message(Box<Message>),
+    /// At-least-once: a message, with its delivery count and ack handle.
+    Delivery(Box<Delivery>),
+    /// At-least-once: the TTL of the messages `from..=to` ran out before they were acked.
+    /// They count as done and are not delivered again.
+    Expired {
+        from: Position,
+        to: Position,
+    },
+    /// At-least-once: another connection subscribed with the same `subscriber_id` and took the
+    /// subscriber over (close code 4004), or the subscriber was deleted. The client stops and
+    /// does not take it back (two consumers would take it from each other in turn); a
+    /// [`Event::Closed`] follows.
+    TakenOver,
     /// Hints mode: a message exists at `position`; fetch it through the HTTP API if needed.
     Hint {
         position: Position,

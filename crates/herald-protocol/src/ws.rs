@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use herald_core::Position;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -658,7 +659,7 @@ pub fn subscription_frame<M>(
     outbound: herald_core::engine::Outbound<M>,
     echo: &SubscribeEcho,
 ) -> Result<ServerFrame, M> {
-    use herald_core::engine::{Continuity as MachineContinuity, Outbound};
+    use herald_core::engine::Outbound;
     let channel = channel.to_owned();
     Ok(match outbound {
         Outbound::Delivery(message) => return Err(message),
@@ -666,29 +667,9 @@ pub fn subscription_frame<M>(
             continuity,
             after,
             top,
-        } => ServerFrame::Subscribed(Subscribed {
-            kind: SubscribedTag::Tag,
-            req: echo.req,
-            channel,
-            guarantee: echo.guarantee.clone(),
-            hints: echo.hints,
-            filter: echo.filter.clone(),
-            continuity: match continuity {
-                MachineContinuity::New => Continuity::New,
-                MachineContinuity::Held => Continuity::Held,
-                MachineContinuity::Lost => Continuity::Lost,
-            },
-            after: after.map(|position| position.to_string()),
-            top: top.map(|position| position.to_string()),
-        }),
+        } => subscribed_frame(channel, echo, continuity, after, top),
         Outbound::ContinuityLost { from, to, reason } => {
-            ServerFrame::ContinuityLost(ContinuityLostNotice {
-                kind: ContinuityLostTag::Tag,
-                channel,
-                from: from.to_string(),
-                to: to.map(|to| to.to_string()),
-                reason: reason.as_str().to_owned(),
-            })
+            continuity_lost_frame(channel, &from, to.as_ref(), reason)
         }
         Outbound::Gap { from, to } => ServerFrame::Gap(GapNotice {
             kind: GapTag::Tag,
@@ -710,6 +691,77 @@ pub fn subscription_frame<M>(
             reason: cause.as_str().to_owned(),
             chain: chain.map(|chain| chain.to_hex()),
         }),
+    })
+}
+
+/// The frame for what a durable (at-least-once) machine sends, except deliveries (the
+/// transport adds the count to the shared bytes): those come back as `Err((message, count))`.
+pub fn durable_frame<M>(
+    channel: &str,
+    outbound: herald_core::engine::DurableOutbound<M>,
+    echo: &SubscribeEcho,
+) -> Result<ServerFrame, (M, u32)> {
+    use herald_core::engine::DurableOutbound;
+    let channel = channel.to_owned();
+    Ok(match outbound {
+        DurableOutbound::Delivery {
+            message,
+            delivery_count,
+        } => return Err((message, delivery_count)),
+        DurableOutbound::Subscribed {
+            continuity,
+            after,
+            top,
+        } => subscribed_frame(channel, echo, continuity, after, top),
+        DurableOutbound::ContinuityLost { from, to, reason } => {
+            continuity_lost_frame(channel, &from, to.as_ref(), reason)
+        }
+        DurableOutbound::Expired { from, to } => ServerFrame::Expired(ExpiredNotice {
+            kind: ExpiredTag::Tag,
+            channel,
+            from: from.to_string(),
+            to: to.to_string(),
+        }),
+    })
+}
+
+fn subscribed_frame(
+    channel: String,
+    echo: &SubscribeEcho,
+    continuity: herald_core::engine::Continuity,
+    after: Option<Position>,
+    top: Option<Position>,
+) -> ServerFrame {
+    use herald_core::engine::Continuity as MachineContinuity;
+    ServerFrame::Subscribed(Subscribed {
+        kind: SubscribedTag::Tag,
+        req: echo.req,
+        channel,
+        guarantee: echo.guarantee.clone(),
+        hints: echo.hints,
+        filter: echo.filter.clone(),
+        continuity: match continuity {
+            MachineContinuity::New => Continuity::New,
+            MachineContinuity::Held => Continuity::Held,
+            MachineContinuity::Lost => Continuity::Lost,
+        },
+        after: after.map(|position| position.to_string()),
+        top: top.map(|position| position.to_string()),
+    })
+}
+
+fn continuity_lost_frame(
+    channel: String,
+    from: &Position,
+    to: Option<&Position>,
+    reason: herald_core::ContinuityReason,
+) -> ServerFrame {
+    ServerFrame::ContinuityLost(ContinuityLostNotice {
+        kind: ContinuityLostTag::Tag,
+        channel,
+        from: from.to_string(),
+        to: to.map(ToString::to_string),
+        reason: reason.as_str().to_owned(),
     })
 }
 

@@ -15,6 +15,7 @@
 //! - Channels without subscribers cost nothing: their ring is removed with the last receiver.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -66,10 +67,18 @@ impl LiveMessage {
 
 pub type LiveReceiver = broadcast::Receiver<Arc<LiveMessage>>;
 
+/// Sees every durable message batch before the rings do (the webhooks use it to find the
+/// channels of their namespaces). Called on the store's commit path: it must return quickly,
+/// never block and never call back into the store.
+pub trait ChannelObserver: Send + Sync + 'static {
+    fn on_durable(&self, messages: &[Message]);
+}
+
 /// The per-channel live rings.
 pub struct Hub {
     feeds: RwLock<HashMap<ChannelName, broadcast::Sender<Arc<LiveMessage>>>>,
     ring_messages: usize,
+    observer: OnceLock<Arc<dyn ChannelObserver>>,
 }
 
 impl Hub {
@@ -78,7 +87,13 @@ impl Hub {
         Hub {
             feeds: RwLock::new(HashMap::new()),
             ring_messages: ring_messages.max(1),
+            observer: OnceLock::new(),
         }
+    }
+
+    /// Installs the observer of every durable batch (once; later calls are ignored).
+    pub fn set_observer(&self, observer: Arc<dyn ChannelObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// Registers a receiver for `channel`: it gets every message made durable from now on.
@@ -112,8 +127,46 @@ impl Hub {
     }
 }
 
+/// One pump's hold on a channel's ring, counted in a gauge of running pumps; both are released
+/// on drop (also when the pump's task is aborted).
+pub struct Registration {
+    hub: Arc<Hub>,
+    channel: ChannelName,
+    receiver: Option<LiveReceiver>,
+    gauge: Arc<AtomicU64>,
+}
+
+impl Registration {
+    /// Registers with the hub first: everything made durable from now on reaches the ring.
+    pub fn new(hub: Arc<Hub>, channel: &ChannelName, gauge: Arc<AtomicU64>) -> Registration {
+        let receiver = hub.subscribe(channel);
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Registration {
+            hub,
+            channel: channel.clone(),
+            receiver: Some(receiver),
+            gauge,
+        }
+    }
+
+    pub fn receiver(&mut self) -> &mut LiveReceiver {
+        self.receiver.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        drop(self.receiver.take());
+        self.hub.release(&self.channel);
+        self.gauge.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl DurableListener for Hub {
     fn on_durable(&self, messages: &[Message]) {
+        if let Some(observer) = self.observer.get() {
+            observer.on_durable(messages);
+        }
         let feeds = self.feeds.read().unwrap_or_else(PoisonError::into_inner);
         if feeds.is_empty() {
             return;

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use crate::filter::Filter;
-use crate::hub::{Hub, LiveMessage, LiveReceiver};
+use crate::hub::{Hub, LiveMessage, LiveReceiver, Registration};
 
 pub use herald_core::engine::Start;
 
@@ -72,7 +72,7 @@ pub struct LiveCounters {
     pub continuity_lost_ahead_of_top: AtomicU64,
     /// Log reads made to replay or catch up a subscription.
     pub catch_up_reads: AtomicU64,
-    pub subscriptions: AtomicU64,
+    pub subscriptions: Arc<AtomicU64>,
 }
 
 /// What every pump of a server shares.
@@ -97,7 +97,11 @@ pub fn spawn(
     request: SubscriptionRequest,
     out: mpsc::Sender<Outgoing>,
 ) -> tokio::task::JoinHandle<()> {
-    let registration = Registration::new(context.clone(), request.channel.clone());
+    let registration = Registration::new(
+        context.hub.clone(),
+        &request.channel,
+        context.counters.subscriptions.clone(),
+    );
     tokio::spawn(async move {
         let machine_filter = request.filter.clone().map(|filter| {
             Box::new(move |message: &Message| {
@@ -135,44 +139,6 @@ pub fn spawn(
                 .await;
         }
     })
-}
-
-/// The hub receiver of one subscription; releases the channel's ring when dropped (also when
-/// the pump task is aborted).
-struct Registration {
-    context: LiveContext,
-    channel: ChannelName,
-    receiver: Option<LiveReceiver>,
-}
-
-impl Registration {
-    fn new(context: LiveContext, channel: ChannelName) -> Registration {
-        let receiver = context.hub.subscribe(&channel);
-        context
-            .counters
-            .subscriptions
-            .fetch_add(1, Ordering::Relaxed);
-        Registration {
-            context,
-            channel,
-            receiver: Some(receiver),
-        }
-    }
-
-    fn receiver(&mut self) -> &mut LiveReceiver {
-        self.receiver.as_mut().expect("present until drop")
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        drop(self.receiver.take());
-        self.context.hub.release(&self.channel);
-        self.context
-            .counters
-            .subscriptions
-            .fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Why a pump stops.

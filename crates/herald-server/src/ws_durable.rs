@@ -8,12 +8,11 @@
 
 use std::sync::Arc;
 
-use herald_core::engine::{AckRejected, Continuity as MachineContinuity, DurableOutbound, Start};
+use herald_core::engine::{AckRejected, DurableOutbound, Start};
 use herald_core::{ChannelName, ErrorCode, InvalidInput, Position, SubscriberId};
 use herald_protocol::ws::{
-    AckDeliveries, Acked, AckedTag, Continuity, ContinuityLostNotice, ContinuityLostTag,
-    ErrorFrame, ErrorTag, ExpiredNotice, ExpiredTag, ServerFrame, Subscribe, Subscribed,
-    SubscribedTag, close,
+    AckDeliveries, Acked, AckedTag, ErrorFrame, ErrorTag, ServerFrame, Subscribe, SubscribeEcho,
+    close, durable_frame,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -150,57 +149,20 @@ impl WsSink {
 
 impl DurableSink for WsSink {
     async fn deliver(&mut self, outbound: DurableOutbound<Arc<LiveMessage>>) -> Result<(), Gone> {
-        let channel = self.channel.clone();
-        let frame = match outbound {
-            DurableOutbound::Delivery {
-                message,
-                delivery_count,
-            } => {
-                return self
-                    .out
-                    .send(Outgoing::Counted {
-                        live: message,
-                        delivery: delivery_count,
-                    })
-                    .await
-                    .map_err(|_| Gone);
-            }
-            DurableOutbound::Subscribed {
-                continuity,
-                after,
-                top,
-            } => ServerFrame::Subscribed(Subscribed {
-                kind: SubscribedTag::Tag,
-                req: self.req,
-                channel,
-                guarantee: AT_LEAST_ONCE.to_owned(),
-                hints: false,
-                filter: None,
-                continuity: match continuity {
-                    MachineContinuity::New => Continuity::New,
-                    MachineContinuity::Held => Continuity::Held,
-                    MachineContinuity::Lost => Continuity::Lost,
-                },
-                after: after.map(|position| position.to_string()),
-                top: top.map(|position| position.to_string()),
-            }),
-            DurableOutbound::ContinuityLost { from, to, reason } => {
-                ServerFrame::ContinuityLost(ContinuityLostNotice {
-                    kind: ContinuityLostTag::Tag,
-                    channel,
-                    from: from.to_string(),
-                    to: to.map(|to| to.to_string()),
-                    reason: reason.as_str().to_owned(),
-                })
-            }
-            DurableOutbound::Expired { from, to } => ServerFrame::Expired(ExpiredNotice {
-                kind: ExpiredTag::Tag,
-                channel,
-                from: from.to_string(),
-                to: to.to_string(),
-            }),
+        let echo = SubscribeEcho {
+            req: self.req,
+            guarantee: AT_LEAST_ONCE.to_owned(),
+            hints: false,
+            filter: None,
         };
-        self.frame(frame).await
+        match durable_frame(&self.channel, outbound, &echo) {
+            Ok(frame) => self.frame(frame).await,
+            Err((live, delivery)) => self
+                .out
+                .send(Outgoing::Counted { live, delivery })
+                .await
+                .map_err(|_| Gone),
+        }
     }
 
     async fn acked(&mut self, req: u64) -> Result<(), Gone> {

@@ -513,6 +513,15 @@ impl Sim {
                         self.step
                     ));
                 }
+                // The simulation has no at-least-once subscribers (yet).
+                Output::Delivery { .. }
+                | Output::AckConfirmed { .. }
+                | Output::AckFailed { .. } => {
+                    self.checker.violations.push(format!(
+                        "step {}: client {index}: an at-least-once output without an at-least-once subscriber",
+                        self.step
+                    ));
+                }
             }
         }
     }

@@ -177,24 +177,24 @@ struct SubscribeArgs {
     /// Start with the last N messages of each channel (exactly-once).
     #[arg(long, value_name = "N", conflicts_with = "from")]
     rewind: Option<u64>,
-    /// exactly-once (resumable, no loss) or at-most-once (live only, drops reported as gaps).
-    #[arg(long, default_value = "exactly-once", value_parser = parse_guarantee)]
-    guarantee: herald_core::Guarantee,
+    /// exactly-once (resumable, no loss), at-most-once (live only, drops reported as gaps) or
+    /// at-least-once (a durable subscriber named by --subscriber-id: the server keeps its
+    /// acked position and delivers every message until acked; one channel only).
+    #[arg(long, value_enum, default_value_t = subscribe::GuaranteeArg::ExactlyOnce)]
+    guarantee: subscribe::GuaranteeArg,
     /// A CEL filter over `name` and `headers`, e.g. 'headers.kind == "order"'.
     #[arg(long, value_name = "EXPR")]
     filter: Option<String>,
     /// Print positions only (hints), not the messages.
     #[arg(long)]
     hints: bool,
-    /// Exit after this many messages.
+    /// Exit after this many messages (--ack manual: then once stdin is closed).
     #[arg(long, value_name = "N")]
     count: Option<u64>,
     #[command(flatten)]
+    at_least_once: subscribe::AtLeastOnceArgs,
+    #[command(flatten)]
     client: ClientArgs,
-}
-
-fn parse_guarantee(text: &str) -> Result<herald_core::Guarantee, String> {
-    herald_core::Guarantee::parse(text).map_err(|error| error.message)
 }
 
 #[derive(Subcommand, Debug)]
@@ -331,19 +331,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             subscribe::run(plan, &args.client).await
         }
         Command::History(args) => history(args).await,
-        Command::Subscribe(args) => {
-            let plan = subscribe::Plan {
-                from: subscribe::parse_from(&args.channels, &args.from)?,
-                channels: args.channels,
-                guarantee: args.guarantee,
-                rewind: args.rewind,
-                hints: args.hints,
-                filter: args.filter,
-                count: args.count,
-                format: subscribe::Format::JsonLines,
-            };
-            subscribe::run(plan, &args.client).await
-        }
+        Command::Subscribe(args) => subscribe::command(args).await,
         Command::Config(ConfigCommand::Init) => {
             print!("{}", config::DEFAULT_CONFIG_TOML);
             Ok(())

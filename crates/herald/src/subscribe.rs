@@ -4,6 +4,9 @@
 //! `subscribe` prints each message as one JSON line on stdout (the same fields as the HTTP API's
 //! message JSON) and every notice (continuity lost, gaps, skips, breaks, reconnects) as a
 //! `herald: ...` line on stderr, so stdout stays machine-readable.
+//!
+//! `subscribe --guarantee at-least-once` (a durable subscriber, with acks) lives in
+//! `subscribe/at_least_once.rs`.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,7 +18,47 @@ use herald_client::{
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{ClientArgs, EXIT_UNREACHABLE, EXIT_USAGE, Failure, read_admin_key};
+use crate::{ClientArgs, EXIT_UNREACHABLE, EXIT_USAGE, Failure, SubscribeArgs, read_admin_key};
+
+mod at_least_once;
+
+pub use at_least_once::AtLeastOnceArgs;
+
+/// `--guarantee`.
+// The variants spell the guarantees' documented names (`exactly-once`, ...).
+#[allow(clippy::enum_variant_names)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuaranteeArg {
+    ExactlyOnce,
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+/// `herald subscribe`: the at-least-once path, or the plan of the others.
+pub async fn command(args: SubscribeArgs) -> Result<(), Failure> {
+    let guarantee = match args.guarantee {
+        GuaranteeArg::AtLeastOnce => return at_least_once::command(args).await,
+        GuaranteeArg::ExactlyOnce => Guarantee::ExactlyOnce,
+        GuaranteeArg::AtMostOnce => Guarantee::AtMostOnce,
+    };
+    if let Some(flag) = args.at_least_once.first_flag_given() {
+        return Err(Failure::other(
+            EXIT_USAGE,
+            anyhow!("{flag} needs --guarantee at-least-once"),
+        ));
+    }
+    let plan = Plan {
+        from: parse_from(&args.channels, &args.from)?,
+        channels: args.channels,
+        guarantee,
+        rewind: args.rewind,
+        hints: args.hints,
+        filter: args.filter,
+        count: args.count,
+        format: Format::JsonLines,
+    };
+    run(plan, &args.client).await
+}
 
 /// How a delivered message is printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,14 +134,19 @@ fn ws_url(base: &str) -> Result<String, Failure> {
     Ok(format!("{scheme}://{host}:{port}/v1/ws"))
 }
 
-/// Subscribes and prints until interrupted (or `count` messages).
-pub async fn run(plan: Plan, client_args: &ClientArgs) -> Result<(), Failure> {
+/// The SDK client for `--url`, `--key` (or the data dir's admin key).
+fn connect(client_args: &ClientArgs) -> Result<Client, Failure> {
     let mut options = ClientOptions::new(ws_url(&client_args.url)?);
     options.key = client_args
         .key
         .clone()
         .or_else(|| read_admin_key(&client_args.data_dir));
-    let client = Client::connect(options).map_err(client_failure)?;
+    Client::connect(options).map_err(client_failure)
+}
+
+/// Subscribes and prints until interrupted (or `count` messages).
+pub async fn run(plan: Plan, client_args: &ClientArgs) -> Result<(), Failure> {
+    let client = connect(client_args)?;
     let (events, mut received) = mpsc::channel::<(String, Event)>(1024);
     let mut forwarders = Vec::new();
     for (channel, from) in plan.channels.iter().zip(&plan.from) {
@@ -108,6 +156,7 @@ pub async fn run(plan: Plan, client_args: &ClientArgs) -> Result<(), Failure> {
             rewind: plan.rewind,
             hints: plan.hints,
             filter: plan.filter.clone(),
+            at_least_once: None,
         };
         let mut subscription = client
             .subscribe(channel, subscribe_options)
@@ -135,7 +184,7 @@ pub async fn run(plan: Plan, client_args: &ClientArgs) -> Result<(), Failure> {
         };
         match event {
             Event::Message(message) => {
-                print_message(&message, plan.format);
+                print_message(&message, None, plan.format);
                 printed += 1;
                 if plan.count.is_some_and(|count| printed >= count) {
                     break Ok(());
@@ -189,6 +238,9 @@ fn describe(event: &Event) -> String {
             after.as_ref().map_or("-".into(), ToString::to_string),
             top.as_ref().map_or("-".into(), ToString::to_string),
         ),
+        Event::Expired { from, to } => {
+            format!("EXPIRED unacked: {from} ..= {to} (their TTL ran out; not delivered again)")
+        }
         Event::ContinuityLost { from, to, reason } => format!(
             "CONTINUITY LOST ({reason}): missed {from} ..= {}",
             to.as_ref().map_or("-".into(), ToString::to_string)
@@ -212,7 +264,8 @@ fn describe(event: &Event) -> String {
     }
 }
 
-fn print_message(message: &Message, format: Format) {
+/// Prints one message; `delivery` is the delivery count of an at-least-once delivery.
+fn print_message(message: &Message, delivery: Option<u32>, format: Format) {
     let (data, encoding) = match &message.data {
         Data::Json(bytes) => (String::from_utf8_lossy(bytes).into_owned(), None),
         Data::Binary(bytes) => (
@@ -239,6 +292,9 @@ fn print_message(message: &Message, format: Format) {
             }
             if let Some(encoding) = encoding {
                 object["encoding"] = json!(encoding);
+            }
+            if let Some(delivery) = delivery {
+                object["delivery"] = json!(delivery);
             }
             // `data` is the stored JSON text as is (no re-encoding of numbers or key order).
             let mut line = object.to_string();

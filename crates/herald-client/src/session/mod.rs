@@ -9,6 +9,10 @@
 //! 3. Every server frame: [`Session::handle`]; act on each [`Output`] in order.
 //! 4. When the connection drops: [`Session::on_disconnected`].
 //! 5. After [`Output::RetryLater`], wait a backoff, then [`Session::retry_waiting`].
+//! 6. At-least-once acks: [`Session::ack`] at any time, and send the frames it returns; the
+//!    others go out as [`Output::Send`] after the subscription's next `subscribed`. Keep
+//!    [`Session::acks_pending`] bounded (the answers, [`Output::AckConfirmed`] and
+//!    [`Output::AckFailed`], make room).
 //!
 //! # Invariants
 //! - A subscription's held position only moves forward within an epoch, and only over serials
@@ -25,6 +29,10 @@
 //! - Frames for a channel whose `subscribed` reply is still awaited are left over from an
 //!   earlier subscription (the server answers `subscribed` before anything else of a
 //!   subscription) and are dropped.
+//! - At-least-once subscriptions (`durable/`) hold no position: the server does. Their
+//!   deliveries are neither deduplicated nor checked against `prev` or the chain (redeliveries
+//!   come again, possibly after later serials); they re-subscribe with the same
+//!   `subscriber_id` after every reconnect, and their acks stay pending until answered.
 
 use std::collections::BTreeMap;
 
@@ -39,6 +47,11 @@ use herald_protocol::{Encoding, MessageBody, PublishMessage};
 
 use crate::event::{BreakKind, Broken, Event, Message};
 use crate::recovery::RecoveryKey;
+
+mod durable;
+
+pub use durable::{AckMode, AckRefused, AcksQueued, AtLeastOnce, FOLDED_ABOVE_MAX};
+use durable::{AckedSpan, PendingAck};
 
 /// Consecutive re-subscriptions after a break before an exactly-once subscription is closed.
 pub const RESYNC_IN_A_ROW_MAX: u32 = 3;
@@ -60,6 +73,10 @@ pub struct SubscribeOptions {
     pub hints: bool,
     /// A CEL expression over `name` and `headers`, evaluated by the server.
     pub filter: Option<String>,
+    /// At-least-once: the server holds the position of this durable subscriber. With it,
+    /// `guarantee`, `from`, `rewind`, `hints` and `filter` keep their defaults (the client
+    /// refuses anything else).
+    pub at_least_once: Option<AtLeastOnce>,
 }
 
 impl SubscribeOptions {
@@ -68,6 +85,21 @@ impl SubscribeOptions {
     pub fn from_oldest() -> Self {
         Self {
             rewind: Some(REWIND_EVERYTHING),
+            ..Self::default()
+        }
+    }
+
+    /// At-least-once for the durable subscriber `subscriber_id`, manual acks and the server's
+    /// defaults; see [`AtLeastOnce`] for the rest.
+    pub fn at_least_once(subscriber_id: impl Into<String>) -> Self {
+        AtLeastOnce::new(subscriber_id).into()
+    }
+}
+
+impl From<AtLeastOnce> for SubscribeOptions {
+    fn from(at_least_once: AtLeastOnce) -> Self {
+        Self {
+            at_least_once: Some(at_least_once),
             ..Self::default()
         }
     }
@@ -81,6 +113,7 @@ impl Default for SubscribeOptions {
             rewind: None,
             hints: false,
             filter: None,
+            at_least_once: None,
         }
     }
 }
@@ -124,6 +157,22 @@ pub enum Output {
     RetryLater,
     /// An error about the connection itself (no channel, no request).
     ConnectionError(ErrorFrame),
+    /// At-least-once: hand this delivery to the channel's subscriber, with an ack handle.
+    Delivery {
+        channel: String,
+        message: Box<Message>,
+        /// How many times the server has delivered this message to the subscriber (1 first).
+        delivery: u32,
+    },
+    /// At-least-once: the ack frame with this request id is durable.
+    AckConfirmed { req: u64 },
+    /// At-least-once: the server refused the ack frame with this request id (`invalid_ack`:
+    /// a serial never delivered, another epoch); nothing changed.
+    AckFailed {
+        req: u64,
+        channel: String,
+        error: ErrorFrame,
+    },
 }
 
 #[derive(Debug)]
@@ -143,6 +192,8 @@ struct SubscriptionState {
     started: bool,
     /// The `top` of the previous heartbeat.
     heartbeat_top: Option<Position>,
+    /// At-least-once: what this session knows to be acked, for folding acks.
+    acked: Option<AckedSpan>,
 }
 
 impl SubscriptionState {
@@ -170,6 +221,8 @@ pub struct Session {
     next_req: u64,
     subscriptions: BTreeMap<String, SubscriptionState>,
     publishes: BTreeMap<u64, PendingPublish>,
+    /// At-least-once acks by request id.
+    acks: BTreeMap<u64, PendingAck>,
 }
 
 impl Session {
@@ -220,6 +273,8 @@ impl Session {
     /// Adds a subscription (replacing nothing: the caller checks [`Session::is_subscribed`]).
     pub fn subscribe(&mut self, channel: &str, options: SubscribeOptions) -> Vec<ClientFrame> {
         let position = match options.guarantee {
+            // At-least-once: the server holds the position.
+            _ if options.at_least_once.is_some() => None,
             Guarantee::ExactlyOnce => options.from.clone(),
             Guarantee::AtMostOnce => None,
         };
@@ -233,6 +288,7 @@ impl Session {
             waiting_retry: false,
             started: false,
             heartbeat_top: None,
+            acked: None,
         };
         let mut frames = Vec::new();
         if self.connected {
@@ -245,7 +301,7 @@ impl Session {
 
     /// Removes a subscription; later frames for the channel are ignored.
     pub fn unsubscribe(&mut self, channel: &str) -> Vec<ClientFrame> {
-        if self.subscriptions.remove(channel).is_none() || !self.connected {
+        if self.remove_subscription(channel).is_none() || !self.connected {
             return Vec::new();
         }
         let req = self.next_req();
@@ -315,6 +371,9 @@ impl Session {
         for pending in self.publishes.values_mut() {
             pending.in_flight = false;
         }
+        for pending in self.acks.values_mut() {
+            pending.in_flight = false;
+        }
     }
 
     /// Re-sends what a retryable refusal put on hold.
@@ -348,15 +407,15 @@ impl Session {
     /// Takes one frame from the server.
     pub fn handle(&mut self, frame: ServerFrame) -> Vec<Output> {
         match frame {
-            ServerFrame::Connected(_)
-            | ServerFrame::Pong(_)
-            | ServerFrame::Unsubscribed(_)
-            | ServerFrame::Acked(_)
-            | ServerFrame::Expired(_) => Vec::new(),
+            ServerFrame::Connected(_) | ServerFrame::Pong(_) | ServerFrame::Unsubscribed(_) => {
+                Vec::new()
+            }
+            ServerFrame::Acked(acked) => self.on_acked(acked),
+            ServerFrame::Expired(notice) => self.on_expired(notice),
             ServerFrame::Subscribed(reply) => self.on_subscribed(reply),
             ServerFrame::Ack(ack) => self.on_ack(ack),
             ServerFrame::Nack(nack) => self.on_nack(nack),
-            ServerFrame::Message(delivery) => self.on_message(delivery.message),
+            ServerFrame::Message(delivery) => self.on_message(*delivery),
             ServerFrame::Hint(hint) => self.on_hint(hint),
             ServerFrame::Heartbeat(heartbeat) => self.on_heartbeat(heartbeat),
             ServerFrame::ContinuityLost(notice) => self.on_continuity_lost(notice),
@@ -428,6 +487,11 @@ impl Session {
                 top: top.clone(),
             },
         }];
+        if subscription.is_at_least_once() {
+            subscription.started = true;
+            outputs.extend(self.on_durable_subscribed(&reply.channel, after));
+            return outputs;
+        }
         match reply.continuity {
             // `from` honoured: the held position stays, and so does the chain.
             Continuity::Held => {}
@@ -563,6 +627,9 @@ impl Session {
 
     fn on_error(&mut self, error: ErrorFrame) -> Vec<Output> {
         if let Some(req) = error.req {
+            if self.acks.contains_key(&req) {
+                return self.on_ack_error(error);
+            }
             if self.publishes.contains_key(&req) {
                 return self.refuse_publish(req, error.code, error.message, error.retryable);
             }
@@ -586,7 +653,7 @@ impl Session {
                     subscription.waiting_retry = true;
                     outputs.push(Output::RetryLater);
                 } else {
-                    self.subscriptions.remove(&channel);
+                    self.remove_subscription(&channel);
                     outputs.push(Output::Event {
                         channel,
                         event: Event::Closed {
@@ -624,7 +691,7 @@ impl Session {
             outputs.push(Output::Send(unsubscribe_frame(&channel, req)));
             outputs.push(Output::RetryLater);
         } else {
-            self.subscriptions.remove(&channel);
+            self.remove_subscription(&channel);
             outputs.push(Output::Send(unsubscribe_frame(&channel, req)));
             outputs.push(Output::Event {
                 channel,
@@ -636,14 +703,18 @@ impl Session {
         outputs
     }
 
-    fn on_message(&mut self, body: MessageBody) -> Vec<Output> {
-        let channel = body.channel.clone();
+    fn on_message(&mut self, delivery: ws::Delivery) -> Vec<Output> {
+        let channel = delivery.message.channel.clone();
         let Some(subscription) = self.subscriptions.get(&channel) else {
             return Vec::new();
         };
         if !subscription.takes_frames() {
             return Vec::new();
         }
+        if subscription.is_at_least_once() {
+            return self.on_durable_message(channel, delivery);
+        }
+        let body = delivery.message;
         let (prev, message) = match decode_message(body) {
             Ok(decoded) => decoded,
             Err(detail) => {
@@ -750,7 +821,9 @@ impl Session {
             let Some(subscription) = self.subscriptions.get_mut(&channel) else {
                 continue;
             };
-            if !subscription.takes_frames() {
+            // At-least-once: the server holds the position, and a consumer slower than the
+            // channel is the normal case, not a sign of loss.
+            if !subscription.takes_frames() || subscription.is_at_least_once() {
                 continue;
             }
             let Ok(top) = parse_optional(top.as_deref()) else {
@@ -785,6 +858,9 @@ impl Session {
         };
         if !subscription.takes_frames() {
             return Vec::new();
+        }
+        if subscription.is_at_least_once() {
+            return self.on_durable_continuity_lost(channel, notice.from, notice.to, notice.reason);
         }
         let parsed = (
             Position::parse(&notice.from),
@@ -846,6 +922,14 @@ impl Session {
                     .0;
             }
         };
+        if subscription.is_at_least_once() {
+            // Not expected (no filters, and expiry has its own notice); the server holds the
+            // position, so there is nothing to check it against: pass it on.
+            return vec![Output::Event {
+                channel,
+                event: event(from, to),
+            }];
+        }
         let check = match &subscription.position {
             Some(held) if held.epoch != to.epoch => Err(BreakKind::Epoch {
                 serial: from.serial,
@@ -909,7 +993,7 @@ impl Session {
         }
         subscription.resyncs_in_a_row += 1;
         if subscription.resyncs_in_a_row > RESYNC_IN_A_ROW_MAX {
-            self.subscriptions.remove(channel);
+            self.remove_subscription(channel);
             outputs.push(Output::Event {
                 channel: channel.to_owned(),
                 event: Event::Closed {
@@ -942,6 +1026,21 @@ impl Session {
 fn subscribe_frame(channel: &str, subscription: &mut SubscriptionState, req: u64) -> ClientFrame {
     subscription.awaiting = Some(req);
     let options = &subscription.options;
+    if let Some(at_least_once) = &options.at_least_once {
+        // The server holds the position: no `from`, `rewind`, `hints` or `filter`.
+        return ClientFrame::Subscribe(Subscribe {
+            kind: ws::SubscribeTag::Tag,
+            req: Some(req),
+            channel: channel.to_owned(),
+            guarantee: Some("at-least-once".to_owned()),
+            subscriber_id: Some(at_least_once.subscriber_id.clone()),
+            options: at_least_once.wire_options(),
+            from: None,
+            rewind: None,
+            hints: None,
+            filter: None,
+        });
+    }
     let (from, rewind) = match options.guarantee {
         Guarantee::AtMostOnce => (None, None),
         Guarantee::ExactlyOnce => match (&subscription.position, subscription.started) {

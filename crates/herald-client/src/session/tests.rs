@@ -2,10 +2,10 @@ use serde_json::value::RawValue;
 
 use super::*;
 
-const CHANNEL: &str = "chat:a";
+pub(super) const CHANNEL: &str = "chat:a";
 
 /// The server side of one channel: messages with true serials and chain hashes.
-struct Server {
+pub(super) struct Server {
     epoch: Epoch,
     chain: ChainHash,
     serial: u64,
@@ -13,7 +13,7 @@ struct Server {
 }
 
 impl Server {
-    fn new(epoch: &str) -> Self {
+    pub(super) fn new(epoch: &str) -> Self {
         let epoch = Epoch::parse(epoch).unwrap();
         Self {
             chain: ChainHash::genesis(&epoch),
@@ -24,7 +24,7 @@ impl Server {
     }
 
     /// Appends a message with JSON `data` and returns its delivery.
-    fn append(&mut self, data: &str) -> ServerFrame {
+    pub(super) fn append(&mut self, data: &str) -> ServerFrame {
         self.serial += 1;
         let id = format!("m{}", self.serial);
         let data_bytes = Data::Json(Bytes::copy_from_slice(data.as_bytes()));
@@ -53,7 +53,7 @@ impl Server {
     }
 
     /// The delivery of an already appended serial (a replay).
-    fn replay(&self, serial: u64) -> ServerFrame {
+    pub(super) fn replay(&self, serial: u64) -> ServerFrame {
         deliver(self.sent[usize::try_from(serial - 1).unwrap()].clone())
     }
 
@@ -83,7 +83,7 @@ fn subscribed(req: Option<u64>, continuity: Continuity, after: Option<&str>) -> 
     })
 }
 
-fn subscribe_req(frames: &[ClientFrame]) -> u64 {
+pub(super) fn subscribe_req(frames: &[ClientFrame]) -> u64 {
     frames
         .iter()
         .find_map(|frame| match frame {
@@ -108,7 +108,7 @@ fn started(options: SubscribeOptions) -> (Session, Server) {
     (session, server)
 }
 
-fn events(outputs: Vec<Output>) -> Vec<Event> {
+pub(super) fn events(outputs: Vec<Output>) -> Vec<Event> {
     outputs
         .into_iter()
         .filter_map(|output| match output {
@@ -128,7 +128,7 @@ fn delivered_serials(outputs: Vec<Output>) -> Vec<u64> {
         .collect()
 }
 
-fn sent(outputs: &[Output]) -> Vec<&ClientFrame> {
+pub(super) fn sent(outputs: &[Output]) -> Vec<&ClientFrame> {
     outputs
         .iter()
         .filter_map(|output| match output {

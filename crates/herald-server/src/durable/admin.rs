@@ -8,7 +8,7 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use herald_core::{ErrorCode, SubscriberId, SubscriberState};
+use herald_core::{ChannelName, ErrorCode, SubscriberId, SubscriberState};
 use serde::Serialize;
 
 use super::{DurableCounters, Eviction, backlog};
@@ -61,8 +61,7 @@ pub async fn show(
     Path((channel, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let channel = authorize(&state, &headers, &channel, Operation::History)?;
-    let id = SubscriberId::parse(&id)?;
+    let (channel, id) = target(&state, &headers, &channel, &id)?;
     let store = state.store.clone();
     let (found_channel, found_id) = (channel.clone(), id.clone());
     let (stored, status) = blocking(move || {
@@ -85,8 +84,7 @@ pub async fn remove(
     Path((channel, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let channel = authorize(&state, &headers, &channel, Operation::History)?;
-    let id = SubscriberId::parse(&id)?;
+    let (channel, id) = target(&state, &headers, &channel, &id)?;
     let durable = &state.durable;
     let claim = durable
         .registry
@@ -110,7 +108,19 @@ pub async fn remove(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn not_found(channel: &herald_core::ChannelName, id: &SubscriberId) -> ApiError {
+/// Authenticates, checks the history capability on the channel, parses the id.
+fn target(
+    state: &AppState,
+    headers: &HeaderMap,
+    channel: &str,
+    id: &str,
+) -> Result<(ChannelName, SubscriberId), ApiError> {
+    let channel = authorize(state, headers, channel, Operation::History)?;
+    let id = SubscriberId::parse(id)?;
+    Ok((channel, id))
+}
+
+fn not_found(channel: &ChannelName, id: &SubscriberId) -> ApiError {
     ApiError::new(
         ErrorCode::SubscriberNotFound,
         format!("no durable subscriber {id:?} on {channel}"),

@@ -36,7 +36,7 @@ pub use registry::{Eviction, Registry};
 #[derive(Debug, Default)]
 pub struct DurableCounters {
     /// Pumps running (held subscribers with a connection or a webhook worker).
-    pub subscriptions: AtomicU64,
+    pub subscriptions: Arc<AtomicU64>,
     /// Delivery frames handed out, first and repeated.
     pub deliveries: AtomicU64,
     /// Of those, repeated deliveries (delivery count above 1).

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::registry::Eviction;
 use super::{DurableContext, DurableCounters, LifecycleEvent, now};
-use crate::hub::{LiveMessage, LiveReceiver};
+use crate::hub::{LiveMessage, LiveReceiver, Registration};
 
 /// The subscriber's side went away (connection closed, worker stopped).
 #[derive(Debug)]
@@ -118,7 +118,11 @@ pub async fn run<S: DurableSink>(
             "the previous holder did not persist its last state within the takeover timeout; going ahead"
         );
     }
-    let mut registration = Registration::new(&context, &request.channel);
+    let mut registration = Registration::new(
+        context.hub.clone(),
+        &request.channel,
+        context.counters.subscriptions.clone(),
+    );
     let store = context.store.clone();
     let (channel, id) = (request.channel.clone(), request.id.clone());
     let stored = tokio::task::spawn_blocking(move || store.subscriber(&channel, &id)).await;
@@ -152,9 +156,16 @@ pub async fn run<S: DurableSink>(
         Ok(()) => PumpEnd::Gone,
         Err(end) => end,
     };
-    pump.close().await;
-    if let PumpEnd::Failed(reason) = &end {
-        tracing::warn!(channel = %pump.channel, subscriber = %pump.id, %reason, "durable subscription failed");
+    match &end {
+        PumpEnd::Gone | PumpEnd::Evicted(_) => pump.close().await,
+        // The machine may be waiting for the answer that failed; the last durable state
+        // stands and the next holder starts from it.
+        PumpEnd::Failed(reason) => {
+            tracing::warn!(channel = %pump.channel, subscriber = %pump.id, %reason, "durable subscription failed");
+            if let Some(ticket) = pump.persist.take() {
+                let _ = ticket.await;
+            }
+        }
     }
     pump.sink.ended(end).await;
     drop(registration);
@@ -482,38 +493,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| PumpEnd::Failed(format!("store task failed: {error}")))
-}
-
-/// The channel's live feed, held for the pump's life (the hub's ring is released on drop).
-struct Registration {
-    context: Arc<DurableContext>,
-    channel: ChannelName,
-    receiver: Option<LiveReceiver>,
-}
-
-impl Registration {
-    fn new(context: &Arc<DurableContext>, channel: &ChannelName) -> Registration {
-        let receiver = context.hub.subscribe(channel);
-        DurableCounters::add(&context.counters.subscriptions, 1);
-        Registration {
-            context: context.clone(),
-            channel: channel.clone(),
-            receiver: Some(receiver),
-        }
-    }
-
-    fn receiver(&mut self) -> &mut LiveReceiver {
-        self.receiver.as_mut().expect("present until drop")
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        drop(self.receiver.take());
-        self.context.hub.release(&self.channel);
-        self.context
-            .counters
-            .subscriptions
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
 }
