@@ -151,7 +151,7 @@ pub async fn command(args: SubscribeArgs) -> Result<(), Failure> {
     options.max_deliveries = durable.max_deliveries;
     let ack = durable.ack.unwrap_or(AckArg::Auto);
     let client = connect(&args.client)?;
-    let subscription = client
+    let mut subscription = client
         .subscribe(channel, SubscribeOptions::from(options))
         .await
         .map_err(client_failure)?;
@@ -165,10 +165,12 @@ pub async fn command(args: SubscribeArgs) -> Result<(), Failure> {
         last_acked: None,
         awaited: 0,
     };
-    let outcome = consumer.run(subscription).await;
+    let outcome = consumer.run(&mut subscription).await;
     if outcome.is_ok() && ack == AckArg::Auto {
+        // The subscription stays open meanwhile: its acks are confirmed through it.
         consumer.settle().await;
     }
+    drop(subscription);
     client.close().await;
     outcome
 }
@@ -198,7 +200,7 @@ impl Consumer {
         self.count.is_some_and(|count| self.printed >= count)
     }
 
-    async fn run(&mut self, mut subscription: herald_client::Subscription) -> Result<(), Failure> {
+    async fn run(&mut self, subscription: &mut herald_client::Subscription) -> Result<(), Failure> {
         let manual = self.ack == AckArg::Manual;
         let mut stdin = BufReader::new(tokio::io::stdin()).lines();
         let mut stdin_open = manual;
