@@ -242,6 +242,10 @@ fn auto_acks_what_was_printed_so_the_next_run_goes_on_after_it() {
     assert_eq!(printed[0]["channel"], "jobs:cli");
     let (code, stderr) = first.wait();
     assert_eq!(code, 0, "{stderr:?}");
+    assert!(
+        stderr.iter().all(|line| !line.contains("may")),
+        "the acks are confirmed before the exit: {stderr:?}"
+    );
 
     // 1 and 2 were printed and acked: the next run starts with 3 (maybe delivered before,
     // unprinted, to the first run: then it comes with delivery 2).
