@@ -321,6 +321,14 @@ impl LogStore for MemoryStore {
     fn subscribers(&self) -> Vec<SubscriberState> {
         self.read_state().subscribers.states()
     }
+
+    fn channels(&self) -> Vec<ChannelName> {
+        self.read_state()
+            .table
+            .streams()
+            .map(|stream| stream.channel().clone())
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -252,4 +252,10 @@ pub trait LogStore: Send + Sync + 'static {
     /// Every stored subscriber, in (channel, id) order (bounded by what is stored; for expiry
     /// sweeps and introspection).
     fn subscribers(&self) -> Vec<SubscriberState>;
+    /// Every channel the store holds a stream for (messages retained or not), in no particular
+    /// order. For start-up scans such as finding the channels a webhook rule covers; the
+    /// default (for stores that cannot list) is empty.
+    fn channels(&self) -> Vec<ChannelName> {
+        Vec::new()
+    }
 }

@@ -56,6 +56,8 @@ pub struct Config {
     /// namespace not listed; a listed namespace takes unset keys from `default`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[[webhooks]]`: per-namespace HTTP POST delivery rules (see `crate::webhook`).
+    pub webhooks: Vec<crate::webhook::WebhookRule>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             durable: DurableConfig::default(),
             namespaces: BTreeMap::from([(DEFAULT_NAMESPACE.to_owned(), default_namespace)]),
             api_keys: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -419,7 +422,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             message: message.into(),
@@ -501,8 +504,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "http",
     "storage",
     "limits",
+    "realtime",
+    "durable",
     "namespaces",
     "api_keys",
+    "webhooks",
 ];
 /// Top-level keys whose environment values are never read as TOML literals.
 const STRING_KEYS: &[&str] = &["data_dir", "http_addr"];
@@ -670,6 +676,7 @@ impl Config {
                 .check()
                 .map_err(|message| ConfigError::invalid(format!("namespaces.{name}"), message))?;
         }
+        crate::webhook::validate_rules(&self.webhooks)?;
         self.validate_api_keys()
     }
 
@@ -760,7 +767,7 @@ impl Config {
 }
 
 /// `Duration` as a humantime string ("30s", "24h").
-mod human_duration {
+pub(crate) mod human_duration {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -810,6 +817,29 @@ mod tests {
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn every_top_level_key_can_be_set_from_the_environment() {
+        let serialised = toml::Table::try_from(Config::default()).unwrap();
+        for key in serialised.keys() {
+            assert!(
+                TOP_LEVEL_KEYS.contains(&key.as_str()),
+                "HERALD_{} would be ignored",
+                key.to_uppercase()
+            );
+        }
+        let config = load(
+            None,
+            env(&[
+                ("HERALD_REALTIME__BAD_FRAMES_MAX", "3"),
+                ("HERALD_DURABLE__ACK_WAIT", "2s"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.realtime.bad_frames_max, 3);
+        assert_eq!(config.durable.ack_wait, Duration::from_secs(2));
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub realtime: Arc<crate::realtime::Realtime>,
     pub durable: Arc<crate::durable::DurableContext>,
+    /// The webhook counters, when rules are configured.
+    pub webhooks: Option<Arc<crate::webhook::WebhookCounters>>,
 }
 
 /// The HTTP body limit: a full batch plus room for JSON syntax, escaping and base64 (which
@@ -451,6 +453,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .render(&state.store.stats(), &state.store.health());
     crate::metrics::render_live(&mut text, &state.realtime);
     crate::metrics::render_durable(&mut text, &state.durable);
+    if let Some(webhooks) = &state.webhooks {
+        webhooks.render(&mut text);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -35,6 +35,7 @@ pub mod live;
 pub mod metrics;
 pub mod realtime;
 pub mod sse;
+pub mod webhook;
 pub mod ws;
 pub mod ws_durable;
 
@@ -72,6 +73,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error("webhooks: {0}")]
+    Webhooks(String),
     #[error(
         "the data directory {0} is in use by another herald process (its lock file is held); \
          stop that process or use another --data directory"
@@ -217,6 +220,8 @@ impl Server {
             self.config.realtime.catch_up_page_messages,
             self.config.durable.clone(),
         );
+        let webhooks = webhook::Webhooks::start(durable.clone(), &self.config.webhooks)
+            .map_err(ServerError::Webhooks)?;
         let sweeper = durable::sweeper::spawn(durable.clone(), stopping_seen.clone());
         let state = http::AppState {
             store: self.store.store.clone(),
@@ -226,6 +231,7 @@ impl Server {
             metrics: Arc::default(),
             realtime,
             durable,
+            webhooks: webhooks.as_ref().map(webhook::Webhooks::counters),
         };
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
         let reclaim = tokio::spawn(reclaim_loop(
@@ -260,6 +266,10 @@ impl Server {
         };
         reclaim.abort();
         sweeper.abort();
+        if let Some(webhooks) = webhooks {
+            // Their workers persist their last state into the store: before it closes.
+            webhooks.stop().await;
+        }
         let close = self.store.close;
         // Closing joins the committer thread, which may wait for its last fsync.
         let _ = tokio::task::spawn_blocking(close).await;

@@ -83,6 +83,7 @@ pub fn request(
         ));
     };
     let id = SubscriberId::parse(id)?;
+    crate::webhook::refuse_reserved(&id)?;
     if subscribe.from.is_some() || subscribe.rewind.is_some() {
         return Err(InvalidInput::request(
             "at-least-once subscriptions start from the position the server holds: from and rewind are for exactly-once",

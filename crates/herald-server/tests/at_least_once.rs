@@ -290,6 +290,10 @@ async fn bad_acks_and_bad_durable_subscribes_get_their_codes_and_change_nothing(
             json!({"channel": "jobs:x", "subscriber_id": "w"}),
             "invalid_request",
         ),
+        (
+            json!({"channel": "jobs:x", "guarantee": "at-least-once", "subscriber_id": "webhook.audit"}),
+            "invalid_request",
+        ),
     ];
     for (mut frame, code) in refusals {
         let req = client.req();

@@ -1027,6 +1027,7 @@ async fn serve_dev_router(
     let state = herald_server::http::AppState {
         realtime,
         durable,
+        webhooks: None,
         store,
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),

@@ -477,6 +477,15 @@ impl LogStore for EmbeddedLog {
         self.shared.read_state().subscribers.states()
     }
 
+    fn channels(&self) -> Vec<ChannelName> {
+        self.shared
+            .read_state()
+            .table
+            .streams()
+            .map(|stream| stream.channel().clone())
+            .collect()
+    }
+
     fn stats(&self) -> crate::store::StoreStats {
         EmbeddedLog::stats(self)
     }

@@ -85,6 +85,8 @@ pub async fn remove(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (channel, id) = target(&state, &headers, &channel, &id)?;
+    // A webhook rule's worker would stop until the next restart: remove the rule instead.
+    crate::webhook::refuse_reserved(&id)?;
     let durable = &state.durable;
     let claim = durable
         .registry
