@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The whole run: two guarantees x one group, two short phases each, ten idle connections.
+/// The whole run: three guarantees x one group, two short phases each, ten idle connections.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[test]
@@ -18,6 +18,8 @@ fn bench_fanout_measures_a_tiny_fan_out() {
             "bench",
             "fanout",
             "--subscribers",
+            "2",
+            "--durable-subscribers",
             "2",
             "--duration",
             "1s",
@@ -70,7 +72,7 @@ fn bench_fanout_measures_a_tiny_fan_out() {
     let report: Value = serde_json::from_str(&stdout).expect("--json prints one JSON object");
     assert_eq!(report["server"]["started_by_bench"], true);
     let throughput = report["throughput"].as_array().unwrap();
-    assert_eq!(throughput.len(), 2, "one row per guarantee: {report:#}");
+    assert_eq!(throughput.len(), 3, "one row per guarantee: {report:#}");
     for row in throughput {
         assert_eq!(row["subscribers"], 2);
         assert!(row["published"].as_u64().unwrap() > 0, "{row:#}");
@@ -94,6 +96,27 @@ fn bench_fanout_measures_a_tiny_fan_out() {
     assert_eq!(
         exactly_once["check"]["not_delivered"], 0,
         "{exactly_once:#}"
+    );
+    // At-least-once: everything delivered, acked, and the acks made durable in group commits.
+    let durable = &throughput[2];
+    assert_eq!(durable["guarantee"], "at-least-once");
+    assert_eq!(durable["check"]["not_delivered"], 0, "{durable:#}");
+    assert!(durable["ack_frames"].as_u64().unwrap() > 0, "{durable:#}");
+    assert!(
+        durable["serials_acked"].as_u64().unwrap() >= durable["ack_frames"].as_u64().unwrap(),
+        "{durable:#}"
+    );
+    assert!(
+        durable["acks_confirmed"].as_u64().unwrap() > 0,
+        "{durable:#}"
+    );
+    assert!(
+        durable["fsyncs_per_second"].as_f64().unwrap() > 0.0,
+        "{durable:#}"
+    );
+    assert!(
+        durable["server"]["subscriber_saves"].as_u64().unwrap() > 0,
+        "{durable:#}"
     );
     for row in report["latency"].as_array().unwrap() {
         assert!(row["samples"].as_u64().unwrap() > 0, "{row:#}");

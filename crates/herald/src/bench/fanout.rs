@@ -1,5 +1,6 @@
 //! `herald bench fanout`: one publisher and N WebSocket subscribers on one channel, per
-//! guarantee, measured against the targets of issue #3.
+//! guarantee, measured against the targets of issue #3, and at-least-once (durable)
+//! subscribers with acks beside them (issue #5).
 //!
 //! # What it measures
 //!
@@ -13,8 +14,9 @@
 //!   one channel, `VmRSS` again once it settles: (after - before) / M is the RSS per idle
 //!   connection. It runs first, on a server that has done nothing else, so memory freed by
 //!   earlier phases cannot hide what connections cost.
-//! - For each guarantee and each subscriber count N (`--subscribers`, default 1,100,1000), one
-//!   group of N subscribers on a fresh channel, and two phases on it:
+//! - For each guarantee and each subscriber count N (`--subscribers`, default 1,100,1000; for
+//!   at-least-once `--durable-subscribers`, default 1,100), one group of N subscribers on a
+//!   fresh channel, and two phases on it:
 //!   - **Throughput**: `--publishers` concurrent HTTP batch publishes of `--batch-size`
 //!     messages, each sent as soon as the previous one is acked, but never more than
 //!     `--lag-max` messages ahead of the slowest subscriber (so what is measured is a rate the
@@ -29,7 +31,26 @@
 //!   After each phase the bench waits (at most `--drain-timeout`) until every subscriber has
 //!   the phase's last serial, then checks delivery: exactly-once subscribers must have received
 //!   every serial once and in order; at-most-once ones may miss serials (counted, with the
-//!   `gap` notices) but never duplicate or reorder.
+//!   `gap` notices) but never duplicate or reorder; at-least-once ones must have received
+//!   every serial in order, and may see a serial again only as a counted redelivery
+//!   (`"delivery"` above 1; counted apart, none is expected from a subscriber that acks).
+//!
+//! # At-least-once
+//!
+//! Subscriber i subscribes with `"guarantee":"at-least-once","subscriber_id":"bench-<i>"` and
+//! `options.inflight_max` (`--inflight-max`, default 100, the server's default window) on the
+//! group's fresh channel, and acks cumulatively (`{"type":"ack","req":R,"through":"E:S"}`, S
+//! the last serial received) after every `--ack-every` deliveries (default 16) and whenever
+//! the socket has nothing more to read (the end of a read burst), so the window never stalls
+//! and a slow stream is acked message by message. `--ack-every 1` acks every message. Every
+//! ack carries a `req`, and the server's `acked` replies (the ack is durable) are counted.
+//!
+//! Each phase also reads the server's `/metrics` at both ends of the measured window: group
+//! commits (one fsync each: `herald_store_group_commits_total`), subscriber snapshots written
+//! with them (`herald_store_subscriber_saves_total`) and the `herald_durable_*` counters.
+//! Snapshots per fsync above 1 show acks and delivery counts sharing group commits (there is
+//! no other fsync path); fsyncs/s beside the exactly-once rows show what durable subscribers
+//! add to the disk's work.
 //!
 //! # Layout
 //!
@@ -50,11 +71,9 @@ mod report;
 mod server;
 mod subscriber;
 
-use herald_core::Guarantee;
-
 use self::publisher::{FloodConfig, PublishTally, PublishTarget};
 use self::report::{DeliveryCheck, FanoutReport, FanoutRow, IdleResult, LatencyResult};
-use self::report::{ThroughputResult, Window};
+use self::report::{ServerCounters, ThroughputResult, Window};
 use self::server::{ChildServer, Process};
 use self::subscriber::{Endpoint, GroupTotals, Sampling, SubscriberGroup};
 use super::*;
@@ -63,6 +82,8 @@ use super::*;
 const SUBSCRIBERS_MAX: usize = 10_000;
 /// Upper bound on the idle connections.
 const IDLE_CONNECTIONS_MAX: usize = 10_000;
+/// Upper bound on an at-least-once subscriber's window (the server's default limit).
+const INFLIGHT_MAX_LIMIT: u64 = 10_000;
 /// Upper bound on concurrent publish requests of the throughput phase.
 const PUBLISHERS_MAX: usize = 64;
 /// Total latency samples kept per phase, over all subscribers.
@@ -105,14 +126,29 @@ pub struct FanoutArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000", value_parser = parse_subscribers)]
     pub subscribers: Vec<usize>,
 
+    /// Subscriber counts for at-least-once, one group each (comma separated): each is a
+    /// durable subscriber whose acks and delivery counts the server persists.
+    #[arg(long, value_delimiter = ',', default_value = "1,100", value_parser = parse_subscribers)]
+    pub durable_subscribers: Vec<usize>,
+
     /// Guarantees to measure (comma separated).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "at-most-once,exactly-once",
+        default_value = "at-most-once,exactly-once,at-least-once",
         value_parser = parse_guarantee
     )]
     pub guarantees: Vec<Guarantee>,
+
+    /// At-least-once: ack cumulatively after this many deliveries (and at the end of every
+    /// read burst); 1 acks every message.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=INFLIGHT_MAX_LIMIT))]
+    pub ack_every: u64,
+
+    /// At-least-once: the subscribers' window (`options.inflight_max`): messages delivered
+    /// and not yet acked, at most.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=INFLIGHT_MAX_LIMIT))]
+    pub inflight_max: u64,
 
     /// Measured time of each phase (after the warm-up), e.g. `5s`.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -178,7 +214,62 @@ fn parse_idle_connections(text: &str) -> Result<usize, String> {
 }
 
 fn parse_guarantee(text: &str) -> Result<Guarantee, String> {
-    Guarantee::parse(text.trim()).map_err(|error| error.to_string())
+    Guarantee::parse(text.trim())
+}
+
+/// The guarantees the bench measures: the two of herald-core's `Guarantee` plus at-least-once,
+/// which is a durable subscriber (a `subscriber_id`, acks) rather than a cursor mode.
+// The variants are the guarantees' own names (as in herald-core), shared suffix included.
+#[allow(clippy::enum_variant_names)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Guarantee {
+    AtMostOnce,
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+impl Guarantee {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Guarantee::AtMostOnce => "at-most-once",
+            Guarantee::ExactlyOnce => "exactly-once",
+            Guarantee::AtLeastOnce => "at-least-once",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Guarantee, String> {
+        match text {
+            "at-most-once" => Ok(Guarantee::AtMostOnce),
+            "exactly-once" => Ok(Guarantee::ExactlyOnce),
+            "at-least-once" => Ok(Guarantee::AtLeastOnce),
+            other => Err(format!(
+                "unknown guarantee {other:?}; expected at-most-once, exactly-once or \
+                 at-least-once"
+            )),
+        }
+    }
+
+    /// Short tag for channel names.
+    fn tag(self) -> &'static str {
+        match self {
+            Guarantee::AtMostOnce => "amo",
+            Guarantee::ExactlyOnce => "eo",
+            Guarantee::AtLeastOnce => "alo",
+        }
+    }
+}
+
+impl std::fmt::Display for Guarantee {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How at-least-once subscribers subscribe and ack.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Acking {
+    pub(crate) ack_every: u64,
+    pub(crate) inflight_max: u64,
 }
 
 /// Runs `herald bench fanout`: progress on stderr, the report on stdout. Fails after the
@@ -187,6 +278,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let connections_max = args
         .subscribers
         .iter()
+        .chain(&args.durable_subscribers)
         .copied()
         .max()
         .unwrap_or(0)
@@ -259,6 +351,8 @@ async fn run_against(
         lag_max: args.lag_max,
         rate: args.rate,
         message_bytes: args.message_bytes,
+        ack_every: args.ack_every,
+        inflight_max: args.inflight_max,
         rows: Vec::new(),
         idle: None,
     };
@@ -287,30 +381,42 @@ async fn run_against(
         args.message_bytes
             .saturating_sub(r#"{"sent_us":1700000000000000,"pad":""}"#.len()),
     );
+    let acking = Acking {
+        ack_every: args.ack_every,
+        inflight_max: args.inflight_max,
+    };
     for &guarantee in &args.guarantees {
-        for &subscribers in &args.subscribers {
-            let channel = format!(
-                "bench:fanout-{tag}-{}-{subscribers}",
-                match guarantee {
-                    Guarantee::AtMostOnce => "amo",
-                    Guarantee::ExactlyOnce => "eo",
-                }
-            );
+        let counts = match guarantee {
+            Guarantee::AtLeastOnce => &args.durable_subscribers,
+            _ => &args.subscribers,
+        };
+        for &subscribers in counts {
+            let channel = format!("bench:fanout-{tag}-{}-{subscribers}", guarantee.tag());
             let target = Arc::new(PublishTarget {
                 client: client.clone(),
                 messages_url: endpoint.messages_url(&channel),
                 pad: pad.clone(),
             });
             let sampling = Arc::new(Sampling::off());
-            let mut group =
-                SubscriberGroup::open(&endpoint, &channel, guarantee, subscribers, &sampling)
-                    .await?;
+            let mut group = SubscriberGroup::open(
+                &endpoint,
+                &channel,
+                guarantee,
+                acking,
+                subscribers,
+                &sampling,
+            )
+            .await?;
             let mut phases = Phases {
                 args,
                 guarantee,
                 group: &group,
                 target,
                 server_process,
+                metrics: Metrics {
+                    client: client.clone(),
+                    url: format!("{}/metrics", endpoint.http_url),
+                },
                 top_serial: group.base_serial,
             };
             let throughput = phases.throughput().await;
@@ -346,6 +452,7 @@ struct Phases<'a> {
     group: &'a SubscriberGroup,
     target: Arc<PublishTarget>,
     server_process: Option<Process>,
+    metrics: Metrics,
     /// The channel's newest serial: where the next phase starts.
     top_serial: u64,
 }
@@ -433,9 +540,9 @@ impl Phases<'_> {
         tally: &PublishTally,
     ) -> Window {
         tokio::time::sleep_until(measured_from.into()).await;
-        let start = Snapshot::take(self.group, tally, self.server_process);
+        let start = Snapshot::take(self.group, tally, self.server_process, &self.metrics).await;
         tokio::time::sleep_until(deadline.into()).await;
-        let end = Snapshot::take(self.group, tally, self.server_process);
+        let end = Snapshot::take(self.group, tally, self.server_process, &self.metrics).await;
         Window::between(&start, &end)
     }
 
@@ -479,6 +586,7 @@ impl Phases<'_> {
             expected_deliveries: expected,
             not_delivered: expected.saturating_sub(totals.new_serials),
             violations: totals.violations,
+            redeliveries: totals.redeliveries,
             gap_notices: totals.gap_notices,
             unexpected_frames: totals.unexpected_frames,
             drain: started.elapsed(),
@@ -490,22 +598,50 @@ impl Phases<'_> {
 
 /// Counters read at one moment.
 pub(crate) struct Snapshot {
-    at: Instant,
-    delivered: u64,
-    acked: u64,
-    server_cpu_us: Option<u64>,
-    bench_cpu_us: Option<u64>,
+    pub(crate) at: Instant,
+    pub(crate) totals: GroupTotals,
+    pub(crate) acked: u64,
+    pub(crate) server_cpu_us: Option<u64>,
+    pub(crate) bench_cpu_us: Option<u64>,
+    /// `None` when `/metrics` could not be read.
+    pub(crate) server: Option<ServerCounters>,
 }
 
 impl Snapshot {
-    fn take(group: &SubscriberGroup, tally: &PublishTally, server: Option<Process>) -> Snapshot {
+    async fn take(
+        group: &SubscriberGroup,
+        tally: &PublishTally,
+        server: Option<Process>,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        // `/metrics` first: its request is the slow part, and the counters taken after it line
+        // up with the instant the window starts or ends.
+        let counters = metrics.read().await;
         Snapshot {
             at: Instant::now(),
-            delivered: group.totals().delivered,
+            totals: group.totals(),
             acked: tally.acked.load(Ordering::Relaxed),
             server_cpu_us: server.and_then(|process| process.cpu_time_us().ok()),
             bench_cpu_us: Process::This.cpu_time_us().ok(),
+            server: counters,
         }
+    }
+}
+
+/// The server's `/metrics`, read for the counters of [`ServerCounters`].
+struct Metrics {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Metrics {
+    /// The counters, or `None` if the request failed (a window then shows no server figures).
+    async fn read(&self) -> Option<ServerCounters> {
+        let response = self.client.get(&self.url).send().await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        Some(ServerCounters::parse(&response.text().await.ok()?))
     }
 }
 
@@ -519,13 +655,25 @@ async fn measure_idle(
     let sampling = Arc::new(Sampling::off());
     // One connection first, so that what the first subscriber of a channel costs (the
     // channel's live state) is in the "before" figure, not spread over the others.
-    let mut warm =
-        SubscriberGroup::open(endpoint, &channel, Guarantee::ExactlyOnce, 1, &sampling).await?;
+    let acking = Acking {
+        ack_every: 1,
+        inflight_max: 1,
+    };
+    let mut warm = SubscriberGroup::open(
+        endpoint,
+        &channel,
+        Guarantee::ExactlyOnce,
+        acking,
+        1,
+        &sampling,
+    )
+    .await?;
     let before = settled_rss_kib(process).await;
     let opened = SubscriberGroup::open(
         endpoint,
         &channel,
         Guarantee::ExactlyOnce,
+        acking,
         connections,
         &sampling,
     )
@@ -611,13 +759,27 @@ mod tests {
         assert_eq!(args.subscribers, vec![1, 100, 1000]);
         assert_eq!(
             args.guarantees,
-            vec![Guarantee::AtMostOnce, Guarantee::ExactlyOnce]
+            vec![
+                Guarantee::AtMostOnce,
+                Guarantee::ExactlyOnce,
+                Guarantee::AtLeastOnce
+            ]
         );
+        // Issue #5: at-least-once to 1 and to 100 durable subscribers.
+        assert_eq!(args.durable_subscribers, vec![1, 100]);
+        assert_eq!((args.ack_every, args.inflight_max), (16, 100));
         assert_eq!(args.rate, 1000);
         assert_eq!(args.idle_connections, 1000);
         assert_eq!(args.duration, Duration::from_secs(5));
         assert!(parse(&["--subscribers", "0"]).is_err());
-        assert!(parse(&["--guarantees", "at-least-once"]).is_err());
+        assert!(parse(&["--ack-every", "0"]).is_err());
+        assert!(parse(&["--guarantees", "at-least-twice"]).is_err());
+        assert_eq!(
+            parse(&["--guarantees", "at-least-once"])
+                .unwrap()
+                .guarantees,
+            vec![Guarantee::AtLeastOnce]
+        );
         assert!(
             parse(&["--server-pid", "1"]).is_err(),
             "--server-pid needs --url"
@@ -654,6 +816,14 @@ mod tests {
         );
         assert_eq!(position_serial("E1:41"), Some(41));
         assert_eq!(position_serial("41"), None);
+        // An at-least-once delivery: the count comes first, the serial is still found.
+        let counted = herald_protocol::ws::with_delivery_count(&frame, 3);
+        let rest = counted
+            .strip_prefix(super::subscriber::MESSAGE_PREFIX)
+            .unwrap();
+        assert!(rest.starts_with(super::subscriber::DELIVERY_KEY));
+        assert_eq!(scan_number(rest, super::subscriber::DELIVERY_KEY), Some(3));
+        assert_eq!(scan_number(rest, super::subscriber::SERIAL_KEY), Some(41));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The fan-out report: per-phase figures, the delivery checks, issue #3's targets, as a table
-//! or as JSON.
+//! The fan-out report: per-phase figures, the delivery checks, issue #3's targets, the
+//! at-least-once acks and the server's fsyncs and snapshots, as a table or as JSON.
 
 use super::*;
 
@@ -18,17 +18,34 @@ pub(crate) struct Window {
     pub(crate) delivered: u64,
     pub(crate) server_cpu_us: Option<u64>,
     pub(crate) bench_cpu_us: Option<u64>,
+    /// At-least-once, summed over the subscribers: deliveries with a count above 1, `ack`
+    /// frames sent, serials they newly covered, `acked` replies received.
+    pub(crate) redeliveries: u64,
+    pub(crate) ack_frames: u64,
+    pub(crate) serials_acked: u64,
+    pub(crate) acks_confirmed: u64,
+    /// What the server's `/metrics` counted over the window (`None`: not readable).
+    pub(crate) server: Option<ServerCounters>,
 }
 
 impl Window {
     pub(crate) fn between(start: &Snapshot, end: &Snapshot) -> Window {
         let difference = |from: Option<u64>, to: Option<u64>| Some(to?.saturating_sub(from?));
+        let totals = end.totals.since(start.totals);
         Window {
             seconds: end.at.duration_since(start.at).as_secs_f64(),
             published: end.acked - start.acked,
-            delivered: end.delivered - start.delivered,
+            delivered: totals.delivered,
             server_cpu_us: difference(start.server_cpu_us, end.server_cpu_us),
             bench_cpu_us: difference(start.bench_cpu_us, end.bench_cpu_us),
+            redeliveries: totals.redeliveries,
+            ack_frames: totals.ack_frames,
+            serials_acked: totals.serials_acked,
+            acks_confirmed: totals.acks_confirmed,
+            server: match (start.server, end.server) {
+                (Some(start), Some(end)) => Some(end.since(start)),
+                _ => None,
+            },
         }
     }
 
@@ -68,6 +85,23 @@ impl Window {
         self.cores(self.bench_cpu_us)
     }
 
+    /// Group commits (one fsync each) per second.
+    pub(crate) fn fsyncs_per_second(&self) -> Option<f64> {
+        Some(self.per_second(self.server?.group_commits))
+    }
+
+    /// Subscriber snapshots written per second (each rides a group commit).
+    pub(crate) fn snapshots_per_second(&self) -> Option<f64> {
+        Some(self.per_second(self.server?.subscriber_saves))
+    }
+
+    /// Snapshots per group commit: above 1 when acks share fsyncs.
+    pub(crate) fn snapshots_per_fsync(&self) -> Option<f64> {
+        let server = self.server?;
+        (server.group_commits > 0)
+            .then(|| server.subscriber_saves as f64 / server.group_commits as f64)
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "seconds": self.seconds,
@@ -78,7 +112,82 @@ impl Window {
             "server_cpu_us_per_delivery": self.server_cpu_us_per_delivery(),
             "server_cpu_cores": self.server_cpu_cores(),
             "bench_cpu_cores": self.bench_cpu_cores(),
+            "redeliveries": self.redeliveries,
+            "ack_frames": self.ack_frames,
+            "ack_frames_per_second": self.per_second(self.ack_frames),
+            "serials_acked": self.serials_acked,
+            "serials_acked_per_second": self.per_second(self.serials_acked),
+            "acks_confirmed": self.acks_confirmed,
+            "acks_confirmed_per_second": self.per_second(self.acks_confirmed),
+            "fsyncs_per_second": self.fsyncs_per_second(),
+            "snapshots_per_second": self.snapshots_per_second(),
+            "snapshots_per_fsync": self.snapshots_per_fsync(),
+            "server": self.server.map(|server| json!({
+                "group_commits": server.group_commits,
+                "subscriber_saves": server.subscriber_saves,
+                "durable_acks": server.durable_acks,
+                "durable_snapshots": server.durable_snapshots,
+                "durable_redeliveries": server.durable_redeliveries,
+            })),
         })
+    }
+}
+
+/// Counters of the server's `/metrics` that the at-least-once figures need (a difference
+/// between two readings, or one reading).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ServerCounters {
+    /// `herald_store_group_commits_total`: one write plus one fdatasync each.
+    pub(crate) group_commits: u64,
+    /// `herald_store_subscriber_saves_total`: snapshots written in those group commits.
+    pub(crate) subscriber_saves: u64,
+    /// `herald_durable_acks_total`: acks the server accepted.
+    pub(crate) durable_acks: u64,
+    /// `herald_durable_snapshots_total`: snapshots the pumps asked for.
+    pub(crate) durable_snapshots: u64,
+    /// `herald_durable_redeliveries_total`.
+    pub(crate) durable_redeliveries: u64,
+}
+
+impl ServerCounters {
+    /// Reads the counters from the Prometheus text format; a missing one stays 0.
+    pub(crate) fn parse(text: &str) -> ServerCounters {
+        let mut counters = ServerCounters::default();
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            let mut fields = line.split_whitespace();
+            let (Some(name), Some(value)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let slot = match name {
+                "herald_store_group_commits_total" => &mut counters.group_commits,
+                "herald_store_subscriber_saves_total" => &mut counters.subscriber_saves,
+                "herald_durable_acks_total" => &mut counters.durable_acks,
+                "herald_durable_snapshots_total" => &mut counters.durable_snapshots,
+                "herald_durable_redeliveries_total" => &mut counters.durable_redeliveries,
+                _ => continue,
+            };
+            *slot = value as u64;
+        }
+        counters
+    }
+
+    pub(crate) fn since(self, earlier: ServerCounters) -> ServerCounters {
+        ServerCounters {
+            group_commits: self.group_commits.saturating_sub(earlier.group_commits),
+            subscriber_saves: self
+                .subscriber_saves
+                .saturating_sub(earlier.subscriber_saves),
+            durable_acks: self.durable_acks.saturating_sub(earlier.durable_acks),
+            durable_snapshots: self
+                .durable_snapshots
+                .saturating_sub(earlier.durable_snapshots),
+            durable_redeliveries: self
+                .durable_redeliveries
+                .saturating_sub(earlier.durable_redeliveries),
+        }
     }
 }
 
@@ -93,6 +202,8 @@ pub(crate) struct DeliveryCheck {
     pub(crate) not_delivered: u64,
     /// Deliveries out of the guarantee's contract (see `SubscriberState::violations`).
     pub(crate) violations: u64,
+    /// At-least-once: deliveries with a count above 1 (allowed; none expected here).
+    pub(crate) redeliveries: u64,
     pub(crate) gap_notices: u64,
     pub(crate) unexpected_frames: u64,
     /// How long the subscribers took to receive everything after publishing stopped.
@@ -106,9 +217,9 @@ impl DeliveryCheck {
     /// What breaks the guarantee or the measurement, as sentences.
     fn problems(&self, guarantee: Guarantee) -> Vec<String> {
         let mut problems = Vec::new();
-        if guarantee == Guarantee::ExactlyOnce && self.not_delivered > 0 {
+        if guarantee != Guarantee::AtMostOnce && self.not_delivered > 0 {
             problems.push(format!(
-                "{} of {} exactly-once deliveries missing after {:.1}s",
+                "{} of {} {guarantee} deliveries missing after {:.1}s",
                 self.not_delivered,
                 self.expected_deliveries,
                 self.drain.as_secs_f64()
@@ -116,12 +227,13 @@ impl DeliveryCheck {
         }
         if self.violations > 0 {
             problems.push(format!(
-                "{} deliveries out of {guarantee} order (duplicated, reordered{})",
+                "{} deliveries out of {guarantee} order ({})",
                 self.violations,
-                if guarantee == Guarantee::ExactlyOnce {
-                    " or after a gap"
-                } else {
-                    ""
+                match guarantee {
+                    Guarantee::ExactlyOnce => "duplicated, reordered or after a gap",
+                    Guarantee::AtMostOnce => "duplicated or reordered",
+                    Guarantee::AtLeastOnce =>
+                        "after a gap, or repeated without a delivery count above 1",
                 }
             ));
         }
@@ -139,11 +251,13 @@ impl DeliveryCheck {
 
     fn summary(&self) -> String {
         format!(
-            "{} msgs, not delivered {}, out of order {}, gap notices {}, drained in {:.2}s{}{}",
+            "{} msgs, not delivered {}, out of order {}, gap notices {}, redeliveries {}, \
+             drained in {:.2}s{}{}",
             self.messages,
             self.not_delivered,
             self.violations,
             self.gap_notices,
+            self.redeliveries,
             self.drain.as_secs_f64(),
             if self.drained { "" } else { " (timed out)" },
             format_errors(&self.publish_errors)
@@ -156,6 +270,7 @@ impl DeliveryCheck {
             "expected_deliveries": self.expected_deliveries,
             "not_delivered": self.not_delivered,
             "out_of_order": self.violations,
+            "redeliveries": self.redeliveries,
             "gap_notices": self.gap_notices,
             "unexpected_frames": self.unexpected_frames,
             "drain_seconds": self.drain.as_secs_f64(),
@@ -245,6 +360,9 @@ pub(crate) struct FanoutReport {
     pub(crate) lag_max: u64,
     pub(crate) rate: u64,
     pub(crate) message_bytes: usize,
+    /// At-least-once: cumulative ack after this many deliveries (and at each burst's end).
+    pub(crate) ack_every: u64,
+    pub(crate) inflight_max: u64,
     pub(crate) rows: Vec<FanoutRow>,
     pub(crate) idle: Option<IdleResult>,
 }
@@ -261,7 +379,13 @@ pub(crate) struct Target {
 impl FanoutReport {
     pub(crate) fn targets(&self) -> Vec<Target> {
         let mut targets = Vec::new();
-        for row in self.rows.iter().filter(|row| row.subscribers == 100) {
+        // Issue #3's fan-out target is for live subscriptions; issue #5 sets none for durable
+        // ones, whose figures are reported beside them.
+        for row in self
+            .rows
+            .iter()
+            .filter(|row| row.subscribers == 100 && row.guarantee != Guarantee::AtLeastOnce)
+        {
             let value = row.throughput.window.delivered_per_second();
             targets.push(Target {
                 name: format!("fanout_100_{}", row.guarantee.as_str().replace('-', "_")),
@@ -334,7 +458,7 @@ impl FanoutReport {
             self.duration.as_secs_f64()
         ));
         out.push_str(&format!(
-            "{:<13} {:>5} {:>12} {:>12} {:>10} {:>7} {:>7} {:>9} {:>7} {:>7}\n",
+            "{:<13} {:>5} {:>12} {:>12} {:>10} {:>7} {:>7} {:>9} {:>9} {:>7} {:>7}\n",
             "guarantee",
             "subs",
             "published/s",
@@ -342,6 +466,7 @@ impl FanoutReport {
             "cpu/deliv",
             "server",
             "bench",
+            "fsyncs/s",
             "not deliv",
             "gaps",
             "drain"
@@ -350,7 +475,7 @@ impl FanoutReport {
             let window = &row.throughput.window;
             let check = &row.throughput.check;
             out.push_str(&format!(
-                "{:<13} {:>5} {:>12} {:>12} {:>10} {:>7} {:>7} {:>9} {:>7} {:>6.1}s\n",
+                "{:<13} {:>5} {:>12} {:>12} {:>10} {:>7} {:>7} {:>9} {:>9} {:>7} {:>6.1}s\n",
                 row.guarantee.as_str(),
                 row.subscribers,
                 thousands(window.published_per_second()),
@@ -361,6 +486,7 @@ impl FanoutReport {
                     .unwrap_or_else(|| "-".to_owned()),
                 format_cores(window.server_cpu_cores()),
                 format_cores(window.bench_cpu_cores()),
+                format_rate(window.fsyncs_per_second()),
                 check.not_delivered,
                 check.gap_notices,
                 check.drain.as_secs_f64()
@@ -369,7 +495,8 @@ impl FanoutReport {
         out.push_str(
             "(published/s: messages acked; delivered/s: messages received, summed over the \
              subscribers;\n cpu/deliv: server CPU time / deliveries; server, bench: CPU in \
-             cores; not deliv: expected\n deliveries that never arrived; gaps: gap notices)\n",
+             cores; fsyncs/s: the server's\n group commits; not deliv: expected deliveries \
+             that never arrived; gaps: gap notices)\n",
         );
         out.push_str(&format!(
             "\nlatency: {} messages/s, one per request, fixed schedule; publish-to-deliver at \
@@ -377,7 +504,7 @@ impl FanoutReport {
             self.rate
         ));
         out.push_str(&format!(
-            "{:<13} {:>5} {:>12} {:>12} {:>11} {:>11} {:>11} {:>9} {:>9}\n",
+            "{:<13} {:>5} {:>12} {:>12} {:>11} {:>11} {:>11} {:>9} {:>10} {:>9} {:>9}\n",
             "guarantee",
             "subs",
             "published/s",
@@ -386,12 +513,14 @@ impl FanoutReport {
             "p99",
             "max",
             "samples",
+            "cpu/deliv",
+            "fsyncs/s",
             "not deliv"
         ));
         for row in &self.rows {
             let latency = &row.latency;
             out.push_str(&format!(
-                "{:<13} {:>5} {:>12} {:>12} {:>11} {:>11} {:>11} {:>9} {:>9}\n",
+                "{:<13} {:>5} {:>12} {:>12} {:>11} {:>11} {:>11} {:>9} {:>10} {:>9} {:>9}\n",
                 row.guarantee.as_str(),
                 row.subscribers,
                 thousands(latency.window.published_per_second()),
@@ -400,9 +529,16 @@ impl FanoutReport {
                 format_us(latency.latency.p99_us),
                 format_us(latency.latency.max_us),
                 latency.samples,
+                latency
+                    .window
+                    .server_cpu_us_per_delivery()
+                    .map(|us| format!("{us:.2}us"))
+                    .unwrap_or_else(|| "-".to_owned()),
+                format_rate(latency.window.fsyncs_per_second()),
                 latency.check.not_delivered
             ));
         }
+        self.acks_table(&mut out);
         match &self.idle {
             Some(idle) => out.push_str(&format!(
                 "\nidle: {} connections, each subscribed (exactly-once): server RSS {} KiB -> {} \
@@ -435,6 +571,71 @@ impl FanoutReport {
             out.push_str(&format!("problem: {problem}\n"));
         }
         out
+    }
+
+    /// The at-least-once rows: acks, redeliveries, and what the server made durable.
+    fn acks_table(&self, out: &mut String) {
+        let rows: Vec<&FanoutRow> = self
+            .rows
+            .iter()
+            .filter(|row| row.guarantee == Guarantee::AtLeastOnce)
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        out.push_str(&format!(
+            "\nat-least-once acks: each subscriber acks cumulatively (with a req) after {} \
+             deliveries and at the end of\n every read burst, window {}; server figures from \
+             /metrics over the same windows\n",
+            self.ack_every, self.inflight_max
+        ));
+        out.push_str(&format!(
+            "{:<5} {:<10} {:>12} {:>11} {:>10} {:>11} {:>8} {:>9} {:>11} {:>10} {:>10}\n",
+            "subs",
+            "phase",
+            "delivered/s",
+            "ack frms/s",
+            "acked/s",
+            "confirmd/s",
+            "redeliv",
+            "fsyncs/s",
+            "snapshots/s",
+            "snap/fsync",
+            "cpu/deliv"
+        ));
+        for row in rows {
+            for (phase, window) in [
+                ("throughput", &row.throughput.window),
+                ("latency", &row.latency.window),
+            ] {
+                out.push_str(&format!(
+                    "{:<5} {:<10} {:>12} {:>11} {:>10} {:>11} {:>8} {:>9} {:>11} {:>10} {:>10}\n",
+                    row.subscribers,
+                    phase,
+                    thousands(window.delivered_per_second()),
+                    thousands(window.per_second(window.ack_frames)),
+                    thousands(window.per_second(window.serials_acked)),
+                    thousands(window.per_second(window.acks_confirmed)),
+                    window.redeliveries,
+                    format_rate(window.fsyncs_per_second()),
+                    format_rate(window.snapshots_per_second()),
+                    window
+                        .snapshots_per_fsync()
+                        .map(|ratio| format!("{ratio:.1}"))
+                        .unwrap_or_else(|| "-".to_owned()),
+                    window
+                        .server_cpu_us_per_delivery()
+                        .map(|us| format!("{us:.2}us"))
+                        .unwrap_or_else(|| "-".to_owned()),
+                ));
+            }
+        }
+        out.push_str(
+            "(ack frms/s: ack frames sent; acked/s: serials those acks covered; confirmd/s: \
+             acked replies (durable);\n redeliv: deliveries with a count above 1; fsyncs/s: \
+             group commits; snapshots/s: subscriber snapshots\n written, each in a group \
+             commit; snap/fsync: snapshots per group commit)\n",
+        );
     }
 
     pub(crate) fn to_json(&self) -> Value {
@@ -495,6 +696,8 @@ impl FanoutReport {
                 "lag_max": self.lag_max,
                 "rate": self.rate,
                 "message_bytes": self.message_bytes,
+                "ack_every": self.ack_every,
+                "inflight_max": self.inflight_max,
             },
             "throughput": throughput,
             "latency": latency,
@@ -508,6 +711,10 @@ impl FanoutReport {
             "problems": self.problems(),
         })
     }
+}
+
+fn format_rate(rate: Option<f64>) -> String {
+    rate.map(thousands).unwrap_or_else(|| "-".to_owned())
 }
 
 fn format_cores(cores: Option<f64>) -> String {
@@ -539,6 +746,7 @@ mod tests {
             expected_deliveries: 1000,
             not_delivered: if guarantee_ok { 0 } else { 5 },
             violations: 0,
+            redeliveries: 0,
             gap_notices: if guarantee_ok { 0 } else { 1 },
             unexpected_frames: 0,
             drain: Duration::from_millis(20),
@@ -554,6 +762,11 @@ mod tests {
             delivered: delivered_per_second,
             server_cpu_us: Some(800_000),
             bench_cpu_us: Some(900_000),
+            redeliveries: 0,
+            ack_frames: 0,
+            serials_acked: 0,
+            acks_confirmed: 0,
+            server: None,
         }
     }
 
@@ -590,6 +803,8 @@ mod tests {
             lag_max: 2000,
             rate: 1000,
             message_bytes: 128,
+            ack_every: 16,
+            inflight_max: 100,
             rows: vec![
                 row(Guarantee::AtMostOnce, 250_000, false),
                 row(Guarantee::ExactlyOnce, 150_000, false),
@@ -621,6 +836,80 @@ mod tests {
         let json = report.to_json();
         assert_eq!(json["targets"]["idle_rss"]["met"], true);
         assert_eq!(json["throughput"][1]["check"]["not_delivered"], 5);
+    }
+
+    #[test]
+    fn at_least_once_rows_report_acks_and_fsyncs() {
+        let metrics = |commits: u64, saves: u64| {
+            ServerCounters::parse(&format!(
+                "# HELP herald_store_group_commits_total Group writes.\n\
+                 # TYPE herald_store_group_commits_total counter\n\
+                 herald_store_group_commits_total {commits}\n\
+                 herald_store_subscriber_saves_total {saves}\n\
+                 herald_durable_acks_total 7\n\
+                 herald_live_deliveries_total{{guarantee=\"exactly-once\"}} 99\n"
+            ))
+        };
+        let start = metrics(1_000, 10_000);
+        assert_eq!(
+            (
+                start.group_commits,
+                start.subscriber_saves,
+                start.durable_acks
+            ),
+            (1_000, 10_000, 7)
+        );
+        let mut durable = row(Guarantee::AtLeastOnce, 50_000, true);
+        durable.throughput.window.ack_frames = 3_125;
+        durable.throughput.window.serials_acked = 50_000;
+        durable.throughput.window.acks_confirmed = 3_100;
+        durable.throughput.window.server = Some(metrics(1_500, 40_000).since(start));
+        // Missing the exactly-once messages is a problem for at-least-once too.
+        let mut lossy = row(Guarantee::AtLeastOnce, 50_000, false);
+        lossy.subscribers = 1;
+        let report = FanoutReport {
+            url: "http://127.0.0.1:1".to_owned(),
+            server_measured: true,
+            own_server: true,
+            duration: Duration::from_secs(1),
+            batch_size: 100,
+            publishers: 4,
+            lag_max: 1000,
+            rate: 1000,
+            message_bytes: 128,
+            ack_every: 16,
+            inflight_max: 100,
+            rows: vec![durable, lossy],
+            idle: None,
+        };
+        assert!(
+            report.targets().is_empty(),
+            "no issue #3 target for durable rows"
+        );
+        let problems = report.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("at-least-once x1 throughput: 5 of 1000 at-least-once"),
+            "{problems:?}"
+        );
+        let window = &report.rows[0].throughput.window;
+        assert_eq!(window.fsyncs_per_second(), Some(500.0));
+        assert_eq!(window.snapshots_per_fsync(), Some(60.0));
+        let table = report.to_table();
+        assert!(table.contains("at-least-once acks:"), "{table}");
+        // 100 subs, throughput: 3,125 ack frames/s, 50,000 serials acked/s, 500 fsyncs/s,
+        // 30,000 snapshots/s, 60 per fsync.
+        let line = table
+            .lines()
+            .find(|line| line.starts_with("100") && line.contains("throughput"))
+            .expect("a throughput row for 100 subscribers");
+        for figure in ["3,125", "50,000", "3,100", "500", "30,000", "60.0"] {
+            assert!(line.contains(figure), "{figure} in {line}");
+        }
+        let json = report.to_json();
+        assert_eq!(json["throughput"][0]["ack_frames"], 3_125);
+        assert_eq!(json["throughput"][0]["snapshots_per_fsync"], 60.0);
+        assert_eq!(json["throughput"][1]["fsyncs_per_second"], Value::Null);
     }
 
     #[test]

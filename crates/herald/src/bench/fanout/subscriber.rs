@@ -9,6 +9,10 @@
 //! (the bench's data carries `sent_us` and `pad`, and it sends no headers). Every other frame
 //! (notices, heartbeats, errors) is decoded with herald-protocol's own types.
 //!
+//! At-least-once subscribers ack as they read (see the `fanout` module docs): a cumulative ack
+//! through the last serial received after every `ack_every` deliveries, and whenever the
+//! socket has nothing more buffered, so the ack cadence follows the read bursts.
+//!
 //! # Invariants
 //! - Each subscriber's counters are written by its own task only and read by the controller and
 //!   the publishers, so they are plain relaxed atomics.
@@ -18,10 +22,9 @@
 use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 
-use futures_util::{SinkExt, StreamExt};
-use herald_core::Guarantee;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use herald_protocol::ws::{
-    self, ClientFrame, Connect, ConnectTag, ServerFrame, Subscribe, SubscribeTag,
+    self, ClientFrame, Connect, ConnectTag, DurableOptions, ServerFrame, Subscribe, SubscribeTag,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -52,6 +55,9 @@ pub(crate) const SENT_US_KEY: &str = "\"sent_us\":";
 pub(crate) const SERIAL_KEY: &str = "\"serial\":";
 /// Every `message` frame starts so (herald-protocol's `delivery_json`).
 pub(crate) const MESSAGE_PREFIX: &str = "{\"type\":\"message\",";
+/// An at-least-once delivery continues so (`with_delivery_count` splices the count in first).
+pub(crate) const DELIVERY_KEY: &str = "\"delivery\":";
+pub(crate) const EPOCH_KEY: &str = "\"epoch\":\"";
 
 /// Where the server is and how to authenticate.
 pub(crate) struct Endpoint {
@@ -119,6 +125,14 @@ pub(crate) struct SubscriberState {
     pub(crate) gap_notices: AtomicU64,
     /// Frames this bench does not expect (`continuity_lost`, `error`, undecodable ones).
     pub(crate) unexpected_frames: AtomicU64,
+    /// At-least-once: deliveries with a count above 1.
+    pub(crate) redeliveries: AtomicU64,
+    /// At-least-once: `ack` frames sent.
+    pub(crate) ack_frames: AtomicU64,
+    /// At-least-once: serials those acks newly covered.
+    pub(crate) serials_acked: AtomicU64,
+    /// At-least-once: `acked` replies (the ack of that request is durable).
+    pub(crate) acks_confirmed: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
     /// The first thing that went wrong: an unexpected frame, or why the connection ended.
     failure: Mutex<Option<String>>,
@@ -141,6 +155,10 @@ pub(crate) struct GroupTotals {
     pub(crate) violations: u64,
     pub(crate) gap_notices: u64,
     pub(crate) unexpected_frames: u64,
+    pub(crate) redeliveries: u64,
+    pub(crate) ack_frames: u64,
+    pub(crate) serials_acked: u64,
+    pub(crate) acks_confirmed: u64,
 }
 
 impl GroupTotals {
@@ -151,6 +169,10 @@ impl GroupTotals {
             violations: self.violations - earlier.violations,
             gap_notices: self.gap_notices - earlier.gap_notices,
             unexpected_frames: self.unexpected_frames - earlier.unexpected_frames,
+            redeliveries: self.redeliveries - earlier.redeliveries,
+            ack_frames: self.ack_frames - earlier.ack_frames,
+            serials_acked: self.serials_acked - earlier.serials_acked,
+            acks_confirmed: self.acks_confirmed - earlier.acks_confirmed,
         }
     }
 }
@@ -168,10 +190,12 @@ pub(crate) struct SubscriberGroup {
 impl SubscriberGroup {
     /// Opens `count` subscribers on `channel`, at most [`CONNECTS_IN_FLIGHT_MAX`] handshakes at
     /// a time. Fails (closing those already open) if any cannot connect or subscribe.
+    /// At-least-once subscriber i is `bench-<i>`, subscribed and acking by `acking`.
     pub(crate) async fn open(
         endpoint: &Arc<Endpoint>,
         channel: &str,
         guarantee: Guarantee,
+        acking: Acking,
         count: usize,
         sampling: &Arc<Sampling>,
     ) -> anyhow::Result<SubscriberGroup> {
@@ -196,7 +220,13 @@ impl SubscriberGroup {
                     let Ok(_permit) = handshakes.acquire().await else {
                         return;
                     };
-                    tokio::time::timeout(CONNECT_TIMEOUT, open_one(&endpoint, &channel, guarantee))
+                    let subscriber = Subscriber {
+                        channel: &channel,
+                        guarantee,
+                        acking,
+                        index,
+                    };
+                    tokio::time::timeout(CONNECT_TIMEOUT, open_one(&endpoint, &subscriber))
                         .await
                         .unwrap_or_else(|_| Err(anyhow!("no answer within {CONNECT_TIMEOUT:?}")))
                 };
@@ -205,7 +235,13 @@ impl SubscriberGroup {
                         let _ = ready_sender.send(Ok(after)).await;
                         // Released now, so the opener sees the channel close if a task dies.
                         drop(ready_sender);
-                        read_deliveries(socket, &state, &sampling, guarantee, after, stop).await;
+                        let subscriber = Subscriber {
+                            channel: &channel,
+                            guarantee,
+                            acking,
+                            index,
+                        };
+                        read_deliveries(socket, &state, &sampling, &subscriber, after, stop).await;
                     }
                     Err(error) => {
                         let _ = ready_sender
@@ -250,6 +286,10 @@ impl SubscriberGroup {
             totals.violations += state.violations.load(Ordering::Relaxed);
             totals.gap_notices += state.gap_notices.load(Ordering::Relaxed);
             totals.unexpected_frames += state.unexpected_frames.load(Ordering::Relaxed);
+            totals.redeliveries += state.redeliveries.load(Ordering::Relaxed);
+            totals.ack_frames += state.ack_frames.load(Ordering::Relaxed);
+            totals.serials_acked += state.serials_acked.load(Ordering::Relaxed);
+            totals.acks_confirmed += state.acks_confirmed.load(Ordering::Relaxed);
         }
         totals
     }
@@ -301,13 +341,24 @@ pub(crate) fn min_last_serial(states: &[Arc<SubscriberState>]) -> u64 {
         .unwrap_or(0)
 }
 
+/// Who one subscriber is.
+struct Subscriber<'a> {
+    channel: &'a str,
+    guarantee: Guarantee,
+    acking: Acking,
+    /// Its place in the group: at-least-once subscriber `bench-<index>`.
+    index: usize,
+}
+
 /// TCP connect, WebSocket upgrade, `connect` -> `connected`, `subscribe` -> `subscribed`.
 /// Returns the socket and the serial deliveries start after.
 async fn open_one(
     endpoint: &Endpoint,
-    channel: &str,
-    guarantee: Guarantee,
+    subscriber: &Subscriber<'_>,
 ) -> anyhow::Result<(Socket, u64)> {
+    let Subscriber {
+        channel, guarantee, ..
+    } = *subscriber;
     let mut request = endpoint.ws_url.as_str().into_client_request()?;
     if let Some(key) = &endpoint.key {
         request.headers_mut().insert(
@@ -334,11 +385,17 @@ async fn open_one(
     })
     .await
     .context("waiting for `connected`")?;
+    let durable = guarantee == Guarantee::AtLeastOnce;
     let subscribe = ClientFrame::Subscribe(Subscribe {
         kind: SubscribeTag::Tag,
         req: Some(SUBSCRIBE_REQ),
         channel: channel.to_owned(),
         guarantee: Some(guarantee.as_str().to_owned()),
+        subscriber_id: durable.then(|| format!("bench-{}", subscriber.index)),
+        options: durable.then(|| DurableOptions {
+            inflight_max: Some(u32::try_from(subscriber.acking.inflight_max).unwrap_or(u32::MAX)),
+            ..DurableOptions::default()
+        }),
         ..Subscribe::default()
     });
     socket.send(Message::text(subscribe.to_json())).await?;
@@ -393,24 +450,46 @@ async fn next_control_frame<T>(
     }
 }
 
-/// The subscriber's loop: count and check every delivery until told to stop or the
-/// connection ends.
+/// The subscriber's loop: count and check every delivery (at-least-once: and ack it) until
+/// told to stop or the connection ends.
 async fn read_deliveries(
     mut socket: Socket,
     state: &SubscriberState,
     sampling: &Sampling,
-    guarantee: Guarantee,
+    subscriber: &Subscriber<'_>,
     after: u64,
     mut stop: watch::Receiver<bool>,
 ) {
+    let guarantee = subscriber.guarantee;
     let mut expected = after + 1;
     let mut last_serial = after;
     state.last_serial.store(after, Ordering::Relaxed);
+    let mut acker = (guarantee == Guarantee::AtLeastOnce)
+        .then(|| Acker::new(subscriber.channel, subscriber.acking.ack_every, after));
     loop {
-        let next = tokio::select! {
-            biased;
-            _ = stop.changed() => break,
-            next = socket.next() => next,
+        let next = match &mut acker {
+            None => tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                next = socket.next() => next,
+            },
+            // A frame already buffered is read without waiting (and without looking at `stop`:
+            // the group is only stopped once publishing has, so a burst ends soon). When none
+            // is, the read burst ended: ack what arrived before waiting for more.
+            Some(acker) => match socket.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if let Err(error) = acker.send(&mut socket, state).await {
+                        state.fail(format!("sending an ack: {error}"));
+                        return;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = stop.changed() => break,
+                        next = socket.next() => next,
+                    }
+                }
+            },
         };
         let text = match next {
             Some(Ok(Message::Text(text))) => text,
@@ -429,14 +508,25 @@ async fn read_deliveries(
             }
         };
         let text = text.as_str();
-        if let Some(serial) = text
-            .strip_prefix(MESSAGE_PREFIX)
-            .and_then(|body| scan_number(body, SERIAL_KEY))
+        if let Some(body) = text.strip_prefix(MESSAGE_PREFIX)
+            && let Some(serial) = scan_number(body, SERIAL_KEY)
         {
             state.delivered.fetch_add(1, Ordering::Relaxed);
             let in_contract = match guarantee {
                 Guarantee::ExactlyOnce => serial == expected,
                 Guarantee::AtMostOnce => serial >= expected,
+                // In order; a serial seen before only as a counted redelivery.
+                Guarantee::AtLeastOnce => {
+                    let count = if body.starts_with(DELIVERY_KEY) {
+                        scan_number(body, DELIVERY_KEY).unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    if count > 1 {
+                        state.redeliveries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    serial == expected || (count > 1 && serial < expected)
+                }
             };
             if !in_contract {
                 state.violations.fetch_add(1, Ordering::Relaxed);
@@ -450,12 +540,22 @@ async fn read_deliveries(
                 state.last_serial.store(serial, Ordering::Relaxed);
             }
             record_latency(state, sampling, serial, text);
+            if let Some(acker) = &mut acker
+                && acker.received(serial, body)
+                && let Err(error) = acker.send(&mut socket, state).await
+            {
+                state.fail(format!("sending an ack: {error}"));
+                return;
+            }
             continue;
         }
         match ServerFrame::from_json(text) {
             Ok(ServerFrame::Heartbeat(_) | ServerFrame::Pong(_)) => {}
             Ok(ServerFrame::Gap(_)) => {
                 state.gap_notices.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(ServerFrame::Acked(_)) if acker.is_some() => {
+                state.acks_confirmed.fetch_add(1, Ordering::Relaxed);
             }
             // Nothing was lost: the serials up to `to` are accounted for.
             Ok(ServerFrame::Skip(notice)) => {
@@ -479,6 +579,77 @@ async fn read_deliveries(
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(None)).await;
+}
+
+/// An at-least-once subscriber's acks: cumulative, through the last serial received.
+struct Acker {
+    /// `{"type":"ack","channel":"C","req":` : the fixed start of every ack frame (a bench
+    /// channel name needs no JSON escaping).
+    prefix: String,
+    ack_every: u64,
+    /// The channel's epoch, read from the first delivery.
+    epoch: Option<String>,
+    /// The highest serial received, and the highest acked.
+    received_through: u64,
+    acked_through: u64,
+    /// Deliveries since the last ack.
+    unacked: u64,
+    req: u64,
+}
+
+impl Acker {
+    fn new(channel: &str, ack_every: u64, after: u64) -> Acker {
+        Acker {
+            prefix: format!("{{\"type\":\"ack\",\"channel\":\"{channel}\",\"req\":"),
+            ack_every,
+            epoch: None,
+            received_through: after,
+            acked_through: after,
+            unacked: 0,
+            req: SUBSCRIBE_REQ,
+        }
+    }
+
+    /// Notes a delivery (`body`: the frame after [`MESSAGE_PREFIX`]); true when an ack is due.
+    fn received(&mut self, serial: u64, body: &str) -> bool {
+        if self.epoch.is_none() {
+            self.epoch = body.find(EPOCH_KEY).and_then(|start| {
+                let rest = &body[start + EPOCH_KEY.len()..];
+                rest.find('"').map(|end| rest[..end].to_owned())
+            });
+        }
+        self.received_through = self.received_through.max(serial);
+        self.unacked += 1;
+        self.unacked >= self.ack_every
+    }
+
+    /// Acks through the last serial received, if it is not acked yet.
+    async fn send(
+        &mut self,
+        socket: &mut Socket,
+        state: &SubscriberState,
+    ) -> Result<(), tungstenite::Error> {
+        self.unacked = 0;
+        let Some(epoch) = &self.epoch else {
+            return Ok(());
+        };
+        if self.received_through <= self.acked_through {
+            return Ok(());
+        }
+        self.req += 1;
+        let frame = format!(
+            "{}{},\"through\":\"{epoch}:{}\"}}",
+            self.prefix, self.req, self.received_through
+        );
+        socket.send(Message::text(frame)).await?;
+        state.ack_frames.fetch_add(1, Ordering::Relaxed);
+        state.serials_acked.fetch_add(
+            self.received_through - self.acked_through,
+            Ordering::Relaxed,
+        );
+        self.acked_through = self.received_through;
+        Ok(())
+    }
 }
 
 fn record_latency(state: &SubscriberState, sampling: &Sampling, serial: u64, text: &str) {
