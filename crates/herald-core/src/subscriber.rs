@@ -88,8 +88,10 @@ impl Default for SubscriberOptions {
 pub struct SubscriberState {
     pub channel: ChannelName,
     pub id: SubscriberId,
-    /// The channel epoch `acked_through` belongs to.
-    pub epoch: Epoch,
+    /// The channel epoch `acked_through` belongs to. `None`: the subscriber was created while
+    /// the channel had no messages, and starts with the channel's first message (there is
+    /// no epoch to hold a position in yet); `acked_through` is then 0 and both lists empty.
+    pub epoch: Option<Epoch>,
     /// Every serial up to and including this one is acknowledged (or dead-lettered).
     pub acked_through: Serial,
     /// Serials above `acked_through + 1` acknowledged individually, ascending.
@@ -114,7 +116,7 @@ impl SubscriberState {
         Self {
             channel,
             id,
-            epoch: after.epoch,
+            epoch: Some(after.epoch),
             acked_through: after.serial,
             acked_above: Vec::new(),
             attempts: Vec::new(),
@@ -124,9 +126,33 @@ impl SubscriberState {
         }
     }
 
-    /// The acknowledged position (everything up to it is done).
-    pub fn acked_position(&self) -> Position {
-        Position::new(self.epoch.clone(), self.acked_through)
+    /// A new subscriber of a channel without messages: it starts with the channel's first
+    /// message, whatever epoch that gets.
+    pub fn unplaced(
+        channel: ChannelName,
+        id: SubscriberId,
+        options: SubscriberOptions,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            channel,
+            id,
+            epoch: None,
+            acked_through: Serial::BEFORE_FIRST,
+            acked_above: Vec::new(),
+            attempts: Vec::new(),
+            options,
+            created: now,
+            last_active: now,
+        }
+    }
+
+    /// The acknowledged position (everything up to it is done); `None` before the channel's
+    /// first message.
+    pub fn acked_position(&self) -> Option<Position> {
+        self.epoch
+            .as_ref()
+            .map(|epoch| Position::new(epoch.clone(), self.acked_through))
     }
 
     pub fn is_acked(&self, serial: Serial) -> bool {

@@ -544,3 +544,42 @@ async fn a_subscriber_idle_past_its_expiry_is_removed_and_counted() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_created_on_an_empty_channel_gets_its_first_messages_after_leaving() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path(), |_| {}).await;
+    let mut client = WsClient::connect(&server.ws_url()).await;
+    let reply = subscribe(&mut client, "jobs:empty", "w", json!({})).await;
+    assert_eq!(reply["continuity"], "new");
+    assert_eq!(reply.get("after"), None, "{reply}");
+    drop(client);
+    let acks = server.publish_numbers("jobs:empty", 1, 3).await;
+    let epoch = acks[0]["epoch"].as_str().unwrap().to_owned();
+    let (status, body) = {
+        let response = server
+            .http
+            .get(server.url("/v1/channels/jobs:empty/subscribers/w"))
+            .send()
+            .await
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json::<Value>().await.unwrap(),
+        )
+    };
+    assert_eq!(
+        status, 200,
+        "the subscriber is durable from its subscribe: {body}"
+    );
+    assert_eq!(body["acked"], Value::Null, "not placed yet: {body}");
+    assert_eq!(body["pending"], 3, "{body}");
+
+    let mut again = WsClient::connect(&server.ws_url()).await;
+    let reply = subscribe(&mut again, "jobs:empty", "w", json!({})).await;
+    assert_eq!(reply["continuity"], "held", "{reply}");
+    assert_eq!(reply["after"], json!(position(&epoch, 0)), "{reply}");
+    let (delivered, _) = deliveries(&mut again, 3).await;
+    assert_eq!(delivered, vec![(1, 1), (2, 1), (3, 1)]);
+    server.stop().await;
+}

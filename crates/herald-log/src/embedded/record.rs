@@ -170,7 +170,14 @@ pub fn encode_subscriber_change(out: &mut Vec<u8>, change: &SubscriberChange) ->
             out.extend_from_slice(&0u64.to_le_bytes());
             put_channel(out, &state.channel);
             put_short(out, state.id.as_str().as_bytes());
-            put_short(out, state.epoch.as_str().as_bytes());
+            // Empty: not placed yet (the channel had no messages when it was created).
+            put_short(
+                out,
+                state
+                    .epoch
+                    .as_ref()
+                    .map_or(&[][..], |epoch| epoch.as_str().as_bytes()),
+            );
             out.extend_from_slice(&state.acked_through.0.to_le_bytes());
             out.extend_from_slice(&state.created.0.to_le_bytes());
             out.extend_from_slice(&state.last_active.0.to_le_bytes());
@@ -381,7 +388,10 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
             let change = if kind == KIND_SUBSCRIBER_REMOVED {
                 SubscriberChange::Remove { channel, id }
             } else {
-                let epoch = reader.epoch()?;
+                let epoch = match reader.short_str()? {
+                    "" => None,
+                    text => Some(Epoch::parse(text).map_err(|e| e.to_string())?),
+                };
                 let acked_through = Serial(reader.u64()?);
                 let created = Timestamp(reader.u64()?);
                 let last_active = Timestamp(reader.u64()?);
@@ -662,6 +672,26 @@ mod tests {
             Ok(Record::Subscriber {
                 change: removal,
                 synced_through: 64
+            })
+        );
+    }
+
+    #[test]
+    fn a_subscriber_not_placed_yet_round_trips_without_an_epoch() {
+        let state = SubscriberState::unplaced(
+            ChannelName::parse("jobs:empty").unwrap(),
+            SubscriberId::parse("worker-1").unwrap(),
+            SubscriberOptions::default(),
+            Timestamp(1_000),
+        );
+        let mut out = Vec::new();
+        encode_subscriber_change(&mut out, &SubscriberChange::Save(state.clone()));
+        seal_standalone_record(&mut out, 4096);
+        assert_eq!(
+            decode_frame(&out),
+            Ok(Record::Subscriber {
+                change: SubscriberChange::Save(state),
+                synced_through: 4096,
             })
         );
     }

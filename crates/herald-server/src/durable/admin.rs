@@ -21,8 +21,9 @@ use crate::http::{AppState, authorize, blocking};
 pub struct SubscriberBody {
     pub channel: String,
     pub subscriber_id: String,
-    /// Every serial up to this position is done (acked, dead-lettered or expired).
-    pub acked: String,
+    /// Every serial up to this position is done (acked, dead-lettered or expired). Absent
+    /// while the channel has had no message since the subscriber was created.
+    pub acked: Option<String>,
     /// Serials past `acked` acked individually.
     pub acked_above: Vec<u64>,
     /// Retained serials after `acked` not yet done.
@@ -138,7 +139,7 @@ pub fn body(
     SubscriberBody {
         channel: state.channel.to_string(),
         subscriber_id: state.id.to_string(),
-        acked: state.acked_position().to_string(),
+        acked: state.acked_position().map(|acked| acked.to_string()),
         acked_above: state.acked_above.iter().map(|serial| serial.0).collect(),
         pending,
         lag,

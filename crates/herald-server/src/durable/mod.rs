@@ -75,7 +75,8 @@ pub enum LifecycleEvent {
     SubscriberExpired {
         channel: ChannelName,
         subscriber: SubscriberId,
-        acked: Position,
+        /// `None`: it never got a message (its channel had none).
+        acked: Option<Position>,
         last_active: Timestamp,
     },
 }
@@ -191,12 +192,13 @@ pub fn now() -> Timestamp {
 /// The stored state's word on a subscriber, for introspection: `(pending, lag)` against the
 /// channel's top. `lag` counts the serials after the acked position; `pending` those of them
 /// not yet done (acked individually, dead-lettered or expired). A top in another epoch counts
-/// all of that epoch (the subscriber will be told its continuity is lost, then get them).
+/// all of that epoch (the subscriber will be told its continuity is lost, then get them), as
+/// does any top for a subscriber not placed yet (it gets the channel from its first message).
 pub fn backlog(state: &SubscriberState, top: Option<&Position>) -> (u64, u64) {
     let Some(top) = top else {
         return (0, 0);
     };
-    if top.epoch != state.epoch {
+    if state.epoch.as_ref() != Some(&top.epoch) {
         return (top.serial.0, top.serial.0);
     }
     let lag = top.serial.0.saturating_sub(state.acked_through.0);

@@ -142,7 +142,9 @@ pub async fn run<S: DurableSink>(
             return;
         }
     };
+    let recent = RecentFeed::new(context.page_messages * 2);
     let mut pump = Pump {
+        recent,
         context,
         channel: request.channel,
         id: request.id,
@@ -174,6 +176,8 @@ pub async fn run<S: DurableSink>(
 }
 
 struct Pump<S> {
+    /// The newest live messages, to answer a caught-up pump's reads from memory.
+    recent: RecentFeed,
     context: Arc<DurableContext>,
     channel: ChannelName,
     id: SubscriberId,
@@ -217,8 +221,15 @@ impl<S: DurableSink> Pump<S> {
                     Some(input) => self.apply(input).await?,
                 },
                 received = live.recv() => match received {
-                    Ok(message) => self.machine.handle_published(&message.message.position()),
-                    Err(RecvError::Lagged(_)) => self.woken_without_position(),
+                    Ok(message) => {
+                        let position = message.message.position();
+                        self.recent.push(message);
+                        self.machine.handle_published(&position);
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        self.recent.clear();
+                        self.woken_without_position();
+                    }
                     Err(RecvError::Closed) => return Ok(()),
                 },
                 () = sleep_until(deadline), if deadline.is_some() => {
@@ -327,6 +338,9 @@ impl<S: DurableSink> Pump<S> {
         after: Position,
         limit: usize,
     ) -> Result<Result<Page<Arc<LiveMessage>>, herald_core::ContinuityLost>, PumpEnd> {
+        if let Some(page) = self.recent.page(&after, limit, now()) {
+            return Ok(Ok(page));
+        }
         let store = self.context.store.clone();
         let channel = self.channel.clone();
         let query = ReadQuery::Forward {
@@ -480,6 +494,82 @@ impl<S: DurableSink> Pump<S> {
     }
 }
 
+/// The newest messages of the channel's live feed, consecutive serials of one epoch (a hole
+/// or another epoch starts it over). A caught-up pump's next read is exactly what the feed
+/// just brought, so it is answered from here: no log read, and the same `Arc` (whose frame
+/// bytes are encoded once for every subscriber). Whatever is not here (a lagged feed, a
+/// redelivery after a reconnect, a slow subscriber) is read from the log, which stays the
+/// source of truth: these are the same durable messages.
+struct RecentFeed {
+    messages: VecDeque<Arc<LiveMessage>>,
+    capacity: usize,
+}
+
+impl RecentFeed {
+    fn new(capacity: usize) -> RecentFeed {
+        RecentFeed {
+            messages: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn push(&mut self, live: Arc<LiveMessage>) {
+        let follows = self.messages.back().is_none_or(|last| {
+            last.message.epoch == live.message.epoch
+                && last.message.serial.next() == live.message.serial
+        });
+        if !follows {
+            self.messages.clear();
+        }
+        self.messages.push_back(live);
+        if self.messages.len() > self.capacity {
+            self.messages.pop_front();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+    }
+
+    /// Up to `limit` messages right after `after`, when the feed holds the next one; it stops
+    /// before a message whose TTL ran out (the log read reports those).
+    fn page(
+        &self,
+        after: &Position,
+        limit: usize,
+        now: Timestamp,
+    ) -> Option<Page<Arc<LiveMessage>>> {
+        let first = self.messages.front()?;
+        if first.message.epoch != after.epoch || first.message.serial > after.serial.next() {
+            return None;
+        }
+        let skip = usize::try_from(after.serial.0 - (first.message.serial.0 - 1)).ok()?;
+        let live = |message: &&Arc<LiveMessage>| {
+            message
+                .message
+                .expires_at()
+                .is_none_or(|expires_at| expires_at > now)
+        };
+        let messages: Vec<_> = self
+            .messages
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .take_while(live)
+            .cloned()
+            .collect();
+        if messages.is_empty() {
+            return None;
+        }
+        let more = skip + messages.len() < self.messages.len();
+        Some(Page {
+            messages,
+            skipped: Vec::new(),
+            more,
+        })
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -493,4 +583,81 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| PumpEnd::Failed(format!("store task failed: {error}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use axum::body::Bytes;
+    use herald_core::{ChainHash, Data, Epoch, Message, MessageId, Serial};
+
+    use super::*;
+
+    fn live(epoch: &str, serial: u64, ttl_ms: Option<u64>) -> Arc<LiveMessage> {
+        let epoch = Epoch::parse(epoch).unwrap();
+        Arc::new(LiveMessage::new(Message {
+            channel: ChannelName::parse("jobs:a").unwrap(),
+            epoch: epoch.clone(),
+            serial: Serial(serial),
+            id: MessageId::parse(&format!("m{serial}")).unwrap(),
+            time: Timestamp(1_000),
+            name: None,
+            headers: BTreeMap::new(),
+            data: Data::Json(Bytes::from_static(b"1")),
+            ttl_ms,
+            chain: ChainHash::genesis(&epoch),
+        }))
+    }
+
+    fn serials(page: &Page<Arc<LiveMessage>>) -> Vec<u64> {
+        page.messages.iter().map(|m| m.message.serial.0).collect()
+    }
+
+    fn after(epoch: &str, serial: u64) -> Position {
+        Position::new(Epoch::parse(epoch).unwrap(), Serial(serial))
+    }
+
+    #[test]
+    fn the_recent_feed_answers_only_reads_it_holds_from_the_next_serial() {
+        let mut feed = RecentFeed::new(4);
+        for serial in 3..=7 {
+            feed.push(live("E1", serial, None));
+        }
+        // Capacity 4: 4..=7 are kept.
+        assert!(
+            feed.page(&after("E1", 2), 10, Timestamp(0)).is_none(),
+            "3 is gone"
+        );
+        let page = feed.page(&after("E1", 3), 2, Timestamp(0)).unwrap();
+        assert_eq!((serials(&page), page.more), (vec![4, 5], true));
+        let page = feed.page(&after("E1", 5), 10, Timestamp(0)).unwrap();
+        assert_eq!((serials(&page), page.more), (vec![6, 7], false));
+        assert!(
+            feed.page(&after("E1", 7), 10, Timestamp(0)).is_none(),
+            "nothing after 7"
+        );
+        assert!(
+            feed.page(&after("E2", 3), 10, Timestamp(0)).is_none(),
+            "another epoch"
+        );
+        // A hole starts the feed over.
+        feed.push(live("E1", 9, None));
+        assert!(feed.page(&after("E1", 5), 10, Timestamp(0)).is_none());
+        let page = feed.page(&after("E1", 8), 10, Timestamp(0)).unwrap();
+        assert_eq!(serials(&page), vec![9]);
+    }
+
+    #[test]
+    fn the_recent_feed_leaves_expired_messages_to_the_log() {
+        let mut feed = RecentFeed::new(8);
+        feed.push(live("E1", 1, None));
+        feed.push(live("E1", 2, Some(1_000)));
+        feed.push(live("E1", 3, None));
+        let page = feed.page(&after("E1", 0), 10, Timestamp(2_500)).unwrap();
+        assert_eq!((serials(&page), page.more), (vec![1], true));
+        assert!(feed.page(&after("E1", 1), 10, Timestamp(2_500)).is_none());
+        let page = feed.page(&after("E1", 0), 10, Timestamp(1_500)).unwrap();
+        assert_eq!(serials(&page), vec![1, 2, 3]);
+    }
 }

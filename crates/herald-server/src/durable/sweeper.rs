@@ -74,7 +74,7 @@ pub async fn sweep(context: &Arc<DurableContext>) -> usize {
         tracing::info!(
             channel = %current.channel,
             subscriber = %current.id,
-            acked = %current.acked_position(),
+            acked = ?current.acked_position().map(|acked| acked.to_string()),
             last_active_ms = current.last_active.0,
             expires_after_ms = current.options.expires_after_ms,
             "durable subscriber expired after being idle"

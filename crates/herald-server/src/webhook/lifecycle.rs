@@ -78,7 +78,7 @@ pub fn event_message(event: &LifecycleEvent) -> NewMessage {
         } => json!({
             "channel": channel.as_str(),
             "subscriber": subscriber.as_str(),
-            "acked": acked.to_string(),
+            "acked": acked.as_ref().map(ToString::to_string),
             "last_active": last_active.0,
         }),
     };
@@ -172,7 +172,7 @@ mod tests {
         let expired = |acked: &str| LifecycleEvent::SubscriberExpired {
             channel: ChannelName::parse("chat:a").unwrap(),
             subscriber: SubscriberId::parse("phone-1").unwrap(),
-            acked: Position::parse(acked).unwrap(),
+            acked: Some(Position::parse(acked).unwrap()),
             last_active: Timestamp(42),
         };
         let first = event_message(&expired("E1:5"));

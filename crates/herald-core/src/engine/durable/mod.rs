@@ -357,7 +357,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
             let state = self.state.as_ref().expect("reads need a state");
             self.awaiting = Some(Awaiting::Page);
             return Some(DurableAction::Read {
-                after: Position::new(state.epoch.clone(), self.frontier),
+                after: Position::new(placed_epoch(state).clone(), self.frontier),
                 limit,
             });
         }
@@ -377,35 +377,72 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
             (Phase::Starting, None) => {
                 let (continuity, notice) = match &self.state {
                     // The channel lost every message the position referred to.
-                    Some(state) => (
+                    Some(SubscriberState {
+                        epoch: Some(epoch),
+                        acked_through,
+                        ..
+                    }) => (
                         Continuity::Lost,
                         Some(DurableOutbound::ContinuityLost {
-                            from: Position::new(state.epoch.clone(), state.acked_through.next()),
+                            from: Position::new(epoch.clone(), acked_through.next()),
                             to: None,
                             reason: ContinuityReason::EpochChanged,
                         }),
                     ),
-                    None => (Continuity::New, None),
+                    // Still waiting for the channel's first message.
+                    Some(_) => (Continuity::Held, None),
+                    None => {
+                        // Persisted (before `subscribed` goes out) as starting with the
+                        // channel's first message: a subscriber that leaves before it comes
+                        // still gets it.
+                        self.start = None;
+                        self.state = Some(SubscriberState::unplaced(
+                            self.channel.clone(),
+                            self.id.clone(),
+                            self.options,
+                            self.now,
+                        ));
+                        self.changed();
+                        (Continuity::New, None)
+                    }
                 };
-                self.push_send(DurableOutbound::Subscribed {
-                    continuity,
-                    after: None,
-                    top: None,
+                // Gated: a new subscriber's reply waits for its first snapshot.
+                self.queue.push_back(Queued::Send {
+                    gate: self.version,
+                    outbound: DurableOutbound::Subscribed {
+                        continuity,
+                        after: None,
+                        top: None,
+                    },
                 });
                 if let Some(notice) = notice {
                     self.push_send(notice);
                 }
                 self.phase = Phase::WaitingForChannel;
             }
+            (Phase::Starting, Some(status))
+                if self
+                    .state
+                    .as_ref()
+                    .is_some_and(|state| state.epoch.is_none()) =>
+            {
+                // Created while the channel had no messages: everything it got since is owed.
+                self.place_at_first(&status);
+                self.phase = Phase::Verifying {
+                    continuity: Continuity::Held,
+                    top: Some(status.top),
+                };
+            }
             (Phase::Starting, Some(status)) => {
                 if self.start.is_none()
                     && let Some(state) = &self.state
-                    && state.epoch != status.epoch
+                    && let Some(requested) = state.acked_position()
+                    && requested.epoch != status.epoch
                 {
                     // The channel's history was reset since the subscriber's last ack.
                     let lost = ContinuityLost {
                         reason: ContinuityReason::EpochChanged,
-                        requested: state.acked_position(),
+                        requested,
                         first_available: status.first.clone(),
                         top: Some(status.top.clone()),
                     };
@@ -439,23 +476,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
             (Phase::WaitingForChannel, None) => {}
             (Phase::WaitingForChannel, Some(status)) => {
                 // Everything the channel got since the subscriber came is owed to it.
-                let first = Position::new(status.epoch, Serial::BEFORE_FIRST);
-                match &mut self.state {
-                    Some(state) => reset(state, &first),
-                    None => {
-                        self.start = None;
-                        self.state = Some(SubscriberState::new(
-                            self.channel.clone(),
-                            self.id.clone(),
-                            first,
-                            self.options,
-                            self.now,
-                        ))
-                    }
-                }
-                self.frontier = Serial::BEFORE_FIRST;
-                self.caught_up = false;
-                self.changed();
+                self.place_at_first(&status);
                 self.phase = Phase::Running;
             }
             (phase, _) => unreachable!("a status is only asked for while starting ({phase:?})"),
@@ -542,7 +563,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
                 let epoch_differs = self
                     .state
                     .as_ref()
-                    .is_some_and(|state| state.epoch != top.epoch);
+                    .is_some_and(|state| state.epoch.as_ref() != Some(&top.epoch));
                 if epoch_differs || top.serial > self.frontier {
                     self.caught_up = false;
                 }
@@ -576,7 +597,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         let same_epoch = self
             .state
             .as_ref()
-            .is_some_and(|state| state.epoch == position.epoch);
+            .is_some_and(|state| state.epoch.as_ref() == Some(&position.epoch));
         match self.inflight.get_mut(&position.serial) {
             Some(entry) if same_epoch && matches!(entry.stage, Stage::Sent { .. }) => {
                 entry.stage = Stage::Sent { deadline: retry_at };
@@ -650,6 +671,19 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         }
     }
 
+    /// Places the subscriber before the channel's first message.
+    fn place_at_first(&mut self, status: &StreamStatus) {
+        let first = Position::new(status.epoch.clone(), Serial::BEFORE_FIRST);
+        let state = self
+            .state
+            .as_mut()
+            .expect("a subscriber waiting for its channel has a state");
+        reset(state, &first);
+        self.frontier = Serial::BEFORE_FIRST;
+        self.caught_up = false;
+        self.changed();
+    }
+
     /// The epoch check shared by both acks; returns the highest serial delivered so far.
     fn check_ack(&self, acked: &Position) -> Result<Serial, AckRejected> {
         let Some(state) = &self.state else {
@@ -659,10 +693,13 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         if self.phase == Phase::WaitingForChannel {
             return Err(AckRejected::NothingDelivered);
         }
-        if acked.epoch != state.epoch {
+        let Some(epoch) = &state.epoch else {
+            return Err(AckRejected::NothingDelivered);
+        };
+        if acked.epoch != *epoch {
             return Err(AckRejected::WrongEpoch {
                 acked: acked.clone(),
-                epoch: state.epoch.clone(),
+                epoch: epoch.clone(),
             });
         }
         let counted = state.attempts.last().map(|(serial, _)| *serial);
@@ -692,7 +729,10 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
 
     /// `subscribed` waits for the snapshot that placed (or moved) the subscriber.
     fn queue_subscribed(&mut self, continuity: Continuity, top: Option<Position>) {
-        let after = self.state.as_ref().map(SubscriberState::acked_position);
+        let after = self
+            .state
+            .as_ref()
+            .and_then(SubscriberState::acked_position);
         self.queue.push_back(Queued::Send {
             gate: self.version,
             outbound: DurableOutbound::Subscribed {
@@ -741,7 +781,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
     /// Delivers (or passes over) one page, in serial order, within the window.
     fn apply_page(&mut self, page: Page<M>) {
         let state = self.state.as_ref().expect("pages are read with a state");
-        let epoch = state.epoch.clone();
+        let epoch = placed_epoch(state).clone();
         let window_end = self.window_end(state);
         let mut clipped = false;
         let mut skipped = page.skipped.into_iter().peekable();
@@ -847,7 +887,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         to: Serial,
     ) -> Option<DurableAction<M>> {
         let state = self.state.as_mut()?;
-        if state.epoch != epoch {
+        if state.epoch.as_ref() != Some(&epoch) {
             return None; // a continuity_lost notice covers it
         }
         let mut runs: Vec<(Serial, Serial)> = Vec::new();
@@ -903,7 +943,7 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
             .expires_at()
             .is_some_and(|at| at <= now)
         {
-            let epoch = state.epoch.clone();
+            let epoch = placed_epoch(state).clone();
             self.inflight.remove(&serial);
             self.queue.push_back(Queued::Expired {
                 epoch,
@@ -937,14 +977,16 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
     fn lose(&mut self, lost: &ContinuityLost) -> DurableOutbound<M> {
         let state = self.state.as_mut().expect("reads need a state");
         let notice = DurableOutbound::ContinuityLost {
-            from: Position::new(state.epoch.clone(), state.acked_through.next()),
+            from: Position::new(placed_epoch(state).clone(), state.acked_through.next()),
             to: last_missed(lost),
             reason: lost.reason,
         };
         self.inflight.clear();
         match last_missed(lost) {
             Some(resume) => {
-                if resume.epoch == state.epoch && resume.serial >= state.acked_through {
+                if state.epoch.as_ref() == Some(&resume.epoch)
+                    && resume.serial >= state.acked_through
+                {
                     // Retention: deliveries counted beyond the lost range keep their counts.
                     state.ack_through(resume.serial);
                 } else {
@@ -959,6 +1001,14 @@ impl<M: Deliverable + Clone> DurableMachine<M> {
         }
         notice
     }
+}
+
+/// The epoch of a subscriber that reads, delivers or acks: it is placed by then.
+fn placed_epoch(state: &SubscriberState) -> &Epoch {
+    state
+        .epoch
+        .as_ref()
+        .expect("a subscriber is placed before anything is read for it")
 }
 
 /// Where a new subscriber starts (exclusive), by the same rules as an exactly-once
@@ -982,7 +1032,7 @@ fn placement(start: &Start, status: &StreamStatus) -> Position {
 /// Moves a state to `position` in a new stream (another epoch, or back to a lower top):
 /// nothing it held applies any more.
 fn reset(state: &mut SubscriberState, position: &Position) {
-    state.epoch = position.epoch.clone();
+    state.epoch = Some(position.epoch.clone());
     state.acked_through = position.serial;
     state.acked_above.clear();
     state.attempts.clear();

@@ -311,7 +311,7 @@ fn a_new_subscriber_is_persisted_before_subscribed_and_gets_what_follows_in_orde
         "subscribed waits for the placement to be durable"
     );
     let placed = harness.persisting.clone().unwrap();
-    assert_eq!(placed.acked_position(), position("E1", 3));
+    assert_eq!(placed.acked_position(), Some(position("E1", 3)));
     harness.complete_persist();
     harness.drive();
     assert_eq!(
@@ -626,7 +626,7 @@ fn a_state_from_another_epoch_gets_continuity_lost_and_moves_on_persisted() {
         vec![(1, 1), (2, 1), (3, 1), (4, 1)]
     );
     let durable = harness.durable.unwrap();
-    assert_eq!(durable.epoch, epoch("E2"));
+    assert_eq!(durable.epoch, Some(epoch("E2")));
     assert_eq!(durable.attempts.len(), 4, "the old epoch's counts are gone");
 }
 
@@ -670,10 +670,59 @@ fn a_new_subscriber_of_an_empty_channel_gets_its_first_message() {
             top: None,
         }]
     );
-    assert!(harness.durable.is_none());
+    let unplaced = harness
+        .durable
+        .as_ref()
+        .expect("persisted before subscribed");
+    assert_eq!(unplaced.epoch, None, "no epoch to hold a position in yet");
+    assert_eq!(unplaced.acked_position(), None);
     harness.publish(2);
     assert_eq!(harness.take_deliveries(), vec![(1, 1), (2, 1)]);
-    assert_eq!(harness.durable.unwrap().epoch, epoch("E1"));
+    assert_eq!(harness.durable.unwrap().epoch, Some(epoch("E1")));
+}
+
+#[test]
+fn a_subscriber_that_left_before_its_channels_first_message_still_gets_it() {
+    let unstarted = Harness::unstarted(
+        Log::new(0),
+        DurableMachine::create(
+            channel(),
+            subscriber(),
+            options(10, 5),
+            Start::Live,
+            4,
+            Timestamp(0),
+        ),
+        None,
+    );
+    let mut harness = unstarted;
+    harness.instant_persist = false;
+    harness.drive();
+    assert!(harness.sent.is_empty(), "subscribed waits for the snapshot");
+    harness.complete_persist();
+    harness.drive();
+    assert!(matches!(
+        harness.sent.as_slice(),
+        [DurableOutbound::Subscribed { after: None, .. }]
+    ));
+    // Gone before anything was published; the channel gets 3 messages meanwhile.
+    harness.machine.handle_close(harness.now);
+    harness.drive();
+    assert!(harness.machine.is_closed() || harness.persisting.is_some());
+    if harness.persisting.is_some() {
+        harness.complete_persist();
+    }
+    harness.log.top = 3;
+    let mut back = harness.reconnect();
+    assert_eq!(
+        back.sent.first(),
+        Some(&DurableOutbound::Subscribed {
+            continuity: Continuity::Held,
+            after: Some(position("E1", 0)),
+            top: Some(position("E1", 3)),
+        })
+    );
+    assert_eq!(back.take_deliveries(), vec![(1, 1), (2, 1), (3, 1)]);
 }
 
 #[test]
