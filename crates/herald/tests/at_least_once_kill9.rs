@@ -30,15 +30,14 @@
 //! The seed of the kill points is printed; `HERALD_ALO_KILL9_SEED=<n>` replays it. Every loop
 //! is bounded in count and time, and the server is killed when the test ends, however it ends.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{SpawnedServer, next_random, seed};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -69,7 +68,6 @@ const KILL_JITTER_MS_MAX: u64 = 25;
 const INFLIGHT_MAX: u64 = 64;
 const ACK_WAIT_MS: u64 = 600_000;
 const MAX_DELIVERIES: u64 = 1_000;
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const FRAME_TIMEOUT: Duration = Duration::from_secs(15);
 /// One cycle (start, stream, kill) may not take longer than this.
@@ -80,89 +78,6 @@ const FINISH_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIET: Duration = Duration::from_millis(500);
 /// Frames one connection may read (a bound on the read loop).
 const FRAMES_PER_CONNECTION_MAX: u64 = 100_000;
-
-/// The server process; killed and reaped on drop so a failing test never leaks it.
-struct Server {
-    child: Child,
-    /// `http://127.0.0.1:PORT`.
-    base_url: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path, log_path: &Path) -> Server {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .expect("open the server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .arg("--data")
-            .arg(data_dir)
-            .args(["--http", "127.0.0.1:0", "--dev"])
-            .env_remove("HERALD_URL")
-            .env_remove("HERALD_KEY")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn herald serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (lines_sender, lines) = mpsc::channel();
-        // Drains stdout for the life of the process (a full pipe would block the server);
-        // the thread ends when the process dies and the pipe closes.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = lines_sender.send(line);
-            }
-        });
-        let mut server = Server {
-            child,
-            base_url: String::new(),
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(remaining) {
-                Ok(line) => {
-                    if let Some(address) = line.strip_prefix("herald: listening on ") {
-                        server.base_url = address.trim().trim_end_matches('/').to_owned();
-                        return server;
-                    }
-                }
-                Err(_) => panic!(
-                    "herald serve printed no listening line within {STARTUP_TIMEOUT:?} \
-                     (status {:?}); its log:\n{}",
-                    server.child.try_wait(),
-                    std::fs::read_to_string(log_path).unwrap_or_default()
-                ),
-            }
-        }
-    }
-
-    fn ws_url(&self) -> String {
-        format!("{}/v1/ws", self.base_url.replacen("http://", "ws://", 1))
-    }
-
-    /// SIGKILL, and proof that the process died of it rather than having exited before.
-    fn kill9(mut self) {
-        assert!(
-            self.child.try_wait().expect("poll server").is_none(),
-            "the server exited before the kill"
-        );
-        self.child.kill().expect("SIGKILL the server");
-        let status = self.child.wait().expect("reap the server");
-        assert_eq!(status.signal(), Some(9), "server status: {status:?}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the subscriber saw and did, in the order it happened on its connection.
 #[derive(Clone, Debug)]
@@ -209,25 +124,6 @@ impl Run {
         let published = self.published.lock().expect("published lock");
         published.values().copied().max().unwrap_or(0)
     }
-}
-
-fn seed() -> u64 {
-    match std::env::var("HERALD_ALO_KILL9_SEED") {
-        Ok(text) => text.parse().expect("HERALD_ALO_KILL9_SEED must be a u64"),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
-/// splitmix64: a tiny seeded generator for the kill points.
-fn next_random(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn serial_of(position: &str) -> u64 {
@@ -551,7 +447,7 @@ fn check(run: &Run) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_stream_loses_nothing_and_repeats_only_unacked_messages() {
-    let seed = seed();
+    let seed = seed("HERALD_ALO_KILL9_SEED");
     eprintln!("at-least-once kill -9 seed {seed} (HERALD_ALO_KILL9_SEED={seed} replays it)");
     let mut random = seed;
     let slice = (KILL_PROGRESS_MAX - KILL_PROGRESS_MIN) / KILLS as u64;
@@ -584,7 +480,7 @@ async fn kill9_mid_stream_loses_nothing_and_repeats_only_unacked_messages() {
     let started = Instant::now();
 
     for (cycle, (progress, jitter_ms)) in kill_points.iter().copied().enumerate() {
-        let server = Server::start(&data_dir, &log_path);
+        let server = SpawnedServer::start(&data_dir, &log_path);
         let socket = subscribe(&server.ws_url(), &run).await;
         let stop = Arc::new(AtomicBool::new(false));
         let publisher = tokio::spawn(publish(
@@ -625,7 +521,7 @@ async fn kill9_mid_stream_loses_nothing_and_repeats_only_unacked_messages() {
     }
 
     // The last cycle: publish what is left, deliver and ack everything.
-    let server = Server::start(&data_dir, &log_path);
+    let server = SpawnedServer::start(&data_dir, &log_path);
     let socket = subscribe(&server.ws_url(), &run).await;
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = tokio::spawn(publish(
@@ -642,7 +538,7 @@ async fn kill9_mid_stream_loses_nothing_and_repeats_only_unacked_messages() {
 
     // The confirmed acks survive a kill too: nothing is owed after one more restart.
     server.kill9();
-    let server = Server::start(&data_dir, &log_path);
+    let server = SpawnedServer::start(&data_dir, &log_path);
     let mut socket = subscribe(&server.ws_url(), &run).await;
     let top = run.top_serial();
     assert_eq!(

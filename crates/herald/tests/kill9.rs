@@ -21,16 +21,15 @@
 //! Every loop is bounded in count and time, and the server process is killed when the test
 //! ends, however it ends.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{SpawnedServer, next_random, seed};
 use herald_core::{ChainHash, Data, Epoch, MessageId, Serial};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -43,89 +42,9 @@ const MESSAGES_PER_PUBLISHER_MAX: u64 = 5_000;
 /// The kill lands this long after the first ack of a cycle, at random within the range.
 const KILL_DELAY_MS_MIN: u64 = 100;
 const KILL_DELAY_MS_MAX: u64 = 900;
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const PAGE_LIMIT: u64 = 1000;
 const PAGES_MAX: u64 = 1000;
-
-/// The server process; killed and reaped on drop so a failing test never leaks it.
-struct Server {
-    child: Child,
-    base_url: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path, log_path: &Path) -> Server {
-        let log = std::fs::File::create(log_path).expect("create server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .arg("serve")
-            .arg("--data")
-            .arg(data_dir)
-            .args(["--http", "127.0.0.1:0", "--dev"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn herald serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (lines_sender, lines) = mpsc::channel();
-        // Drains stdout for the life of the process so the server never blocks on a full pipe;
-        // the thread ends when the process dies and the pipe closes.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = lines_sender.send(line);
-            }
-        });
-        let mut server = Server {
-            child,
-            base_url: String::new(),
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(remaining) {
-                Ok(line) => {
-                    if let Some(address) = line.strip_prefix("herald: listening on ") {
-                        server.base_url = address.trim().trim_end_matches('/').to_owned();
-                        return server;
-                    }
-                }
-                Err(_) => {
-                    let log = std::fs::read_to_string(log_path).unwrap_or_default();
-                    panic!(
-                        "herald serve printed no listening line within {STARTUP_TIMEOUT:?} \
-                         (status {:?}); its stderr:\n{log}",
-                        server.child.try_wait()
-                    );
-                }
-            }
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends on unix), and proof that the process died of it rather
-    /// than having exited on its own before.
-    fn kill9(mut self) {
-        assert!(
-            self.child.try_wait().expect("poll server").is_none(),
-            "the server exited before the kill"
-        );
-        self.child.kill().expect("SIGKILL the server");
-        let status = self.child.wait().expect("reap the server");
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "server status after kill: {status:?}"
-        );
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Everything the test published, by id (ids are unique across the whole test).
 #[derive(Debug)]
@@ -146,25 +65,6 @@ struct CycleOutcome {
     unknown: Vec<String>,
     /// When the first failure happened; before the kill it would be a bug, not a crash effect.
     first_failure: Option<Instant>,
-}
-
-fn seed() -> u64 {
-    match std::env::var("HERALD_KILL9_SEED") {
-        Ok(text) => text.parse().expect("HERALD_KILL9_SEED must be a u64"),
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|elapsed| elapsed.as_nanos() as u64)
-            .unwrap_or(1),
-    }
-}
-
-/// splitmix64: a tiny seeded generator, enough to spread the kill moments.
-fn next_random(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 fn message_data(cycle: u64, publisher: u64, sequence: u64) -> Value {
@@ -458,7 +358,7 @@ fn prev_serial(prev: &Value) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
     let test_started = Instant::now();
-    let seed = seed();
+    let seed = seed("HERALD_KILL9_SEED");
     eprintln!("kill9 seed {seed} (replay with HERALD_KILL9_SEED={seed})");
     let mut random = seed;
 
@@ -471,7 +371,7 @@ async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
     let mut unknown_stored = 0usize;
     let client = client();
 
-    let mut server = Server::start(&data_dir, &temp.path().join("server-0.log"));
+    let mut server = SpawnedServer::start(&data_dir, &temp.path().join("server-0.log"));
     for cycle in 0..CYCLES {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(AtomicU64::new(0));
@@ -535,7 +435,7 @@ async fn kill9_under_publish_load_loses_and_duplicates_nothing() {
             cycle_unknown.extend(outcome.unknown);
         }
 
-        server = Server::start(
+        server = SpawnedServer::start(
             &data_dir,
             &temp.path().join(format!("server-{}.log", cycle + 1)),
         );
