@@ -216,25 +216,9 @@ impl Pump {
                         .counters
                         .catch_up_reads
                         .fetch_add(1, Ordering::Relaxed);
-                    let store = self.context.store.clone();
-                    let channel = self.channel.clone();
-                    let query = ReadQuery::Forward {
-                        from: herald_core::ReadFrom::After(after),
-                        limit,
-                    };
-                    let result = match blocking(move || store.read(&channel, &query)).await? {
-                        Ok(page) => Ok(Page {
-                            messages: page
-                                .messages
-                                .into_iter()
-                                .map(|message| Arc::new(LiveMessage::new(message)))
-                                .collect(),
-                            skipped: page.skipped,
-                            more: page.more,
-                        }),
-                        Err(ReadError::ContinuityLost(lost)) => Err(lost),
-                        Err(ReadError::Store(error)) => return Err(End::Failed(error.to_string())),
-                    };
+                    let result = read_page(&self.context.store, &self.channel, after, limit)
+                        .await
+                        .map_err(End::Failed)?;
                     self.machine.handle_page(result);
                 }
                 Action::Send(outbound) => {
@@ -326,6 +310,38 @@ impl Sent {
             Outbound::ContinuityLost { reason, .. } => Sent::ContinuityLost(*reason),
             Outbound::Subscribed { .. } | Outbound::Skip { .. } => Sent::Other,
         }
+    }
+}
+
+/// A page of the log after `after` (on the blocking pool), as live messages for a machine;
+/// `Err` when the store failed or its task died.
+pub(crate) async fn read_page(
+    store: &Arc<dyn herald_log::LogStore>,
+    channel: &ChannelName,
+    after: herald_core::Position,
+    limit: usize,
+) -> Result<Result<Page<Arc<LiveMessage>>, herald_core::ContinuityLost>, String> {
+    let store = store.clone();
+    let channel = channel.clone();
+    let query = ReadQuery::Forward {
+        from: herald_core::ReadFrom::After(after),
+        limit,
+    };
+    let read = tokio::task::spawn_blocking(move || store.read(&channel, &query))
+        .await
+        .map_err(|error| format!("store task failed: {error}"))?;
+    match read {
+        Ok(page) => Ok(Ok(Page {
+            messages: page
+                .messages
+                .into_iter()
+                .map(|message| Arc::new(LiveMessage::new(message)))
+                .collect(),
+            skipped: page.skipped,
+            more: page.more,
+        })),
+        Err(ReadError::ContinuityLost(lost)) => Ok(Err(lost)),
+        Err(ReadError::Store(error)) => Err(error.to_string()),
     }
 }
 

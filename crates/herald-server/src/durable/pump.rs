@@ -26,7 +26,7 @@ use herald_core::engine::{
     Start, dead_letter_channel, dead_letter_id,
 };
 use herald_core::{ChannelName, NewMessage, Position, SubscriberId, SubscriberOptions, Timestamp};
-use herald_log::{ReadError, ReadQuery, SaveTicket};
+use herald_log::SaveTicket;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{mpsc, oneshot};
 
@@ -341,27 +341,9 @@ impl<S: DurableSink> Pump<S> {
         if let Some(page) = self.recent.page(&after, limit, now()) {
             return Ok(Ok(page));
         }
-        let store = self.context.store.clone();
-        let channel = self.channel.clone();
-        let query = ReadQuery::Forward {
-            from: herald_core::ReadFrom::After(after),
-            limit,
-        };
-        Ok(
-            match blocking(move || store.read(&channel, &query)).await? {
-                Ok(page) => Ok(Page {
-                    messages: page
-                        .messages
-                        .into_iter()
-                        .map(|message| Arc::new(LiveMessage::new(message)))
-                        .collect(),
-                    skipped: page.skipped,
-                    more: page.more,
-                }),
-                Err(ReadError::ContinuityLost(lost)) => Err(lost),
-                Err(ReadError::Store(error)) => return Err(PumpEnd::Failed(error.to_string())),
-            },
-        )
+        crate::live::read_page(&self.context.store, &self.channel, after, limit)
+            .await
+            .map_err(PumpEnd::Failed)
     }
 
     async fn send(&mut self, outbound: DurableOutbound<Arc<LiveMessage>>) -> Result<(), PumpEnd> {
