@@ -52,6 +52,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub realtime: RealtimeConfig,
     pub durable: DurableConfig,
+    /// `[mqtt]`: the MQTT 3.1.1/5.0 listener (see `crate::mqtt`).
+    pub mqtt: crate::mqtt::MqttConfig,
     /// Namespace policies by name. `default` applies to bare channel names and to every
     /// namespace not listed; a listed namespace takes unset keys from `default`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
@@ -80,6 +82,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             realtime: RealtimeConfig::default(),
             durable: DurableConfig::default(),
+            mqtt: crate::mqtt::MqttConfig::default(),
             namespaces: BTreeMap::from([(DEFAULT_NAMESPACE.to_owned(), default_namespace)]),
             api_keys: Vec::new(),
             webhooks: Vec::new(),
@@ -436,6 +439,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub http_addr: Option<SocketAddr>,
     pub dev: bool,
+    /// Enables the MQTT listener on this address.
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Disables the MQTT listener (wins over `mqtt_listen` and the file).
+    pub no_mqtt: bool,
 }
 
 /// Loads the configuration: defaults, then `file` (if any), then `HERALD_` variables from
@@ -467,6 +474,13 @@ pub fn load(
         config.http_addr = http_addr;
     }
     config.dev |= overrides.dev;
+    if let Some(listen) = overrides.mqtt_listen {
+        config.mqtt.enabled = true;
+        config.mqtt.listen = listen;
+    }
+    if overrides.no_mqtt {
+        config.mqtt.enabled = false;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -506,6 +520,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "realtime",
     "durable",
+    "mqtt",
     "namespaces",
     "api_keys",
     "webhooks",
@@ -646,6 +661,7 @@ impl Config {
             .map_err(|error| ConfigError::invalid("storage", error.to_string()))?;
         self.realtime.validate()?;
         self.durable.validate()?;
+        self.mqtt.validate()?;
         if self.storage.reclaim_interval < Duration::from_secs(1) {
             return Err(ConfigError::invalid(
                 "storage.reclaim_interval",

@@ -453,6 +453,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .render(&state.store.stats(), &state.store.health());
     crate::metrics::render_live(&mut text, &state.realtime);
     crate::metrics::render_durable(&mut text, &state.durable);
+    text.push_str(&state.metrics.mqtt.render());
     if let Some(webhooks) = &state.webhooks {
         webhooks.render(&mut text);
     }

@@ -13,6 +13,10 @@
 //! - A message is serialised at most once per wire form ([`LiveMessage::frame`],
 //!   [`LiveMessage::hint_frame`]) and every subscriber sends the same bytes.
 //! - Channels without subscribers cost nothing: their ring is removed with the last receiver.
+//! - Pattern feeds ([`Hub::subscribe_matching`], MQTT wildcard filters) get every durable
+//!   message whose channel their predicate accepts, in commit order, through a bounded queue;
+//!   a message that finds the queue full is dropped and counted in [`PatternReceiver::dropped`],
+//!   never silently. The predicate runs on the commit path, once per message and feed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +27,7 @@ use herald_core::{ChannelName, Message};
 use herald_log::DurableListener;
 use herald_protocol::MessageBody;
 use herald_protocol::ws::{Hint, HintTag, delivery_json};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 /// A durable message on its way to subscribers, with its wire forms encoded on first use.
 #[derive(Debug)]
@@ -74,11 +78,24 @@ pub trait ChannelObserver: Send + Sync + 'static {
     fn on_durable(&self, messages: &[Message]);
 }
 
+/// Decides which channels a pattern feed receives. Runs on the store's commit path: it must
+/// be quick and must not block (a short `std::sync::RwLock` read is fine).
+pub type ChannelMatcher = Arc<dyn Fn(&ChannelName) -> bool + Send + Sync>;
+
+struct PatternFeed {
+    id: u64,
+    matcher: ChannelMatcher,
+    sender: mpsc::Sender<Arc<LiveMessage>>,
+    dropped: Arc<AtomicU64>,
+}
+
 /// The per-channel live rings.
 pub struct Hub {
     feeds: RwLock<HashMap<ChannelName, broadcast::Sender<Arc<LiveMessage>>>>,
     ring_messages: usize,
     observer: OnceLock<Arc<dyn ChannelObserver>>,
+    patterns: RwLock<Vec<PatternFeed>>,
+    next_pattern_id: AtomicU64,
 }
 
 impl Hub {
@@ -88,7 +105,45 @@ impl Hub {
             feeds: RwLock::new(HashMap::new()),
             ring_messages: ring_messages.max(1),
             observer: OnceLock::new(),
+            patterns: RwLock::new(Vec::new()),
+            next_pattern_id: AtomicU64::new(0),
         }
+    }
+
+    /// Registers a feed of every message made durable from now on whose channel `matcher`
+    /// accepts, through a queue of `capacity` messages (full: dropped and counted). The feed
+    /// is removed when the receiver is dropped.
+    pub fn subscribe_matching(
+        self: &Arc<Self>,
+        matcher: ChannelMatcher,
+        capacity: usize,
+    ) -> PatternReceiver {
+        let (sender, receiver) = mpsc::channel(capacity.max(1));
+        let id = self.next_pattern_id.fetch_add(1, Ordering::Relaxed);
+        let dropped = Arc::new(AtomicU64::new(0));
+        self.patterns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(PatternFeed {
+                id,
+                matcher,
+                sender,
+                dropped: dropped.clone(),
+            });
+        PatternReceiver {
+            hub: self.clone(),
+            id,
+            receiver,
+            dropped,
+        }
+    }
+
+    /// Pattern feeds currently registered (for metrics and tests).
+    pub fn pattern_feeds(&self) -> usize {
+        self.patterns
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Installs the observer of every durable batch (once; later calls are ignored).
@@ -162,19 +217,63 @@ impl Drop for Registration {
     }
 }
 
+/// A pattern feed's receiving end; dropping it unregisters the feed.
+pub struct PatternReceiver {
+    hub: Arc<Hub>,
+    id: u64,
+    receiver: mpsc::Receiver<Arc<LiveMessage>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl PatternReceiver {
+    pub fn receiver(&mut self) -> &mut mpsc::Receiver<Arc<LiveMessage>> {
+        &mut self.receiver
+    }
+
+    /// Messages dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PatternReceiver {
+    fn drop(&mut self) {
+        self.hub
+            .patterns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|feed| feed.id != self.id);
+    }
+}
+
 impl DurableListener for Hub {
     fn on_durable(&self, messages: &[Message]) {
         if let Some(observer) = self.observer.get() {
             observer.on_durable(messages);
         }
         let feeds = self.feeds.read().unwrap_or_else(PoisonError::into_inner);
-        if feeds.is_empty() {
+        let patterns = self.patterns.read().unwrap_or_else(PoisonError::into_inner);
+        if feeds.is_empty() && patterns.is_empty() {
             return;
         }
         for message in messages {
+            let mut live = None;
             if let Some(sender) = feeds.get(&message.channel) {
+                let shared = Arc::new(LiveMessage::new(message.clone()));
                 // An error means every receiver is gone; `release` removes the ring.
-                let _ = sender.send(Arc::new(LiveMessage::new(message.clone())));
+                let _ = sender.send(shared.clone());
+                live = Some(shared);
+            }
+            for feed in patterns.iter() {
+                if !(feed.matcher)(&message.channel) {
+                    continue;
+                }
+                let shared = live
+                    .get_or_insert_with(|| Arc::new(LiveMessage::new(message.clone())))
+                    .clone();
+                if let Err(mpsc::error::TrySendError::Full(_)) = feed.sender.try_send(shared) {
+                    feed.dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -222,6 +321,30 @@ mod tests {
                 .as_str()
                 .starts_with(r#"{"type":"message","id":"m1""#)
         );
+    }
+
+    /// A pattern feed gets the matching channels' messages in order, counts what its full
+    /// queue could not take, and is gone once its receiver is dropped.
+    #[test]
+    fn pattern_feeds_match_bound_and_count_drops() {
+        let hub = Arc::new(Hub::new(8));
+        let matcher: ChannelMatcher =
+            Arc::new(|channel: &ChannelName| channel.namespace() == Some("chat"));
+        let mut feed = hub.subscribe_matching(matcher, 2);
+        let chat_a = ChannelName::parse("chat:a").unwrap();
+        let chat_b = ChannelName::parse("chat:b").unwrap();
+        let other = ChannelName::parse("news:a").unwrap();
+        hub.on_durable(&[message(&chat_a, 1), message(&other, 1), message(&chat_b, 1)]);
+        hub.on_durable(&[message(&chat_a, 2)]);
+        let first = feed.receiver().try_recv().unwrap();
+        let second = feed.receiver().try_recv().unwrap();
+        assert_eq!(first.message.channel, chat_a);
+        assert_eq!(second.message.channel, chat_b);
+        assert!(feed.receiver().try_recv().is_err());
+        assert_eq!(feed.dropped(), 1);
+        assert_eq!(hub.pattern_feeds(), 1);
+        drop(feed);
+        assert_eq!(hub.pattern_feeds(), 0);
     }
 
     #[test]

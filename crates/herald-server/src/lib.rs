@@ -9,12 +9,14 @@
 //! - [`auth`]: API keys, capabilities, the generated admin key, `--dev`.
 //! - [`http`]: the axum router and handlers.
 //! - [`error`]: the mapping of every failure onto the JSON error body.
+//! - [`mqtt`]: the MQTT 3.1.1/5.0 listener (a driver of `herald_mqtt::Session`).
 //!
 //! # Start-up contract
 //! [`run`] prints to stdout, in this order: `herald: generated admin key KEY, saved to PATH`
 //! (only on the start that creates the key), then exactly one line
 //! `herald: listening on http://ADDR` with the real bound address, once the store is open and
-//! the socket accepts connections. Logs go to stderr through `tracing`.
+//! the socket accepts connections; then, when the MQTT listener is enabled,
+//! `herald: mqtt listening on mqtt://ADDR`. Logs go to stderr through `tracing`.
 //!
 //! # Invariants
 //! - Anonymous access exists only in dev mode, and dev mode only on a loopback bind.
@@ -33,6 +35,7 @@ pub mod http;
 pub mod hub;
 pub mod live;
 pub mod metrics;
+pub mod mqtt;
 pub mod realtime;
 pub mod sse;
 pub mod webhook;
@@ -123,6 +126,8 @@ pub struct Server {
     config: Config,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
+    /// The MQTT listener and its bound address, when enabled.
+    mqtt: Option<(tokio::net::TcpListener, SocketAddr)>,
     store: StoreHandle,
     auth: Arc<auth::Authenticator>,
     admin_key: Option<AdminKey>,
@@ -135,6 +140,12 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         auth::check_dev_bind(config.dev, config.http_addr).map_err(ServerError::DevNotLoopback)?;
+        if config.mqtt.enabled {
+            // Anonymous MQTT is as open as anonymous HTTP: loopback only too.
+            auth::check_dev_bind(config.dev, config.mqtt.listen).map_err(|message| {
+                ServerError::DevNotLoopback(message.replace("http_addr", "mqtt.listen"))
+            })?;
+        }
         std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Io {
             what: "cannot create the data directory",
             path: config.data_dir.clone(),
@@ -175,10 +186,23 @@ impl Server {
             addr: config.http_addr,
             source,
         })?;
+        let mqtt = if config.mqtt.enabled {
+            let addr = config.mqtt.listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
+            Some((listener, local))
+        } else {
+            None
+        };
         Ok(Server {
             config,
             listener,
             local_addr,
+            mqtt,
             store,
             auth,
             admin_key,
@@ -189,6 +213,11 @@ impl Server {
     /// The address the server accepts connections on (the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the MQTT listener accepts connections on, when it is enabled.
+    pub fn mqtt_local_addr(&self) -> Option<SocketAddr> {
+        self.mqtt.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The admin key from the data dir, when no API keys are configured.
@@ -233,6 +262,14 @@ impl Server {
             durable,
             webhooks: webhooks.as_ref().map(webhook::Webhooks::counters),
         };
+        let mqtt = self.mqtt.map(|(listener, _)| {
+            tokio::spawn(mqtt::serve(
+                listener,
+                state.clone(),
+                self.config.mqtt.clone(),
+                stopping_seen.clone(),
+            ))
+        });
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
         let reclaim = tokio::spawn(reclaim_loop(
             self.store.store.clone(),
@@ -264,6 +301,18 @@ impl Server {
                 Ok(())
             }
         };
+        if let Some(mqtt) = mqtt {
+            // It stops on the same signal (within about 2 s); its connections' appends finish
+            // before the store closes below, or fail as closed, unacknowledged. The bound
+            // covers an HTTP failure, after which the signal never comes.
+            let abort = mqtt.abort_handle();
+            if tokio::time::timeout(std::time::Duration::from_secs(5), mqtt)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
         reclaim.abort();
         sweeper.abort();
         if let Some(webhooks) = webhooks {
@@ -300,6 +349,9 @@ pub async fn run(
         "herald: listening on http://{}",
         server.local_addr()
     );
+    if let Some(addr) = server.mqtt_local_addr() {
+        let _ = writeln!(stdout, "herald: mqtt listening on mqtt://{addr}");
+    }
     let _ = stdout.flush();
     drop(stdout);
     server.serve(shutdown).await

@@ -31,6 +31,8 @@ pub struct Metrics {
     ack_buckets: [AtomicU64; ACK_BUCKETS_SECONDS.len()],
     ack_count: AtomicU64,
     ack_sum_micros: AtomicU64,
+    /// The MQTT listener's counters (rendered by `/metrics` whether or not it runs).
+    pub mqtt: crate::mqtt::MqttCounters,
 }
 
 impl Metrics {

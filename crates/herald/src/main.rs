@@ -92,6 +92,13 @@ struct ServeArgs {
     /// Allow anonymous access with every capability (loopback addresses only).
     #[arg(long)]
     dev: bool,
+    /// Enable the MQTT 3.1.1/5.0 listener on ADDR [config: mqtt.enabled, mqtt.listen,
+    /// default off, 127.0.0.1:1883]; port 0 picks one.
+    #[arg(long = "mqtt", value_name = "ADDR", conflicts_with = "no_mqtt")]
+    mqtt_listen: Option<SocketAddr>,
+    /// Disable the MQTT listener even when the config enables it.
+    #[arg(long = "no-mqtt")]
+    no_mqtt: bool,
 }
 
 #[derive(Args, Debug)]
@@ -359,6 +366,8 @@ async fn serve(args: ServeArgs) -> Result<(), Failure> {
         data_dir: args.data_dir,
         http_addr: args.http_addr,
         dev: args.dev,
+        mqtt_listen: args.mqtt_listen,
+        no_mqtt: args.no_mqtt,
     };
     let config = config::load(args.config.as_deref(), std::env::vars(), &overrides)
         .map_err(|error| Failure::other(1, anyhow::anyhow!("invalid configuration: {error}")))?;

@@ -1,0 +1,547 @@
+//! One MQTT connection: this task reads and decodes packets, runs the session and carries out
+//! its actions; a writer task encodes packets from a bounded queue into the socket, one write
+//! per burst. Append completions and the hub feed come back into the same `select!`, so the
+//! session is only ever touched by this task.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use herald_core::ChannelName;
+use herald_log::AppendError;
+use herald_mqtt::codec::error::DecodeError;
+use herald_mqtt::codec::version::{ProtocolVersion, VersionCodec};
+use herald_mqtt::codec::{v3, v5};
+use herald_mqtt::session::{Action, AppendOutcome, AppendToken, AuthRefusal, Packet, Session};
+use herald_mqtt::topic::TopicFilter;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::codec::{Decoder as _, Encoder as _};
+
+use super::MqttContext;
+use crate::auth::{Operation, Principal};
+use crate::hub::{ChannelMatcher, PatternReceiver};
+
+/// Packets queued for the writer.
+const WRITER_QUEUE_PACKETS: usize = 256;
+/// Bytes read from the socket at most per read.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// A client whose writer queue stays full this long has stopped reading: it is closed rather
+/// than holding its connection task (and its feed) forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Outgoing {
+    Packet(Packet),
+    /// Flush and close the socket.
+    Close,
+}
+
+/// An append's answer, with the slot it held.
+type Completion = (AppendToken, AppendOutcome, OwnedSemaphorePermit);
+
+enum Decoding {
+    /// Before CONNECT: the protocol level decides the codec.
+    Sniffing,
+    V3(v3::Codec),
+    V5(v5::Codec),
+}
+
+/// The connection's filters, shared with its feed's matcher on the commit path.
+type Filters = Arc<RwLock<BTreeMap<String, TopicFilter>>>;
+
+struct Connection {
+    context: Arc<MqttContext>,
+    session: Session,
+    out: mpsc::Sender<Outgoing>,
+    principal: Option<Principal>,
+    filters: Filters,
+    feed: Option<PatternReceiver>,
+    appended: mpsc::Sender<Completion>,
+    /// Completed appends. Each carries its slot of `append_slots`, released only once the
+    /// completion is handled: at most `publishes_in_flight_max` are ever queued, so a
+    /// completing append never waits for the connection.
+    completions: mpsc::Receiver<Completion>,
+    append_slots: Arc<Semaphore>,
+    closing: bool,
+    /// Drops already added to `deliveries_dropped_total`.
+    drops_reported: u64,
+}
+
+pub(super) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<MqttContext>) {
+    let counters = &context.state.metrics.mqtt;
+    counters.connections.fetch_add(1, Ordering::Relaxed);
+    counters.connections_total.fetch_add(1, Ordering::Relaxed);
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "cannot set TCP_NODELAY");
+    }
+    let (mut reader, writer) = stream.into_split();
+    let (out, outgoing) = mpsc::channel(WRITER_QUEUE_PACKETS);
+    let writer = tokio::spawn(write_packets(writer, outgoing));
+    let (appended, completions) = mpsc::channel(context.config.publishes_in_flight_max);
+    let connection_id = crate::auth::random_base62(16);
+    let mut connection = Connection {
+        session: Session::new(context.session_config.clone(), &connection_id),
+        append_slots: Arc::new(Semaphore::new(context.config.publishes_in_flight_max)),
+        context: context.clone(),
+        out,
+        principal: None,
+        filters: Arc::default(),
+        feed: None,
+        appended,
+        completions,
+        closing: false,
+        drops_reported: 0,
+    };
+    let mut stopping = context.stopping.clone();
+    let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut decoding = Decoding::Sniffing;
+    let mut deadline = tokio::time::Instant::now() + context.config.connect_timeout;
+    while !connection.closing {
+        tokio::select! {
+            read = read_some(&mut reader, &mut buffer) => {
+                match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                connection.decode_all(&mut buffer, &mut decoding).await;
+                deadline = match connection.session.keep_alive_timeout_ms() {
+                    Some(timeout_ms) => tokio::time::Instant::now() + Duration::from_millis(timeout_ms),
+                    None if connection.session.is_connected() => far_future(),
+                    None => deadline,
+                };
+            }
+            Some((token, outcome, slot)) = connection.completions.recv() => {
+                drop(slot);
+                connection.session.handle_appended(token, outcome);
+                connection.run_actions().await;
+            }
+            Some(live) = recv_feed(&mut connection.feed) => {
+                connection.deliver(&live.message).await;
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                if connection.session.is_connected() {
+                    connection.session.handle_keep_alive_timeout();
+                } else {
+                    connection.session.handle_decode_error(&DecodeError::Io(
+                        "no CONNECT within mqtt.connect_timeout".into(),
+                    ));
+                }
+                connection.run_actions().await;
+            }
+            () = super::stopped(&mut stopping) => {
+                connection.session.handle_shutdown();
+                connection.run_actions().await;
+                break;
+            }
+        }
+    }
+    connection.report_drops();
+    if connection.drops_reported > 0 {
+        tracing::warn!(
+            %peer,
+            client_id = connection.session.client_id(),
+            dropped = connection.drops_reported,
+            "MQTT deliveries were dropped on this connection: the client read too slowly"
+        );
+    }
+    let _ = connection
+        .out
+        .send_timeout(Outgoing::Close, Duration::from_secs(5))
+        .await;
+    drop(connection);
+    // A peer that stopped reading must not keep the writer forever.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    counters.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads what the socket has (cancel-safe: `read_buf` loses nothing when dropped).
+async fn read_some(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    buffer: &mut BytesMut,
+) -> std::io::Result<usize> {
+    buffer.reserve(READ_CHUNK_BYTES);
+    reader.read_buf(buffer).await
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
+}
+
+async fn recv_feed(feed: &mut Option<PatternReceiver>) -> Option<Arc<crate::hub::LiveMessage>> {
+    match feed {
+        Some(feed) => feed.receiver().recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Connection {
+    /// Decodes and handles every complete packet in `buffer`.
+    async fn decode_all(&mut self, buffer: &mut BytesMut, decoding: &mut Decoding) {
+        while !self.closing {
+            let decoded = match decoding {
+                Decoding::Sniffing => match VersionCodec.decode(buffer) {
+                    Ok(None) => return,
+                    Ok(Some(version)) => {
+                        let max = self.context.config.max_packet_bytes;
+                        *decoding = match version {
+                            ProtocolVersion::MQTT3 => Decoding::V3(v3::Codec::new(max)),
+                            ProtocolVersion::MQTT5 => Decoding::V5(v5::Codec::new(max, 0)),
+                        };
+                        continue;
+                    }
+                    Err(error) => Err(error),
+                },
+                Decoding::V3(codec) => codec
+                    .decode(buffer)
+                    .map(|packet| packet.map(|(packet, _)| Packet::V3(packet))),
+                Decoding::V5(codec) => codec
+                    .decode(buffer)
+                    .map(|packet| packet.map(|(packet, _)| Packet::V5(packet))),
+            };
+            match decoded {
+                Ok(None) => return,
+                Ok(Some(packet)) => self.session.handle_packet(packet),
+                Err(error) => self.session.handle_decode_error(&error),
+            }
+            self.run_actions().await;
+        }
+    }
+
+    /// Adds new drops (feed full, window queue full, over the client's packet size) to the
+    /// counter as they happen; warns on the first.
+    fn report_drops(&mut self) {
+        let dropped = self.feed.as_ref().map_or(0, PatternReceiver::dropped)
+            + self.session.deliveries_dropped();
+        if dropped > self.drops_reported {
+            if self.drops_reported == 0 {
+                tracing::warn!(
+                    client_id = self.session.client_id(),
+                    "MQTT deliveries are being dropped: the client reads too slowly"
+                );
+            }
+            self.context
+                .state
+                .metrics
+                .mqtt
+                .deliveries_dropped_total
+                .fetch_add(dropped - self.drops_reported, Ordering::Relaxed);
+            self.drops_reported = dropped;
+        }
+    }
+
+    async fn deliver(&mut self, message: &herald_core::Message) {
+        // Wildcard filters were authorized on their namespace at most: each channel is checked.
+        let Some(principal) = self.principal else {
+            return;
+        };
+        if self
+            .context
+            .state
+            .auth
+            .authorize(principal, &message.channel, Operation::Subscribe)
+            .is_err()
+        {
+            return;
+        }
+        self.session.handle_delivery(message);
+        self.run_actions().await;
+        self.report_drops();
+    }
+
+    /// Carries out the session's actions in order; answers to requests are given at once,
+    /// except appends, whose completions come back through `appended`.
+    async fn run_actions(&mut self) {
+        while let Some(action) = self.session.poll_action() {
+            match action {
+                Action::Send(packet) => {
+                    let queued = self
+                        .out
+                        .send_timeout(Outgoing::Packet(packet), SEND_TIMEOUT)
+                        .await;
+                    if queued.is_err() {
+                        tracing::debug!("MQTT client stopped reading; closing");
+                        self.closing = true;
+                        return;
+                    }
+                }
+                Action::Authenticate {
+                    client_id,
+                    username,
+                    password,
+                } => {
+                    let result = self.authenticate(password.as_deref());
+                    tracing::debug!(client_id, ?username, ok = result.is_ok(), "MQTT CONNECT");
+                    self.session.handle_authenticated(result);
+                }
+                Action::AuthorizeSubscribe { packet_id, filters } => {
+                    let allowed = filters
+                        .iter()
+                        .map(|filter| self.may_subscribe(filter))
+                        .collect();
+                    self.session.handle_subscribe_authorized(packet_id, allowed);
+                }
+                Action::Append {
+                    token,
+                    channel,
+                    message,
+                } => self.append(token, channel, message).await,
+                Action::Subscribe { filter, qos: _ } => self.subscribe(filter),
+                Action::SendRetained { filter } => {
+                    let Some(principal) = self.principal else {
+                        continue;
+                    };
+                    for message in self.context.retained.matching(&filter) {
+                        let readable = self
+                            .context
+                            .state
+                            .auth
+                            .authorize(principal, &message.channel, Operation::Subscribe)
+                            .is_ok();
+                        if readable {
+                            self.session.handle_retained(&filter, &message);
+                        }
+                    }
+                }
+                Action::Unsubscribe { filter } => {
+                    self.filters
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(filter.as_str());
+                }
+                Action::Close(reason) => {
+                    use herald_mqtt::codec::v5::DisconnectReasonCode as Code;
+                    if !matches!(
+                        reason.code,
+                        Code::NormalDisconnection
+                            | Code::ServerShuttingDown
+                            | Code::KeepAliveTimeout
+                            | Code::NotAuthorized
+                    ) {
+                        self.context
+                            .state
+                            .metrics
+                            .mqtt
+                            .protocol_errors_total
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(code = ?reason.code, detail = reason.detail, "MQTT connection closes");
+                    self.closing = true;
+                }
+            }
+        }
+    }
+
+    fn authenticate(&mut self, password: Option<&[u8]>) -> Result<(), AuthRefusal> {
+        let key = match password {
+            Some(bytes) => {
+                Some(std::str::from_utf8(bytes).map_err(|_| AuthRefusal::BadCredentials)?)
+            }
+            None => None,
+        };
+        let principal = self
+            .context
+            .state
+            .auth
+            .authenticate_key_or_anonymous(key)
+            .map_err(|_| AuthRefusal::BadCredentials)?;
+        self.principal = Some(principal);
+        Ok(())
+    }
+
+    fn may_subscribe(&self, filter: &TopicFilter) -> bool {
+        let Some(principal) = self.principal else {
+            return false;
+        };
+        let auth = &self.context.state.auth;
+        if let Some(channel) = filter.exact_channel() {
+            return auth
+                .authorize(principal, channel, Operation::Subscribe)
+                .is_ok();
+        }
+        match filter.namespace() {
+            // A probe channel of the namespace: capabilities are per namespace.
+            Some(namespace) => ChannelName::parse(&format!("{namespace}:x")).is_ok_and(|probe| {
+                auth.authorize(principal, &probe, Operation::Subscribe)
+                    .is_ok()
+            }),
+            // Spans namespaces: every delivery is checked on its own channel instead.
+            None => true,
+        }
+    }
+
+    fn subscribe(&mut self, filter: TopicFilter) {
+        self.filters
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(filter.as_str().to_owned(), filter);
+        if self.feed.is_none() {
+            let filters = self.filters.clone();
+            let matcher: ChannelMatcher = Arc::new(move |channel: &ChannelName| {
+                filters
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .values()
+                    .any(|filter| filter.matches_channel(channel))
+            });
+            let hub = &self.context.state.realtime.live.hub;
+            self.feed =
+                Some(hub.subscribe_matching(matcher, self.context.config.outbound_queue_messages));
+        }
+    }
+
+    async fn append(
+        &mut self,
+        token: AppendToken,
+        channel: ChannelName,
+        message: herald_core::NewMessage,
+    ) {
+        let state = &self.context.state;
+        let refused = match self.principal {
+            None => Some(AppendOutcome::NotAuthorized),
+            Some(principal) => state
+                .auth
+                .authorize(principal, &channel, Operation::Publish)
+                .err()
+                .map(|_| AppendOutcome::NotAuthorized),
+        }
+        .or_else(|| {
+            let checked = message
+                .validate(&state.limits)
+                .and_then(|()| match message.ttl_ms {
+                    Some(ttl_ms) => state
+                        .store
+                        .policies()
+                        .for_channel(&channel)
+                        .check_ttl(ttl_ms),
+                    None => Ok(()),
+                });
+            checked
+                .err()
+                .map(|error| AppendOutcome::Invalid(error.to_string()))
+        });
+        if let Some(outcome) = refused {
+            state
+                .metrics
+                .mqtt
+                .publishes_refused_total
+                .fetch_add(1, Ordering::Relaxed);
+            self.session.handle_appended(token, outcome);
+            return;
+        }
+        // Reading waits here while the connection has its maximum of appends in flight,
+        // handling their completions (which free the slots) meanwhile.
+        let slot = loop {
+            if let Ok(slot) = self.append_slots.clone().try_acquire_owned() {
+                break slot;
+            }
+            let Some((token, outcome, slot)) = self.completions.recv().await else {
+                return;
+            };
+            drop(slot);
+            // Its actions join the queue `run_actions` is draining.
+            self.session.handle_appended(token, outcome);
+        };
+        if self.session.is_closed() {
+            // That answer ended the connection: this message is not stored, nor acknowledged.
+            return;
+        }
+        let retained = message
+            .headers
+            .contains_key(herald_mqtt::HEADER_RETAIN)
+            .then(|| (channel.clone(), message.id.clone()));
+        let ticket = state.store.append(channel, vec![message]);
+        let appended = self.appended.clone();
+        let context = self.context.clone();
+        tokio::spawn(async move {
+            let outcome = match ticket.await {
+                Ok(_) => {
+                    if let Some((channel, id)) = retained {
+                        // Indexed before the acknowledgement: a subscriber that comes after
+                        // the PUBACK gets it.
+                        index_retained(&context, channel, id).await;
+                    }
+                    AppendOutcome::Durable
+                }
+                Err(AppendError::Overloaded) => AppendOutcome::Overloaded,
+                Err(AppendError::Invalid(invalid)) => AppendOutcome::Invalid(invalid.to_string()),
+                Err(error) => AppendOutcome::Failed(error.to_string()),
+            };
+            // Counted here: the connection may be gone (a QoS 0 publisher disconnecting right
+            // after its last PUBLISH), the append still completes.
+            let counters = &context.state.metrics.mqtt;
+            if outcome == AppendOutcome::Durable {
+                counters
+                    .publishes_durable_total
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters
+                    .publishes_refused_total
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(?outcome, "MQTT publish not stored");
+            }
+            // Never waits: the channel holds as many completions as there are slots.
+            let _ = appended.send((token, outcome, slot)).await;
+        });
+    }
+}
+
+/// Reads the stored retained message back (its position and time are the store's) and offers
+/// it to the index.
+async fn index_retained(
+    context: &Arc<MqttContext>,
+    channel: ChannelName,
+    id: herald_core::MessageId,
+) {
+    let store = context.state.store.clone();
+    let read = tokio::task::spawn_blocking(move || store.message_by_id(&channel, &id)).await;
+    match read {
+        Ok(Ok(Some(message))) => context.retained.offer(&message),
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot read a retained message back"),
+        Err(error) => tracing::warn!(%error, "cannot read a retained message back"),
+    }
+}
+
+/// Encodes queued packets into the socket; one write per burst of ready packets.
+async fn write_packets(mut writer: OwnedWriteHalf, mut outgoing: mpsc::Receiver<Outgoing>) {
+    let mut v3_codec = v3::Codec::new(0);
+    let mut v5_codec = v5::Codec::new(0, 0);
+    let mut buffer = BytesMut::with_capacity(4096);
+    while let Some(first) = outgoing.recv().await {
+        let mut next = Some(first);
+        let mut closing = false;
+        while let Some(item) = next.take() {
+            let encoded = match item {
+                Outgoing::Packet(Packet::V3(packet)) => v3_codec.encode(packet, &mut buffer),
+                Outgoing::Packet(Packet::V5(packet)) => v5_codec.encode(packet, &mut buffer),
+                Outgoing::Close => {
+                    closing = true;
+                    break;
+                }
+            };
+            if let Err(error) = encoded {
+                // Our own packets: a failure here is a bug, but not worth the process.
+                tracing::error!(%error, "cannot encode an MQTT packet");
+                closing = true;
+                break;
+            }
+            if buffer.len() >= 64 * 1024 {
+                break;
+            }
+            next = outgoing.try_recv().ok();
+        }
+        if !buffer.is_empty() && writer.write_all(&buffer).await.is_err() {
+            return;
+        }
+        buffer.clear();
+        if closing {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
