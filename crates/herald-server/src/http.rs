@@ -60,6 +60,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub realtime: Arc<crate::realtime::Realtime>,
     pub durable: Arc<crate::durable::DurableContext>,
+    /// The MQTT listener's shared state once it runs, for MQTT over WebSocket (the sender is
+    /// gone when MQTT is off).
+    pub mqtt: tokio::sync::watch::Receiver<Option<std::sync::Weak<crate::mqtt::MqttContext>>>,
     /// The webhook counters, when rules are configured.
     pub webhooks: Option<Arc<crate::webhook::WebhookCounters>>,
 }
@@ -89,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/ws", get(crate::ws::upgrade))
         .route("/v1/sse", get(crate::sse::subscribe))
+        .route("/mqtt", get(crate::mqtt::websocket::upgrade))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

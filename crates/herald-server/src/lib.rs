@@ -252,6 +252,8 @@ impl Server {
         let webhooks = webhook::Webhooks::start(durable.clone(), &self.config.webhooks)
             .map_err(ServerError::Webhooks)?;
         let sweeper = durable::sweeper::spawn(durable.clone(), stopping_seen.clone());
+        // MQTT over WebSocket waits for the listener's context (dropped unused without MQTT).
+        let (mqtt_ready, mqtt_seen) = tokio::sync::watch::channel(None);
         let state = http::AppState {
             store: self.store.store.clone(),
             auth: self.auth,
@@ -261,6 +263,7 @@ impl Server {
             realtime,
             durable,
             webhooks: webhooks.as_ref().map(webhook::Webhooks::counters),
+            mqtt: mqtt_seen,
         };
         let mqtt = self.mqtt.map(|(listener, _)| {
             tokio::spawn(mqtt::serve(
@@ -268,6 +271,7 @@ impl Server {
                 state.clone(),
                 self.config.mqtt.clone(),
                 stopping_seen.clone(),
+                mqtt_ready,
             ))
         });
         let router = http::router(state).layer(tower_http::trace::TraceLayer::new_for_http());

@@ -1028,6 +1028,7 @@ async fn serve_dev_router(
         realtime,
         durable,
         webhooks: None,
+        mqtt: tokio::sync::watch::channel(None).1,
         store,
         auth: Arc::new(Authenticator::new(&[], true)),
         limits: Config::default().limits(),

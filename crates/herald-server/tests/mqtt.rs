@@ -906,3 +906,103 @@ async fn mosquitto_clients_interoperate() {
     assert_eq!(server.history("plant:line-1", None).await.len(), 6);
     server.stop().await;
 }
+
+// ---------- MQTT over WebSocket ----------
+
+/// Reads binary messages until `done` says the bytes so far are enough (bounded by [`WAIT`]).
+async fn ws_read_until(
+    socket: &mut common::Socket,
+    bytes: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    use futures_util::StreamExt as _;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(bytes) {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("no MQTT reply over WebSocket; got {bytes:02x?}"))
+            .expect("the socket stays open")
+            .expect("a frame");
+        match message {
+            tokio_tungstenite::tungstenite::Message::Binary(data) => bytes.extend_from_slice(&data),
+            other => panic!("MQTT over WebSocket sends binary messages, got {other:?}"),
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+#[tokio::test]
+async fn mqtt_over_websocket_speaks_the_same_protocol_on_get_mqtt() {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    let server = MqttServer::start().await;
+    let mut request = format!("ws://{}/mqtt", server.http_addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers().get("sec-websocket-protocol").unwrap(),
+        "mqtt"
+    );
+    // A packet may span messages: CONNECT in two halves.
+    let (first, second) = CONNECT_V3.split_at(7);
+    socket
+        .send(WsMessage::binary(first.to_vec()))
+        .await
+        .unwrap();
+    socket
+        .send(WsMessage::binary(second.to_vec()))
+        .await
+        .unwrap();
+    let mut bytes = Vec::new();
+    ws_read_until(&mut socket, &mut bytes, |b| b.len() >= 4).await;
+    assert_eq!(&bytes[..4], b"\x20\x02\x00\x00", "CONNACK, accepted");
+    bytes.clear();
+    // SUBSCRIBE ws/t at QoS 1 and PUBLISH to it at QoS 1 in one message.
+    let subscribe = b"\x82\x09\x00\x01\x00\x04ws/t\x01".to_vec();
+    let publish = b"\x32\x0a\x00\x04ws/t\x00\x02hi".to_vec();
+    socket.send(WsMessage::binary(subscribe)).await.unwrap();
+    ws_read_until(&mut socket, &mut bytes, |b| b.len() >= 5).await;
+    assert_eq!(
+        &bytes[..5],
+        b"\x90\x03\x00\x01\x01",
+        "SUBACK, QoS 1 granted"
+    );
+    bytes.clear();
+    socket.send(WsMessage::binary(publish)).await.unwrap();
+    ws_read_until(&mut socket, &mut bytes, |b| {
+        contains(b, b"\x40\x02\x00\x02") && contains(b, b"ws/t") && contains(b, b"hi")
+    })
+    .await;
+    // The PUBACK came (durable) and so did the delivery of our own message; HTTP sees it.
+    let history = server.history("ws:t", None).await;
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(decoded(&history[0]), b"hi");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn get_mqtt_is_unavailable_while_mqtt_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::TestServer::start(dir.path(), |_| {}).await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/mqtt", server.addr))
+        .await
+        .expect_err("no MQTT, no upgrade");
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            assert_eq!(response.status().as_u16(), 503);
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+    server.stop().await;
+}

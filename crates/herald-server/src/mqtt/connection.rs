@@ -4,7 +4,6 @@
 //! session is only ever touched by this task.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -17,9 +16,7 @@ use herald_mqtt::codec::version::{ProtocolVersion, VersionCodec};
 use herald_mqtt::codec::{v3, v5};
 use herald_mqtt::session::{Action, AppendOutcome, AppendToken, AuthRefusal, Packet, Session};
 use herald_mqtt::topic::TopicFilter;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
@@ -72,14 +69,16 @@ struct Connection {
     drops_reported: u64,
 }
 
-pub(super) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<MqttContext>) {
+/// Serves one connection over any byte stream: a TCP socket, or the bytes of a WebSocket
+/// (MQTT over WebSocket). `peer` names the client in logs.
+pub(super) async fn run<S>(stream: S, peer: String, context: Arc<MqttContext>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let counters = &context.state.metrics.mqtt;
     counters.connections.fetch_add(1, Ordering::Relaxed);
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!(%error, "cannot set TCP_NODELAY");
-    }
-    let (mut reader, writer) = stream.into_split();
+    let (mut reader, writer) = tokio::io::split(stream);
     let (out, outgoing) = mpsc::channel(WRITER_QUEUE_PACKETS);
     let writer = tokio::spawn(write_packets(writer, outgoing));
     let (appended, completions) = mpsc::channel(context.config.publishes_in_flight_max);
@@ -161,7 +160,7 @@ pub(super) async fn run(stream: TcpStream, peer: SocketAddr, context: Arc<MqttCo
 
 /// Reads what the socket has (cancel-safe: `read_buf` loses nothing when dropped).
 async fn read_some(
-    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    reader: &mut (impl AsyncRead + Unpin),
     buffer: &mut BytesMut,
 ) -> std::io::Result<usize> {
     buffer.reserve(READ_CHUNK_BYTES);
@@ -508,7 +507,10 @@ async fn index_retained(
 }
 
 /// Encodes queued packets into the socket; one write per burst of ready packets.
-async fn write_packets(mut writer: OwnedWriteHalf, mut outgoing: mpsc::Receiver<Outgoing>) {
+async fn write_packets(
+    mut writer: impl AsyncWrite + Unpin,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+) {
     let mut v3_codec = v3::Codec::new(0);
     let mut v5_codec = v5::Codec::new(0, 0);
     let mut buffer = BytesMut::with_capacity(4096);

@@ -1,4 +1,5 @@
-//! The MQTT 3.1.1/5.0 listener over TCP: a thin driver of `herald_mqtt::Session`.
+//! The MQTT 3.1.1/5.0 listener over TCP, and over WebSocket (`GET /mqtt`, subprotocol
+//! `mqtt`): a thin driver of `herald_mqtt::Session`.
 //!
 //! Bytes are decoded by rmqtt-codec (the protocol level is read from the CONNECT first), each
 //! packet goes to the connection's sans-IO session, and its actions are carried out here:
@@ -28,9 +29,11 @@
 //! - [`MqttConfig`]: the `[mqtt]` section.
 //! - `connection`: one connection: reader loop, writer task, action execution.
 //! - [`retained`]: the retained message of each topic, rebuilt from the log at start.
+//! - [`websocket`]: MQTT over WebSocket: the binary messages are the same byte stream.
 
 mod connection;
 pub mod retained;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -188,7 +191,7 @@ impl MqttCounters {
 }
 
 /// What every connection shares.
-pub(crate) struct MqttContext {
+pub struct MqttContext {
     pub state: AppState,
     pub config: MqttConfig,
     pub session_config: herald_mqtt::SessionConfig,
@@ -208,6 +211,7 @@ pub async fn serve(
     state: AppState,
     config: MqttConfig,
     mut stopping: watch::Receiver<bool>,
+    ready: watch::Sender<Option<std::sync::Weak<MqttContext>>>,
 ) {
     let index = retained::RetainedIndex::default();
     let store = state.store.clone();
@@ -228,12 +232,18 @@ pub async fn serve(
         config,
         stopping: stopping.clone(),
     });
+    // MQTT over WebSocket (`GET /mqtt`) serves connections with the same context; weak, so
+    // that the context (which holds the state) does not keep itself alive.
+    let _ = ready.send(Some(Arc::downgrade(&context)));
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    connections.spawn(connection::run(stream, peer, context.clone()));
+                    if let Err(error) = stream.set_nodelay(true) {
+                        tracing::debug!(%error, "cannot set TCP_NODELAY");
+                    }
+                    connections.spawn(connection::run(stream, peer.to_string(), context.clone()));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: back off instead of spinning.
