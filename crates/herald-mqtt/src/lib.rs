@@ -6,6 +6,7 @@
 //! out the [`Action`]s it returns.
 //!
 //! # Layout
+//! - [`decoder`]: bytes to packets (the CONNECT's protocol level picks the codec).
 //! - [`topic`]: topic name and filter validation, the topic <-> channel mapping, matching.
 //! - [`session`]: one connection's protocol state machine (CONNECT, QoS 0/1/2 flows,
 //!   SUBSCRIBE/UNSUBSCRIBE, the outbound window, protocol violations).
@@ -15,9 +16,11 @@
 //! - QoS 2: one append per packet id until PUBREL, within a connection.
 //! - Nothing panics on client input: every violation becomes a close with a reason code.
 
+pub mod decoder;
 pub mod session;
 pub mod topic;
 
+pub use decoder::PacketDecoder;
 pub use rmqtt_codec as codec;
 pub use session::{
     Action, AppendOutcome, AppendToken, AuthRefusal, CloseReason, HEADER_QOS, HEADER_RETAIN,

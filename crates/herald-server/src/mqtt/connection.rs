@@ -11,14 +11,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use herald_core::ChannelName;
 use herald_log::AppendError;
+use herald_mqtt::PacketDecoder;
 use herald_mqtt::codec::error::DecodeError;
-use herald_mqtt::codec::version::{ProtocolVersion, VersionCodec};
 use herald_mqtt::codec::{v3, v5};
 use herald_mqtt::session::{Action, AppendOutcome, AppendToken, AuthRefusal, Packet, Session};
 use herald_mqtt::topic::TopicFilter;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tokio_util::codec::{Decoder as _, Encoder as _};
+use tokio_util::codec::Encoder as _;
 
 use super::MqttContext;
 use crate::auth::{Operation, Principal};
@@ -40,13 +40,6 @@ enum Outgoing {
 
 /// An append's answer, with the slot it held.
 type Completion = (AppendToken, AppendOutcome, OwnedSemaphorePermit);
-
-enum Decoding {
-    /// Before CONNECT: the protocol level decides the codec.
-    Sniffing,
-    V3(v3::Codec),
-    V5(v5::Codec),
-}
 
 /// The connection's filters, shared with its feed's matcher on the commit path.
 type Filters = Arc<RwLock<BTreeMap<String, TopicFilter>>>;
@@ -98,7 +91,7 @@ where
     };
     let mut stopping = context.stopping.clone();
     let mut buffer = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut decoding = Decoding::Sniffing;
+    let mut decoder = PacketDecoder::new(context.config.max_packet_bytes);
     let mut deadline = tokio::time::Instant::now() + context.config.connect_timeout;
     while !connection.closing {
         tokio::select! {
@@ -107,7 +100,7 @@ where
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                connection.decode_all(&mut buffer, &mut decoding).await;
+                connection.decode_all(&mut buffer, &mut decoder).await;
                 deadline = match connection.session.keep_alive_timeout_ms() {
                     Some(timeout_ms) => tokio::time::Instant::now() + Duration::from_millis(timeout_ms),
                     None if connection.session.is_connected() => far_future(),
@@ -180,29 +173,9 @@ async fn recv_feed(feed: &mut Option<PatternReceiver>) -> Option<Arc<crate::hub:
 
 impl Connection {
     /// Decodes and handles every complete packet in `buffer`.
-    async fn decode_all(&mut self, buffer: &mut BytesMut, decoding: &mut Decoding) {
+    async fn decode_all(&mut self, buffer: &mut BytesMut, decoder: &mut PacketDecoder) {
         while !self.closing {
-            let decoded = match decoding {
-                Decoding::Sniffing => match VersionCodec.decode(buffer) {
-                    Ok(None) => return,
-                    Ok(Some(version)) => {
-                        let max = self.context.config.max_packet_bytes;
-                        *decoding = match version {
-                            ProtocolVersion::MQTT3 => Decoding::V3(v3::Codec::new(max)),
-                            ProtocolVersion::MQTT5 => Decoding::V5(v5::Codec::new(max, 0)),
-                        };
-                        continue;
-                    }
-                    Err(error) => Err(error),
-                },
-                Decoding::V3(codec) => codec
-                    .decode(buffer)
-                    .map(|packet| packet.map(|(packet, _)| Packet::V3(packet))),
-                Decoding::V5(codec) => codec
-                    .decode(buffer)
-                    .map(|packet| packet.map(|(packet, _)| Packet::V5(packet))),
-            };
-            match decoded {
+            match decoder.decode(buffer) {
                 Ok(None) => return,
                 Ok(Some(packet)) => self.session.handle_packet(packet),
                 Err(error) => self.session.handle_decode_error(&error),

@@ -1,0 +1,255 @@
+//! CONNECT and authentication: the first packet, the checks made before asking the driver
+//! ([`Action::Authenticate`]), the answer ([`Session::handle_authenticated`]) with its CONNACK,
+//! and the packets a client sent before that CONNACK.
+//!
+//! # Invariants
+//! - The first packet is CONNECT or the connection closes without a CONNACK (MQTT-3.1.0-1).
+//! - A refused CONNECT gets a CONNACK with the version's reason code, then [`Action::Close`];
+//!   nothing else is sent.
+//! - Packets received while authenticating wait (at most `EARLY_PACKETS_MAX`) and are handled
+//!   in order right after the CONNACK; on a refusal they are dropped.
+//! - The granted keep alive never exceeds `keep_alive_max_secs` (when that is non-zero); a v5
+//!   client is told when it differs from its request.
+//! - Sessions are clean: CONNACK says `session_present = 0` (see the limits in the parent).
+
+use std::collections::VecDeque;
+use std::num::NonZeroU16;
+
+use bytes::Bytes;
+use rmqtt_codec::types::QoS;
+use rmqtt_codec::v3;
+use rmqtt_codec::v5::{self, DisconnectReasonCode};
+
+use super::reasons;
+use super::{
+    Action, AuthRefusal, CLIENT_ID_BYTES_MAX, CloseReason, Packet, Phase, Session, Version,
+};
+
+/// A CONNECT accepted so far, awaiting the driver's [`Action::Authenticate`] answer.
+#[derive(Clone, Debug)]
+pub(super) struct Connecting {
+    version: Version,
+    client_id: String,
+    assigned_client_id: bool,
+    keep_alive_secs: u16,
+    server_keep_alive: bool,
+    session_expiry_requested: bool,
+    client_receive_maximum: u16,
+    peer_max_packet_bytes: Option<u32>,
+}
+
+impl Session {
+    /// The answer to [`Action::Authenticate`].
+    pub fn handle_authenticated(&mut self, result: Result<(), AuthRefusal>) {
+        if self.is_closed() {
+            return;
+        }
+        let Phase::Authenticating { connecting, early } =
+            std::mem::replace(&mut self.phase, Phase::Connected)
+        else {
+            self.phase = Phase::Closed;
+            panic!("handle_authenticated without a pending Action::Authenticate");
+        };
+        self.version = connecting.version;
+        if let Err(refusal) = result {
+            let (v3_code, v5_code, detail) = reasons::auth_refusal(refusal);
+            self.refuse_connect(v3_code, v5_code, detail);
+            return;
+        }
+        self.client_id = connecting.client_id.clone();
+        self.keep_alive_secs = connecting.keep_alive_secs;
+        self.peer_max_packet_bytes = connecting.peer_max_packet_bytes;
+        self.outbound_window = match connecting.version {
+            Version::V3 => self.config.outbound_inflight_max,
+            Version::V5 => connecting
+                .client_receive_maximum
+                .min(self.config.outbound_inflight_max),
+        };
+        let connack = self.connack(&connecting);
+        self.send(connack);
+        for packet in early {
+            if self.is_closed() {
+                break;
+            }
+            self.on_packet(packet);
+        }
+    }
+
+    /// The CONNACK accepting `connecting`.
+    fn connack(&self, connecting: &Connecting) -> Packet {
+        match connecting.version {
+            Version::V3 => Packet::V3(v3::Packet::ConnectAck(v3::ConnectAck {
+                return_code: v3::ConnectAckReason::ConnectionAccepted,
+                session_present: false,
+            })),
+            Version::V5 => Packet::V5(v5::Packet::ConnectAck(Box::new(v5::ConnectAck {
+                session_present: false,
+                reason_code: v5::ConnectAckReason::Success,
+                // Sessions end with the connection in this version of Herald: say so.
+                session_expiry_interval_secs: connecting.session_expiry_requested.then_some(0),
+                receive_max: NonZeroU16::new(self.config.receive_maximum).expect("checked in new"),
+                max_qos: QoS::ExactlyOnce,
+                max_packet_size: Some(self.config.max_packet_bytes),
+                assigned_client_id: connecting
+                    .assigned_client_id
+                    .then(|| connecting.client_id.clone().into()),
+                topic_alias_max: 0,
+                retain_available: true,
+                wildcard_subscription_available: true,
+                subscription_identifiers_available: false,
+                shared_subscription_available: false,
+                server_keepalive_sec: connecting
+                    .server_keep_alive
+                    .then_some(connecting.keep_alive_secs),
+                ..v5::ConnectAck::default()
+            }))),
+        }
+    }
+
+    pub(super) fn on_first_packet(&mut self, packet: Packet) {
+        match packet {
+            Packet::V3(v3::Packet::Connect(connect)) => self.on_v3_connect(*connect),
+            Packet::V5(v5::Packet::Connect(connect)) => self.on_v5_connect(*connect),
+            // MQTT-3.1.0-1: the first packet must be CONNECT; close without a CONNACK.
+            _ => self.close(
+                DisconnectReasonCode::ProtocolError,
+                "the first packet must be CONNECT",
+            ),
+        }
+    }
+
+    fn on_v3_connect(&mut self, connect: v3::Connect) {
+        self.version = Version::V3;
+        if connect.last_will.is_some() {
+            return self.refuse_will();
+        }
+        let requested = connect.client_id.to_string();
+        if requested.is_empty() && !connect.clean_session {
+            // MQTT-3.1.3-8: an empty id needs a clean session in 3.1.1.
+            return self.refuse_connect(
+                v3::ConnectAckReason::IdentifierRejected,
+                v5::ConnectAckReason::ClientIdentifierNotValid,
+                "an empty client id requires clean_session = 1",
+            );
+        }
+        let (keep_alive_secs, _) = self.grant_keep_alive(connect.keep_alive);
+        self.start_authentication(
+            Connecting {
+                version: Version::V3,
+                client_id: requested,
+                assigned_client_id: false,
+                keep_alive_secs,
+                server_keep_alive: false,
+                session_expiry_requested: false,
+                client_receive_maximum: u16::MAX,
+                peer_max_packet_bytes: None,
+            },
+            connect.username.map(|name| name.to_string()),
+            connect.password,
+        );
+    }
+
+    fn on_v5_connect(&mut self, connect: v5::Connect) {
+        self.version = Version::V5;
+        if connect.last_will.is_some() {
+            return self.refuse_will();
+        }
+        if connect.auth_method.is_some() {
+            return self.refuse_connect(
+                v3::ConnectAckReason::NotAuthorized,
+                v5::ConnectAckReason::BadAuthenticationMethod,
+                "enhanced authentication is not supported; send the API key as password",
+            );
+        }
+        let (keep_alive_secs, changed) = self.grant_keep_alive(connect.keep_alive);
+        self.start_authentication(
+            Connecting {
+                version: Version::V5,
+                client_id: connect.client_id.to_string(),
+                assigned_client_id: false,
+                keep_alive_secs,
+                server_keep_alive: changed,
+                session_expiry_requested: connect.session_expiry_interval_secs > 0,
+                client_receive_maximum: connect.receive_max.map_or(u16::MAX, |max| max.get()),
+                peer_max_packet_bytes: connect.max_packet_size.map(|max| max.get()),
+            },
+            connect.username.map(|name| name.to_string()),
+            connect.password,
+        );
+    }
+
+    /// A will would never be published in this slice: refusing it beats dropping it silently.
+    fn refuse_will(&mut self) {
+        self.refuse_connect(
+            v3::ConnectAckReason::ServiceUnavailable,
+            v5::ConnectAckReason::ImplementationSpecificError,
+            "will messages are not supported yet",
+        );
+    }
+
+    fn start_authentication(
+        &mut self,
+        mut connecting: Connecting,
+        username: Option<String>,
+        password: Option<Bytes>,
+    ) {
+        if connecting.client_id.len() > CLIENT_ID_BYTES_MAX {
+            return self.refuse_connect(
+                v3::ConnectAckReason::IdentifierRejected,
+                v5::ConnectAckReason::ClientIdentifierNotValid,
+                "the client id is longer than 256 bytes",
+            );
+        }
+        if connecting.client_id.is_empty() {
+            connecting.client_id = format!("herald-{}", self.connection_id);
+            connecting.assigned_client_id = true;
+        }
+        self.actions.push_back(Action::Authenticate {
+            client_id: connecting.client_id.clone(),
+            username,
+            password,
+        });
+        self.keep_alive_secs = connecting.keep_alive_secs;
+        self.phase = Phase::Authenticating {
+            connecting: Box::new(connecting),
+            early: VecDeque::new(),
+        };
+    }
+
+    /// The keep alive to enforce, and whether it differs from what the client asked.
+    fn grant_keep_alive(&self, requested_secs: u16) -> (u16, bool) {
+        let max = self.config.keep_alive_max_secs;
+        if max > 0 && (requested_secs == 0 || requested_secs > max) {
+            (max, true)
+        } else {
+            (requested_secs, false)
+        }
+    }
+
+    /// Answers the CONNECT with a refusal in the connection's version, then closes.
+    fn refuse_connect(
+        &mut self,
+        v3_code: v3::ConnectAckReason,
+        v5_code: v5::ConnectAckReason,
+        detail: &str,
+    ) {
+        let connack = match self.version {
+            Version::V3 => Packet::V3(v3::Packet::ConnectAck(v3::ConnectAck {
+                return_code: v3_code,
+                session_present: false,
+            })),
+            Version::V5 => Packet::V5(v5::Packet::ConnectAck(Box::new(v5::ConnectAck {
+                reason_code: v5_code,
+                reason_string: Some(detail.to_owned().into()),
+                ..v5::ConnectAck::default()
+            }))),
+        };
+        self.send(connack);
+        // Every refusal is counted as NotAuthorized, whatever its CONNACK code says.
+        self.actions.push_back(Action::Close(CloseReason {
+            code: DisconnectReasonCode::NotAuthorized,
+            detail: format!("CONNECT refused: {detail}"),
+        }));
+        self.phase = Phase::Closed;
+    }
+}

@@ -1,0 +1,242 @@
+//! The client's PUBLISH at QoS 0, 1 and 2: the topic check, the [`Action::Append`] request,
+//! the acknowledgement once the driver answered ([`Session::handle_appended`]), and PUBREL.
+//!
+//! # Invariants
+//! - PUBACK (QoS 1) and PUBREC (QoS 2) are sent only after [`AppendOutcome::Durable`]; a
+//!   refusal is a v5 negative acknowledgement or, in v3 (which has none), a close.
+//! - `inbound` holds a packet id from its PUBLISH until its acknowledgement (QoS 1) or PUBREL
+//!   (QoS 2): a PUBLISH re-sent meanwhile is not appended again (MQTT-4.3.3).
+//! - In v5, `inbound` never holds more than `receive_maximum` packet ids (0x93 otherwise).
+//! - Each PUBLISH gets the next sequence, so message ids `mqtt-<connection id>-<sequence>`
+//!   never repeat within the connection.
+
+use std::num::NonZeroU16;
+
+use herald_core::{Data, Headers, MessageId, NewMessage};
+use rmqtt_codec::types::{Publish, QoS};
+use rmqtt_codec::v3;
+use rmqtt_codec::v5::{self, DisconnectReasonCode};
+
+use super::{
+    Action, AppendOutcome, AppendToken, HEADER_QOS, HEADER_RETAIN, Packet, Session, Version,
+    reasons,
+};
+use crate::topic::{self, TopicError};
+
+/// An inbound QoS 1/2 publish, by packet id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Inbound {
+    /// The append is pending; the acknowledgement follows its answer.
+    Appending { qos: QoS, sequence: u64 },
+    /// QoS 2: durable, PUBREC sent, waiting for PUBREL.
+    Received,
+}
+
+impl Session {
+    /// The answer to [`Action::Append`].
+    pub fn handle_appended(&mut self, token: AppendToken, outcome: AppendOutcome) {
+        if self.is_closed() {
+            return;
+        }
+        let Some(packet_id) = token.packet_id else {
+            // QoS 0 has no acknowledgement; only a refusal is worth ending the connection
+            // for, so that the publisher learns it. Other failures are the driver's to count.
+            if outcome == AppendOutcome::NotAuthorized {
+                self.close(
+                    DisconnectReasonCode::NotAuthorized,
+                    "not authorized to publish to this topic",
+                );
+            }
+            return;
+        };
+        let Some(Inbound::Appending { qos, sequence }) = self.inbound.get(&packet_id).copied()
+        else {
+            panic!("an append answer for packet {packet_id} that is not being appended");
+        };
+        assert_eq!(sequence, token.sequence, "one append per inbound packet id");
+        let refusal = reasons::append_refusal(outcome);
+        if refusal.is_none() && qos == QoS::ExactlyOnce {
+            self.inbound.insert(packet_id, Inbound::Received);
+        } else {
+            self.inbound.remove(&packet_id);
+        }
+        self.acknowledge_publish(packet_id, qos, refusal);
+    }
+
+    pub(super) fn on_publish(&mut self, publish: Publish) {
+        if self.version == Version::V5 {
+            let properties = publish.properties.as_ref();
+            if properties.is_some_and(|p| p.topic_alias.is_some()) {
+                return self.close(
+                    DisconnectReasonCode::TopicAliasInvalid,
+                    "topic aliases are not supported (Topic Alias Maximum is 0)",
+                );
+            }
+        }
+        let channel = match topic::publish_channel(&publish.topic) {
+            Ok(channel) => channel,
+            Err(TopicError::Empty | TopicError::WildcardInName) => {
+                return self.close(
+                    DisconnectReasonCode::TopicNameInvalid,
+                    "a PUBLISH topic must be non-empty and without wildcards",
+                );
+            }
+            Err(error) => {
+                // A valid MQTT topic we cannot take: v5 QoS 1/2 get a negative
+                // acknowledgement and keep the connection; everything else closes it.
+                if self.version == Version::V5
+                    && let Some(packet_id) = publish.packet_id
+                    && publish.qos != QoS::AtMostOnce
+                    && !self.inbound.contains_key(&packet_id)
+                {
+                    let refusal = (v5::PublishAckReason::TopicNameInvalid, error.to_string());
+                    return self.acknowledge_publish(packet_id, publish.qos, Some(refusal));
+                }
+                return self.close(
+                    DisconnectReasonCode::TopicNameInvalid,
+                    &format!("topic {:?} refused: {error}", &*publish.topic),
+                );
+            }
+        };
+        let packet_id = match publish.qos {
+            QoS::AtMostOnce => None,
+            _ => match publish.packet_id {
+                Some(packet_id) => Some(packet_id),
+                None => return self.protocol_error("a QoS 1/2 PUBLISH without a packet id"),
+            },
+        };
+        if let Some(packet_id) = packet_id {
+            match self.inbound.get(&packet_id).copied() {
+                Some(Inbound::Appending { qos, .. }) => {
+                    if qos != publish.qos {
+                        return self.protocol_error("a packet id reused with another QoS");
+                    }
+                    // A re-send while the first append is pending: its answer acknowledges both.
+                    return;
+                }
+                Some(Inbound::Received) => {
+                    if publish.qos != QoS::ExactlyOnce {
+                        return self.protocol_error("a packet id reused before PUBREL");
+                    }
+                    // MQTT-4.3.3: until PUBREL, the same packet id is acknowledged, not stored.
+                    return self.acknowledge_publish(packet_id, QoS::ExactlyOnce, None);
+                }
+                None => {}
+            }
+            if self.version == Version::V5
+                && self.inbound.len() >= usize::from(self.config.receive_maximum)
+            {
+                return self.close(
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                    "more unacknowledged QoS 1/2 publishes than Receive Maximum",
+                );
+            }
+        }
+        self.publish_sequence += 1;
+        let sequence = self.publish_sequence;
+        if let Some(packet_id) = packet_id {
+            self.inbound.insert(
+                packet_id,
+                Inbound::Appending {
+                    qos: publish.qos,
+                    sequence,
+                },
+            );
+        }
+        let message = self.new_message(sequence, publish);
+        self.actions.push_back(Action::Append {
+            token: AppendToken {
+                sequence,
+                packet_id,
+            },
+            channel,
+            message,
+        });
+    }
+
+    /// The message to append for the connection's `sequence`-th PUBLISH.
+    fn new_message(&self, sequence: u64, publish: Publish) -> NewMessage {
+        let id = MessageId::parse(&format!("{}{sequence}", self.id_prefix))
+            .expect("printable ASCII of bounded length");
+        let mut headers = Headers::new();
+        headers.insert(HEADER_QOS.to_owned(), publish.qos.value().to_string());
+        if publish.retain {
+            headers.insert(HEADER_RETAIN.to_owned(), "1".to_owned());
+        }
+        let ttl_ms = publish
+            .properties
+            .as_ref()
+            .and_then(|properties| properties.message_expiry_interval)
+            .map(|secs| u64::from(secs.get()) * 1000);
+        NewMessage {
+            id,
+            name: None,
+            headers,
+            data: Data::Binary(publish.payload),
+            ttl_ms,
+        }
+    }
+
+    /// Answers a QoS 1 (PUBACK) or QoS 2 (PUBREC) publish: success, or the refusal with its
+    /// reason. MQTT 3.1.1 has no negative acknowledgement: a v3 refusal closes the connection
+    /// unacknowledged.
+    fn acknowledge_publish(
+        &mut self,
+        packet_id: NonZeroU16,
+        qos: QoS,
+        refusal: Option<(v5::PublishAckReason, String)>,
+    ) {
+        match (self.version, refusal) {
+            (Version::V3, None) => self.send(Packet::V3(if qos == QoS::ExactlyOnce {
+                v3::Packet::PublishReceived { packet_id }
+            } else {
+                v3::Packet::PublishAck { packet_id }
+            })),
+            (Version::V3, Some((reason, why))) => self.close(
+                reasons::disconnect_for_publish_refusal(reason),
+                &format!("publish refused: {why}"),
+            ),
+            (Version::V5, refusal) => {
+                let (reason_code, reason_string) = match refusal {
+                    None => (v5::PublishAckReason::Success, None),
+                    Some((code, why)) => (code, Some(why.into())),
+                };
+                let ack = v5::PublishAck {
+                    packet_id,
+                    reason_code,
+                    properties: Vec::new(),
+                    reason_string,
+                };
+                self.send(Packet::V5(if qos == QoS::ExactlyOnce {
+                    v5::Packet::PublishReceived(ack)
+                } else {
+                    v5::Packet::PublishAck(ack)
+                }));
+            }
+        }
+    }
+
+    pub(super) fn on_pubrel(&mut self, packet_id: NonZeroU16) {
+        match self.inbound.get(&packet_id) {
+            Some(Inbound::Received) => {
+                self.inbound.remove(&packet_id);
+                self.send_pubcomp(packet_id, v5::PublishAck2Reason::Success);
+            }
+            Some(Inbound::Appending { .. }) => self.protocol_error("PUBREL before PUBREC"),
+            // A PUBREL re-sent after our PUBCOMP was lost is answered again (MQTT-4.3.3).
+            None => self.send_pubcomp(packet_id, v5::PublishAck2Reason::PacketIdNotFound),
+        }
+    }
+
+    /// PUBCOMP; `reason` is for v5 (a v3 PUBCOMP has no reason code).
+    fn send_pubcomp(&mut self, packet_id: NonZeroU16, reason: v5::PublishAck2Reason) {
+        self.send(match self.version {
+            Version::V3 => Packet::V3(v3::Packet::PublishComplete { packet_id }),
+            Version::V5 => Packet::V5(v5::Packet::PublishComplete(v5::PublishAck2 {
+                packet_id,
+                reason_code: reason,
+                ..v5::PublishAck2::default()
+            })),
+        });
+    }
+}

@@ -1,0 +1,500 @@
+//! One MQTT connection's protocol state, sans-IO: decoded packets and driver answers in,
+//! [`Action`]s out.
+//!
+//! # Call order
+//! 1. [`Session::new`] with the connection's unique id (from the driver: no randomness here).
+//! 2. For every decoded packet, [`Session::handle_packet`]; for a decode error,
+//!    [`Session::handle_decode_error`]; when the keep-alive timer ([`Session::keep_alive_timeout_ms`])
+//!    runs out, [`Session::handle_keep_alive_timeout`]; on server shutdown,
+//!    [`Session::handle_shutdown`].
+//! 3. After each input, drain [`Session::poll_action`] until `None` and carry the actions out
+//!    in order. Requests come back as answers: [`Action::Authenticate`] ->
+//!    [`Session::handle_authenticated`], [`Action::AuthorizeSubscribe`] ->
+//!    [`Session::handle_subscribe_authorized`], [`Action::Append`] ->
+//!    [`Session::handle_appended`] (in any order, each exactly once).
+//! 4. Messages of subscribed channels go in through [`Session::handle_delivery`] (the driver
+//!    feeds each durable message of a matching channel once; the session picks the QoS).
+//!    [`Action::SendRetained`] asks for the retained messages of a new subscription's filter:
+//!    the driver hands each to [`Session::handle_retained`].
+//! 5. After [`Action::Close`] the driver closes the socket; later inputs are ignored.
+//!
+//! # Contracts
+//! - PUBACK (QoS 1) and PUBREC (QoS 2) are sent only after the append was answered
+//!   [`AppendOutcome::Durable`].
+//! - QoS 2 is exactly once per packet id within the connection: a PUBLISH with a packet id
+//!   that is being appended or awaits PUBREL is not appended again (it gets the PUBREC).
+//! - Message ids are deterministic: `mqtt-<connection id>-<sequence>`, the sequence counting
+//!   the connection's PUBLISH packets; a re-sent packet id keeps its first id, so even a
+//!   repeated append would be deduplicated by the store.
+//! - The publisher's QoS is stored in the header [`HEADER_QOS`] and the retain flag in
+//!   [`HEADER_RETAIN`]; a delivery is sent at min(stored QoS, subscription QoS), where a
+//!   message without the header (published over HTTP or WebSocket) counts as QoS 2.
+//! - Retained messages: a retained PUBLISH is stored like any other (with [`HEADER_RETAIN`];
+//!   an empty one clears the topic's retained message); which message is retained per topic is
+//!   the driver's index. A new subscription gets the retained messages of its filter with
+//!   RETAIN = 1 (v5 Retain Handling 1 and 2 respected); live deliveries have RETAIN = 0 unless
+//!   the v5 subscription asked for Retain As Published.
+//! - Each message is delivered once per connection, at the highest QoS of the matching
+//!   subscriptions (MQTT-3.3.4-2 allows it; overlapping filters do not duplicate).
+//! - Every queue is bounded: inbound QoS 1/2 publishes by `receive_maximum` in v5 (exceeding
+//!   it is a protocol violation, reason 0x93) and by the packet id space in v3 (which has no
+//!   way to tell the client a limit: the driver pauses reading instead), outbound ones by the
+//!   window (the client's Receive Maximum in v5, capped by `outbound_inflight_max`), then
+//!   `outbound_pending_max` deliveries wait; more are dropped and counted
+//!   ([`Session::deliveries_dropped`]).
+//! - Bad input never panics: protocol violations end with [`Action::Close`] and, on a v5
+//!   connection past CONNACK, a DISCONNECT with the reason code first.
+//!
+//! # Layout
+//! This file owns the public types, the [`Session`] state, the dispatch of packets by phase
+//! and version, and the endings (every close goes through one place). The flows live in
+//! `impl Session` blocks of their own files, each with its private state types:
+//! - `connect`: CONNECT, authentication, CONNACK, packets sent before CONNACK.
+//! - `inbound`: the client's PUBLISH at QoS 0/1/2, PUBREL, append answers.
+//! - `subscriptions`: SUBSCRIBE (authorization, quota, retained requests), UNSUBSCRIBE.
+//! - `outbound`: deliveries, packet ids, the inflight window and its bounded queue.
+//! - `reasons`: the v3/v5 reason codes of refusals (pure mappings).
+//!
+//! # Limits of this slice
+//! Sessions are always clean: a persistent-session request (v3 `clean_session = 0`, v5
+//! `clean_start = 0` or a Session Expiry Interval) is served as a clean one with
+//! `session_present = 0` (v5 CONNACK also says Session Expiry Interval 0). Will messages are
+//! refused at CONNECT rather than silently never published. No topic aliases (Topic Alias
+//! Maximum 0), no subscription identifiers, no shared subscriptions (each advertised as
+//! unavailable in CONNACK).
+
+mod connect;
+mod inbound;
+mod outbound;
+mod reasons;
+mod subscriptions;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::num::NonZeroU16;
+
+use bytes::Bytes;
+use herald_core::{ChannelName, NewMessage};
+use rmqtt_codec::error::DecodeError;
+use rmqtt_codec::types::QoS;
+use rmqtt_codec::v3;
+use rmqtt_codec::v5::{self, DisconnectReasonCode, ToReasonCode as _};
+
+use crate::topic::TopicFilter;
+
+use connect::Connecting;
+use inbound::Inbound;
+use outbound::{Awaiting, Delivery};
+use subscriptions::{PendingSubscribe, Subscription};
+
+/// Header holding the publisher's QoS (`0`, `1` or `2`) of a message published over MQTT.
+pub const HEADER_QOS: &str = "mqtt-qos";
+/// Header present (`1`) when the publisher set the retain flag.
+pub const HEADER_RETAIN: &str = "mqtt-retain";
+/// Longest client id accepted, in bytes (the spec requires servers to take 23).
+pub const CLIENT_ID_BYTES_MAX: usize = 256;
+/// Packets a client may send after CONNECT before the CONNACK; more close the connection.
+pub const EARLY_PACKETS_MAX: usize = 32;
+/// SUBSCRIBE packets awaiting their authorization at once.
+pub const PENDING_SUBSCRIBES_MAX: usize = 16;
+
+/// Per-connection limits, set by the server's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// QoS 1/2 PUBLISH packets a v5 client may have unacknowledged (its Receive Maximum). v3
+    /// clients cannot be told a limit; their driver applies backpressure instead.
+    pub receive_maximum: u16,
+    /// Outbound QoS 1/2 deliveries awaiting the client's acknowledgement, at most (v3, and the
+    /// cap on a v5 client's Receive Maximum).
+    pub outbound_inflight_max: u16,
+    /// Deliveries waiting for a free slot in the outbound window; beyond it they are dropped
+    /// and counted.
+    pub outbound_pending_max: usize,
+    /// Longest keep alive granted, in seconds. v5 clients asking for more (or for 0) are told
+    /// this value as Server Keep Alive; v3 clients are held to it without being told.
+    pub keep_alive_max_secs: u16,
+    /// Largest packet accepted (advertised to v5 clients as Maximum Packet Size; the driver's
+    /// decoder enforces it).
+    pub max_packet_bytes: u32,
+    /// Subscriptions per connection.
+    pub subscriptions_max: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            receive_maximum: 64,
+            outbound_inflight_max: 64,
+            outbound_pending_max: 1024,
+            keep_alive_max_secs: 300,
+            max_packet_bytes: 1024 * 1024,
+            subscriptions_max: 100,
+        }
+    }
+}
+
+/// A decoded packet of either protocol version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Packet {
+    V3(v3::Packet),
+    V5(v5::Packet),
+}
+
+/// The protocol version a connection speaks, fixed by its CONNECT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V3,
+    V5,
+}
+
+/// Identifies one [`Action::Append`] in its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AppendToken {
+    sequence: u64,
+    packet_id: Option<NonZeroU16>,
+}
+
+/// How an append ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// Durable in the log (or a duplicate of a durable message).
+    Durable,
+    /// The credentials may not publish to the channel.
+    NotAuthorized,
+    /// The message breaks a limit (size, TTL bounds).
+    Invalid(String),
+    /// The store is overloaded; nothing was stored.
+    Overloaded,
+    /// The store failed or is closed; the outcome may be unknown.
+    Failed(String),
+}
+
+/// Why a CONNECT's credentials were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthRefusal {
+    /// Unknown key, or a key was required and none was given.
+    BadCredentials,
+    NotAuthorized,
+}
+
+/// Why the connection ends, for logs and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    /// The v5 reason code (sent to v5 clients past CONNACK; also used to classify v3 closes).
+    pub code: DisconnectReasonCode,
+    pub detail: String,
+}
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Send(Packet),
+    /// Check the credentials, answer with [`Session::handle_authenticated`]. The username is
+    /// informational; the password is the API key.
+    Authenticate {
+        client_id: String,
+        username: Option<String>,
+        password: Option<Bytes>,
+    },
+    /// Check that the connection may subscribe to each filter, answer with
+    /// [`Session::handle_subscribe_authorized`] (one `bool` per filter, same order).
+    AuthorizeSubscribe {
+        packet_id: NonZeroU16,
+        filters: Vec<TopicFilter>,
+    },
+    /// Authorize (publish) and append the message, answer with [`Session::handle_appended`].
+    Append {
+        token: AppendToken,
+        channel: ChannelName,
+        message: NewMessage,
+    },
+    /// Start feeding messages of channels matching `filter` (replaces an equal filter).
+    Subscribe {
+        filter: TopicFilter,
+        qos: QoS,
+    },
+    /// Stop feeding messages for `filter`.
+    Unsubscribe {
+        filter: TopicFilter,
+    },
+    /// Hand every retained message whose channel matches `filter` (and that the connection may
+    /// read) to [`Session::handle_retained`] with this filter.
+    SendRetained {
+        filter: TopicFilter,
+    },
+    /// Close the network connection.
+    Close(CloseReason),
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    AwaitingConnect,
+    Authenticating {
+        connecting: Box<Connecting>,
+        early: VecDeque<Packet>,
+    },
+    Connected,
+    Closed,
+}
+
+/// The state machine of one MQTT connection. See the module docs for the call order.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    connection_id: String,
+    /// Message ids of this connection start with it (used for v5 No Local).
+    id_prefix: String,
+    phase: Phase,
+    version: Version,
+    client_id: String,
+    keep_alive_secs: u16,
+    outbound_window: u16,
+    peer_max_packet_bytes: Option<u32>,
+    subscriptions: BTreeMap<String, Subscription>,
+    pending_subscribes: BTreeMap<NonZeroU16, PendingSubscribe>,
+    inbound: BTreeMap<NonZeroU16, Inbound>,
+    outbound: BTreeMap<NonZeroU16, Awaiting>,
+    pending_deliveries: VecDeque<Delivery>,
+    next_packet_id: u16,
+    publish_sequence: u64,
+    deliveries_dropped: u64,
+    actions: VecDeque<Action>,
+}
+
+impl Session {
+    /// `connection_id`: unique among all connections the store has ever seen, because it
+    /// prefixes the message ids of the connection's publishes; 1..=64 printable ASCII
+    /// characters (the driver draws it at random).
+    pub fn new(config: SessionConfig, connection_id: &str) -> Session {
+        assert!(
+            !connection_id.is_empty()
+                && connection_id.len() <= 64
+                && connection_id.bytes().all(|b| b.is_ascii_graphic()),
+            "connection ids are 1..=64 printable ASCII characters"
+        );
+        assert!(config.receive_maximum > 0 && config.outbound_inflight_max > 0);
+        Session {
+            id_prefix: format!("mqtt-{connection_id}-"),
+            connection_id: connection_id.to_owned(),
+            config,
+            phase: Phase::AwaitingConnect,
+            version: Version::V3,
+            client_id: String::new(),
+            keep_alive_secs: 0,
+            outbound_window: 1,
+            peer_max_packet_bytes: None,
+            subscriptions: BTreeMap::new(),
+            pending_subscribes: BTreeMap::new(),
+            inbound: BTreeMap::new(),
+            outbound: BTreeMap::new(),
+            pending_deliveries: VecDeque::new(),
+            next_packet_id: 1,
+            publish_sequence: 0,
+            deliveries_dropped: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next action, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Connected)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// The protocol version (meaningful once CONNECT was handled).
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The client id, assigned by the server when the client sent an empty one.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// How long the connection may stay silent before [`Session::handle_keep_alive_timeout`]:
+    /// one and a half times the keep alive (MQTT-3.1.2-22), `None` before CONNECT.
+    pub fn keep_alive_timeout_ms(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Connected | Phase::Authenticating { .. } if self.keep_alive_secs > 0 => {
+                Some(u64::from(self.keep_alive_secs) * 1500)
+            }
+            _ => None,
+        }
+    }
+
+    /// Deliveries dropped because the outbound window and its queue were full, or because a
+    /// packet exceeded the client's Maximum Packet Size.
+    pub fn deliveries_dropped(&self) -> u64 {
+        self.deliveries_dropped
+    }
+
+    /// Outbound QoS 1/2 deliveries awaiting the client.
+    pub fn outbound_inflight(&self) -> usize {
+        self.outbound.len()
+    }
+
+    // ----- inputs -----
+
+    pub fn handle_packet(&mut self, packet: Packet) {
+        match &mut self.phase {
+            Phase::Closed => {}
+            Phase::AwaitingConnect => self.on_first_packet(packet),
+            Phase::Authenticating { early, .. } => {
+                if is_connect(&packet) {
+                    self.protocol_error("a second CONNECT");
+                } else if early.len() >= EARLY_PACKETS_MAX {
+                    self.close(
+                        DisconnectReasonCode::QuotaExceeded,
+                        "too many packets before CONNACK",
+                    );
+                } else {
+                    early.push_back(packet);
+                }
+            }
+            Phase::Connected => self.on_packet(packet),
+        }
+    }
+
+    /// The decoder refused the input: close with the reason code of the error.
+    pub fn handle_decode_error(&mut self, error: &DecodeError) {
+        self.close(error.to_reason_code(), &format!("bad packet: {error}"));
+    }
+
+    pub fn handle_keep_alive_timeout(&mut self) {
+        self.close(
+            DisconnectReasonCode::KeepAliveTimeout,
+            "nothing received within 1.5 times the keep alive",
+        );
+    }
+
+    pub fn handle_shutdown(&mut self) {
+        self.close(
+            DisconnectReasonCode::ServerShuttingDown,
+            "the server is shutting down",
+        );
+    }
+
+    // ----- dispatch of a connected session's packets -----
+
+    fn on_packet(&mut self, packet: Packet) {
+        match (self.version, packet) {
+            (Version::V3, Packet::V3(packet)) => self.on_v3(packet),
+            (Version::V5, Packet::V5(packet)) => self.on_v5(packet),
+            _ => self.protocol_error("a packet of another protocol version"),
+        }
+    }
+
+    fn on_v3(&mut self, packet: v3::Packet) {
+        match packet {
+            v3::Packet::Publish(publish) => self.on_publish(*publish),
+            v3::Packet::PublishAck { packet_id } => self.on_puback(packet_id),
+            v3::Packet::PublishReceived { packet_id } => self.on_pubrec(packet_id, true),
+            v3::Packet::PublishRelease { packet_id } => self.on_pubrel(packet_id),
+            v3::Packet::PublishComplete { packet_id } => self.on_pubcomp(packet_id),
+            v3::Packet::Subscribe {
+                packet_id,
+                topic_filters,
+            } => self.on_subscribe(packet_id, subscriptions::v3_requests(topic_filters)),
+            v3::Packet::Unsubscribe {
+                packet_id,
+                topic_filters,
+            } => self.on_unsubscribe(packet_id, &topic_filters),
+            v3::Packet::PingRequest => self.send(Packet::V3(v3::Packet::PingResponse)),
+            v3::Packet::Disconnect => self.client_disconnected(),
+            v3::Packet::Connect(_) => self.protocol_error("a second CONNECT"),
+            v3::Packet::ConnectAck(_)
+            | v3::Packet::SubscribeAck { .. }
+            | v3::Packet::UnsubscribeAck { .. }
+            | v3::Packet::PingResponse => self.protocol_error("a packet only servers send"),
+        }
+    }
+
+    fn on_v5(&mut self, packet: v5::Packet) {
+        match packet {
+            v5::Packet::Publish(publish) => self.on_publish(*publish),
+            v5::Packet::PublishAck(ack) => self.on_puback(ack.packet_id),
+            v5::Packet::PublishReceived(ack) => {
+                self.on_pubrec(ack.packet_id, reasons::is_success(ack.reason_code));
+            }
+            v5::Packet::PublishRelease(ack) => self.on_pubrel(ack.packet_id),
+            v5::Packet::PublishComplete(ack) => self.on_pubcomp(ack.packet_id),
+            v5::Packet::Subscribe(subscribe) => {
+                if subscribe.id.is_some() {
+                    return self.close(
+                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
+                        "subscription identifiers are not supported (CONNACK said so)",
+                    );
+                }
+                let requests = subscriptions::v5_requests(subscribe.topic_filters);
+                self.on_subscribe(subscribe.packet_id, requests);
+            }
+            v5::Packet::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(unsubscribe.packet_id, &unsubscribe.topic_filters);
+            }
+            v5::Packet::PingRequest => self.send(Packet::V5(v5::Packet::PingResponse)),
+            v5::Packet::Disconnect(_) => self.client_disconnected(),
+            v5::Packet::Connect(_) => self.protocol_error("a second CONNECT"),
+            v5::Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
+            v5::Packet::ConnectAck(_)
+            | v5::Packet::SubscribeAck(_)
+            | v5::Packet::UnsubscribeAck(_)
+            | v5::Packet::PingResponse => self.protocol_error("a packet only servers send"),
+        }
+    }
+
+    // ----- endings -----
+
+    fn send(&mut self, packet: Packet) {
+        self.actions.push_back(Action::Send(packet));
+    }
+
+    fn client_disconnected(&mut self) {
+        self.actions.push_back(Action::Close(CloseReason {
+            code: DisconnectReasonCode::NormalDisconnection,
+            detail: "the client disconnected".into(),
+        }));
+        self.phase = Phase::Closed;
+    }
+
+    fn protocol_error(&mut self, detail: &str) {
+        self.close(
+            DisconnectReasonCode::ProtocolError,
+            &format!("protocol error: {detail}"),
+        );
+    }
+
+    /// Ends the connection: a v5 DISCONNECT with the reason first when CONNACK was sent.
+    fn close(&mut self, code: DisconnectReasonCode, detail: &str) {
+        if self.is_closed() {
+            return;
+        }
+        if self.is_connected() && self.version == Version::V5 {
+            self.send(Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
+                reason_code: code,
+                reason_string: Some(detail.to_owned().into()),
+                ..v5::Disconnect::default()
+            })));
+        }
+        self.actions.push_back(Action::Close(CloseReason {
+            code,
+            detail: detail.to_owned(),
+        }));
+        self.phase = Phase::Closed;
+    }
+}
+
+fn is_connect(packet: &Packet) -> bool {
+    matches!(
+        packet,
+        Packet::V3(v3::Packet::Connect(_)) | Packet::V5(v5::Packet::Connect(_))
+    )
+}
+
+#[cfg(test)]
+mod tests;

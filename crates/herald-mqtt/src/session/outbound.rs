@@ -1,0 +1,221 @@
+//! Deliveries to the client: the QoS of each ([`Session::handle_delivery`],
+//! [`Session::handle_retained`]), outbound packet ids, the inflight window and its bounded
+//! queue, and the client's PUBACK / PUBREC / PUBCOMP.
+//!
+//! # Invariants
+//! - A delivery goes out at min(publisher QoS, subscription QoS); a message without
+//!   [`HEADER_QOS`] (published over HTTP or WebSocket) counts as QoS 2.
+//! - Each message is delivered at most once per connection, at the highest QoS of the
+//!   matching subscriptions.
+//! - `outbound` never holds more than `outbound_window` packet ids, each unique while in
+//!   flight; deliveries beyond the window wait in `pending_deliveries` (at most
+//!   `outbound_pending_max`, in order, QoS 0 included) and more are dropped and counted.
+//! - A delivery larger than the client's Maximum Packet Size is dropped and counted
+//!   (MQTT-3.1.2-25).
+//! - An acknowledgement for a packet id not awaiting that acknowledgement is a protocol error.
+
+use std::num::NonZeroU16;
+
+use bytes::Bytes;
+use herald_core::Message;
+use rmqtt_codec::types::{Publish, QoS};
+use rmqtt_codec::v3;
+use rmqtt_codec::v5;
+
+use super::{HEADER_QOS, HEADER_RETAIN, Packet, Session, Version};
+use crate::topic::{self, TopicFilter};
+
+/// An outbound QoS 1/2 delivery, by packet id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Awaiting {
+    Puback,
+    Pubrec,
+    Pubcomp,
+}
+
+/// A PUBLISH to send, once the window has room.
+#[derive(Clone, Debug)]
+pub(super) struct Delivery {
+    topic: String,
+    payload: Bytes,
+    qos: QoS,
+    retain: bool,
+}
+
+impl Session {
+    /// A retained message for the subscription `filter` (the answer to
+    /// [`Action::SendRetained`](super::Action::SendRetained)): sent with RETAIN = 1 at
+    /// min(stored QoS, subscription QoS). Ignored when the filter is no longer subscribed or
+    /// does not match.
+    pub fn handle_retained(&mut self, filter: &TopicFilter, message: &Message) {
+        if !self.is_connected() {
+            return;
+        }
+        let Some(subscription) = self.subscriptions.get(filter.as_str()) else {
+            return;
+        };
+        if !subscription.filter.matches_channel(&message.channel) {
+            return;
+        }
+        let qos = subscription.qos;
+        self.queue_delivery(message, qos, true);
+    }
+
+    /// A durable message of a channel the driver feeds. Ignored unless one of the session's
+    /// filters matches (a feed may lag behind an UNSUBSCRIBE).
+    pub fn handle_delivery(&mut self, message: &Message) {
+        if !self.is_connected() {
+            return;
+        }
+        let own = message.id.as_str().starts_with(&self.id_prefix);
+        let mut matched = self
+            .subscriptions
+            .values()
+            .filter(|subscription| !(own && subscription.options.no_local))
+            .filter(|subscription| subscription.filter.matches_channel(&message.channel))
+            .peekable();
+        if matched.peek().is_none() {
+            return;
+        }
+        let (subscription_qos, retain_as_published) =
+            matched.fold((QoS::AtMostOnce, false), |(qos, keep), subscription| {
+                (
+                    qos.max(subscription.qos),
+                    keep || subscription.options.retain_as_published,
+                )
+            });
+        let retain = retain_as_published && message.headers.contains_key(HEADER_RETAIN);
+        self.queue_delivery(message, subscription_qos, retain);
+    }
+
+    /// Sends a delivery now, or queues it behind the window, or drops and counts it.
+    fn queue_delivery(&mut self, message: &Message, subscription_qos: QoS, retain: bool) {
+        let published_qos = match message.headers.get(HEADER_QOS).map(String::as_str) {
+            Some("0") => QoS::AtMostOnce,
+            Some("1") => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let delivery = Delivery {
+            topic: topic::channel_to_topic(&message.channel),
+            payload: message.data.bytes().clone(),
+            qos: published_qos.min(subscription_qos),
+            retain,
+        };
+        if let Some(max) = self.peer_max_packet_bytes
+            && publish_size_bytes(&delivery) > max as usize
+        {
+            // MQTT-3.1.2-25: a packet over the client's maximum is discarded as if delivered.
+            self.deliveries_dropped += 1;
+            return;
+        }
+        if self.pending_deliveries.is_empty() && self.can_send(&delivery) {
+            self.send_delivery(delivery);
+        } else if self.pending_deliveries.len() < self.config.outbound_pending_max {
+            self.pending_deliveries.push_back(delivery);
+        } else {
+            self.deliveries_dropped += 1;
+        }
+    }
+
+    fn can_send(&self, delivery: &Delivery) -> bool {
+        delivery.qos == QoS::AtMostOnce || self.outbound.len() < usize::from(self.outbound_window)
+    }
+
+    fn drain_pending_deliveries(&mut self) {
+        while let Some(delivery) = self.pending_deliveries.front() {
+            if !self.can_send(delivery) {
+                break;
+            }
+            let delivery = self.pending_deliveries.pop_front().expect("front exists");
+            self.send_delivery(delivery);
+        }
+    }
+
+    fn send_delivery(&mut self, delivery: Delivery) {
+        let packet_id = match delivery.qos {
+            QoS::AtMostOnce => None,
+            qos => {
+                let packet_id = self.allocate_packet_id();
+                self.outbound.insert(
+                    packet_id,
+                    if qos == QoS::AtLeastOnce {
+                        Awaiting::Puback
+                    } else {
+                        Awaiting::Pubrec
+                    },
+                );
+                Some(packet_id)
+            }
+        };
+        let publish = Box::new(Publish {
+            dup: false,
+            retain: delivery.retain,
+            qos: delivery.qos,
+            topic: delivery.topic.into(),
+            packet_id,
+            payload: delivery.payload,
+            properties: None,
+        });
+        self.send(match self.version {
+            Version::V3 => Packet::V3(v3::Packet::Publish(publish)),
+            Version::V5 => Packet::V5(v5::Packet::Publish(publish)),
+        });
+    }
+
+    /// A packet id not in flight; the window (at most 65535) guarantees one exists.
+    fn allocate_packet_id(&mut self) -> NonZeroU16 {
+        loop {
+            let candidate = NonZeroU16::new(self.next_packet_id).expect("never 0");
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.outbound.contains_key(&candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    // ----- the client's acknowledgements -----
+
+    pub(super) fn on_puback(&mut self, packet_id: NonZeroU16) {
+        self.complete_outbound(packet_id, Awaiting::Puback, "PUBACK");
+    }
+
+    /// `success`: false for a v5 PUBREC with an error code, which ends the exchange.
+    pub(super) fn on_pubrec(&mut self, packet_id: NonZeroU16, success: bool) {
+        match self.outbound.get(&packet_id) {
+            Some(Awaiting::Pubrec) | Some(Awaiting::Pubcomp) => {}
+            _ => return self.protocol_error("PUBREC for a packet id not awaiting one"),
+        }
+        if !success {
+            self.outbound.remove(&packet_id);
+            return self.drain_pending_deliveries();
+        }
+        self.outbound.insert(packet_id, Awaiting::Pubcomp);
+        self.send(match self.version {
+            Version::V3 => Packet::V3(v3::Packet::PublishRelease { packet_id }),
+            Version::V5 => Packet::V5(v5::Packet::PublishRelease(v5::PublishAck2 {
+                packet_id,
+                ..v5::PublishAck2::default()
+            })),
+        });
+    }
+
+    pub(super) fn on_pubcomp(&mut self, packet_id: NonZeroU16) {
+        self.complete_outbound(packet_id, Awaiting::Pubcomp, "PUBCOMP");
+    }
+
+    /// The last acknowledgement of a delivery (`packet` names it): frees the packet id and
+    /// its slot in the window.
+    fn complete_outbound(&mut self, packet_id: NonZeroU16, expected: Awaiting, packet: &str) {
+        if self.outbound.get(&packet_id) != Some(&expected) {
+            return self.protocol_error(&format!("{packet} for a packet id not awaiting one"));
+        }
+        self.outbound.remove(&packet_id);
+        self.drain_pending_deliveries();
+    }
+}
+
+/// An upper bound of a delivery's PUBLISH size in bytes (fixed header, topic, packet id, an
+/// empty property block, payload).
+fn publish_size_bytes(delivery: &Delivery) -> usize {
+    5 + 2 + delivery.topic.len() + 2 + 1 + delivery.payload.len()
+}

@@ -1,0 +1,128 @@
+//! Tests of deliveries (`session/outbound.rs`): QoS capping, overlapping filters, the window
+//! and its bounded queue, outbound QoS 2, No Local, Maximum Packet Size.
+
+use super::*;
+
+/// The PUBLISH packets sent: topic, QoS, packet id.
+fn delivered(actions: &[Action]) -> Vec<(String, QoS, Option<u16>)> {
+    sent_publishes(actions)
+        .into_iter()
+        .map(|publish| {
+            let packet_id = publish.packet_id.map(NonZeroU16::get);
+            (publish.topic.to_string(), publish.qos, packet_id)
+        })
+        .collect()
+}
+
+#[test]
+fn overlapping_filters_deliver_once_at_the_highest_qos_capped_by_the_publisher() {
+    let mut session = v3_session();
+    subscribe(
+        &mut session,
+        1,
+        &[("a/+", QoS::AtLeastOnce), ("a/#", QoS::ExactlyOnce)],
+    );
+    session.handle_delivery(&message("a:x", 1, Some("2"), "m1"));
+    session.handle_delivery(&message("a:y", 1, Some("0"), "m2"));
+    session.handle_delivery(&message("a:z", 1, None, "m3"));
+    session.handle_delivery(&message("b:z", 1, None, "m4"));
+    assert_eq!(
+        delivered(&drain(&mut session)),
+        vec![
+            ("a/x".to_owned(), QoS::ExactlyOnce, Some(1)),
+            ("a/y".to_owned(), QoS::AtMostOnce, None),
+            ("a/z".to_owned(), QoS::ExactlyOnce, Some(2)),
+        ]
+    );
+}
+
+#[test]
+fn the_outbound_window_is_the_client_receive_maximum_then_a_bounded_queue() {
+    let mut session = v5_session(1);
+    subscribe(&mut session, 1, &[("a/+", QoS::AtLeastOnce)]);
+    for serial in 1..=4 {
+        session.handle_delivery(&message("a:x", serial, None, &format!("m{serial}")));
+    }
+    // Window 1: one in flight, two queued (outbound_pending_max), one dropped and counted.
+    assert_eq!(
+        delivered(&drain(&mut session)),
+        vec![("a/x".to_owned(), QoS::AtLeastOnce, Some(1))]
+    );
+    assert_eq!(session.deliveries_dropped(), 1);
+    session.handle_packet(Packet::V5(v5::Packet::PublishAck(v5::PublishAck {
+        packet_id: id(1),
+        ..v5::PublishAck::default()
+    })));
+    assert_eq!(
+        delivered(&drain(&mut session)),
+        vec![("a/x".to_owned(), QoS::AtLeastOnce, Some(2))]
+    );
+    assert_eq!(session.outbound_inflight(), 1);
+}
+
+#[test]
+fn outbound_qos2_runs_pubrec_pubrel_pubcomp() {
+    let mut session = v3_session();
+    subscribe(&mut session, 1, &[("a/+", QoS::ExactlyOnce)]);
+    session.handle_delivery(&message("a:x", 1, None, "m1"));
+    assert_eq!(delivered(&drain(&mut session)).len(), 1);
+    session.handle_packet(Packet::V3(v3::Packet::PublishReceived { packet_id: id(1) }));
+    assert_eq!(
+        sent(&drain(&mut session)),
+        vec![&Packet::V3(v3::Packet::PublishRelease { packet_id: id(1) })]
+    );
+    // A PUBACK is the wrong answer for a QoS 2 delivery.
+    let mut wrong = v3_session();
+    subscribe(&mut wrong, 1, &[("a/+", QoS::ExactlyOnce)]);
+    wrong.handle_delivery(&message("a:x", 1, None, "m1"));
+    drain(&mut wrong);
+    wrong.handle_packet(Packet::V3(v3::Packet::PublishAck { packet_id: id(1) }));
+    assert!(closed_with(&drain(&mut wrong)).is_some());
+
+    session.handle_packet(Packet::V3(v3::Packet::PublishComplete { packet_id: id(1) }));
+    assert!(drain(&mut session).is_empty());
+    assert_eq!(session.outbound_inflight(), 0);
+}
+
+#[test]
+fn acknowledging_a_packet_id_not_in_flight_is_a_protocol_error() {
+    let mut session = v5_session(10);
+    session.handle_packet(Packet::V5(v5::Packet::PublishAck(v5::PublishAck {
+        packet_id: id(7),
+        ..v5::PublishAck::default()
+    })));
+    assert_eq!(
+        v5_disconnect_code(&drain(&mut session)),
+        Some(DisconnectReasonCode::ProtocolError)
+    );
+}
+
+#[test]
+fn no_local_skips_the_connection_s_own_messages() {
+    let mut session = v5_session(10);
+    let no_local = v5::SubscriptionOptions {
+        no_local: true,
+        ..v5_options(QoS::AtMostOnce)
+    };
+    v5_subscribe_with(&mut session, 1, no_local);
+    session.handle_delivery(&message("a:x", 1, None, "mqtt-c1-1"));
+    session.handle_delivery(&message("a:x", 2, None, "mqtt-other-1"));
+    assert_eq!(
+        delivered(&drain(&mut session)),
+        vec![("a/x".to_owned(), QoS::AtMostOnce, None)]
+    );
+}
+
+#[test]
+fn a_delivery_over_the_client_maximum_packet_size_is_dropped_and_counted() {
+    let (mut session, _) = v5_connect(v5::Connect {
+        clean_start: true,
+        client_id: "x".into(),
+        max_packet_size: std::num::NonZeroU32::new(16),
+        ..v5::Connect::default()
+    });
+    subscribe(&mut session, 1, &[("#", QoS::AtMostOnce)]);
+    session.handle_delivery(&message("a-long-channel-name:x", 1, None, "m1"));
+    assert!(delivered(&drain(&mut session)).is_empty());
+    assert_eq!(session.deliveries_dropped(), 1);
+}
