@@ -67,7 +67,15 @@ impl Session {
         if !self.is_connected() {
             return;
         }
-        let own = message.id.as_str().starts_with(&self.id_prefix);
+        // Own messages are `<prefix><sequence>`: digits only after the prefix, so connection
+        // `c1` never takes a message of connection `c1-x` for its own.
+        let own = message
+            .id
+            .as_str()
+            .strip_prefix(self.id_prefix.as_str())
+            .is_some_and(|sequence| {
+                !sequence.is_empty() && sequence.bytes().all(|byte| byte.is_ascii_digit())
+            });
         let mut matched = self
             .subscriptions
             .values()

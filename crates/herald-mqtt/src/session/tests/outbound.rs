@@ -107,9 +107,14 @@ fn no_local_skips_the_connection_s_own_messages() {
     v5_subscribe_with(&mut session, 1, no_local);
     session.handle_delivery(&message("a:x", 1, None, "mqtt-c1-1"));
     session.handle_delivery(&message("a:x", 2, None, "mqtt-other-1"));
+    // Connection `c1-x`'s messages share the prefix `mqtt-c1-` but are not c1's own.
+    session.handle_delivery(&message("a:x", 3, None, "mqtt-c1-x-1"));
     assert_eq!(
         delivered(&drain(&mut session)),
-        vec![("a/x".to_owned(), QoS::AtMostOnce, None)]
+        vec![
+            ("a/x".to_owned(), QoS::AtMostOnce, None),
+            ("a/x".to_owned(), QoS::AtMostOnce, None)
+        ]
     );
 }
 
