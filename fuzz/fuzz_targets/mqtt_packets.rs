@@ -84,6 +84,7 @@ fn answer(session: &mut Session, answers: u8, serial: &mut u64) {
                 }
             }
             Action::Send(_)
+            | Action::PublishWill(_)
             | Action::Subscribe { .. }
             | Action::Unsubscribe { .. }
             | Action::SendRetained { .. }

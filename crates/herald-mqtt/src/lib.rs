@@ -24,6 +24,6 @@ pub use decoder::PacketDecoder;
 pub use rmqtt_codec as codec;
 pub use session::{
     Action, AppendOutcome, AppendToken, AuthRefusal, CloseReason, HEADER_QOS, HEADER_RETAIN,
-    Packet, Session, SessionConfig, Version,
+    Packet, Session, SessionConfig, Version, Will,
 };
 pub use topic::{TopicError, TopicFilter, channel_to_topic, publish_channel, topic_to_channel};

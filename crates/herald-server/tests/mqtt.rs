@@ -1006,3 +1006,80 @@ async fn get_mqtt_is_unavailable_while_mqtt_is_off() {
     }
     server.stop().await;
 }
+
+// ---------- will messages ----------
+
+/// Polls `channel`'s history until it has `count` messages (bounded by [`WAIT`]).
+async fn history_of_len(server: &MqttServer, channel: &str, count: usize) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let history = server.history(channel, None).await;
+        if history.len() >= count || tokio::time::Instant::now() >= deadline {
+            return history;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_will_is_published_when_a_client_vanishes_and_not_after_disconnect() {
+    use rumqttc::{AsyncClient, LastWill, MqttOptions, Packet, QoS};
+
+    let server = MqttServer::start().await;
+    let connect = |id: &str, topic: &str| {
+        let mut options = MqttOptions::new(id, "127.0.0.1", server.mqtt_addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_last_will(LastWill::new(topic, "offline", QoS::AtLeastOnce, true));
+        AsyncClient::new(options, 16)
+    };
+    // A client whose TCP connection just goes away: its will is stored, retained.
+    let (_vanishing, mut events) = connect("vanishing", "devices/d1/status");
+    v3::next_packet(&mut events, |packet| matches!(packet, Packet::ConnAck(_))).await;
+    drop(events);
+    let history = history_of_len(&server, "devices:d1.status", 1).await;
+    assert_eq!(history.len(), 1, "the will is stored: {history:?}");
+    assert_eq!(decoded(&history[0]), b"offline");
+    assert_eq!(history[0]["headers"]["mqtt-retain"], "1");
+    // Retained: a later subscriber gets it.
+    let (subscriber, mut sub_events) = v3::client(&server, "watcher", None).await;
+    subscriber
+        .subscribe("devices/+/status", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let publish = v3::next_packet(&mut sub_events, |packet| {
+        matches!(packet, Packet::Publish(_))
+    })
+    .await;
+    let Packet::Publish(publish) = publish else {
+        unreachable!()
+    };
+    assert_eq!(
+        (publish.topic.as_str(), &publish.payload[..]),
+        ("devices/d1/status", &b"offline"[..])
+    );
+
+    // A client that says DISCONNECT: no will.
+    let (leaving, mut events) = connect("leaving", "devices/d2/status");
+    v3::next_packet(&mut events, |packet| matches!(packet, Packet::ConnAck(_))).await;
+    leaving.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(WAIT, async { while events.poll().await.is_ok() {} }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        server.history("devices:d2.status", None).await.is_empty(),
+        "a clean DISCONNECT discards the will"
+    );
+    let metrics = server
+        .http
+        .get(format!("http://{}/metrics", server.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("herald_mqtt_wills_published_total 1\n"),
+        "{metrics}"
+    );
+    server.stop().await;
+}

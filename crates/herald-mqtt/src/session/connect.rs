@@ -21,6 +21,7 @@ use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode};
 
 use super::reasons;
+use super::will::{Will, WillRequest};
 use super::{
     Action, AuthRefusal, CLIENT_ID_BYTES_MAX, CloseReason, Packet, Phase, Session, Version,
 };
@@ -36,6 +37,7 @@ pub(super) struct Connecting {
     session_expiry_requested: bool,
     client_receive_maximum: u16,
     peer_max_packet_bytes: Option<u32>,
+    will: Option<Will>,
 }
 
 impl Session {
@@ -57,6 +59,7 @@ impl Session {
             return;
         }
         self.client_id = connecting.client_id.clone();
+        self.will = connecting.will.clone();
         self.keep_alive_secs = connecting.keep_alive_secs;
         self.peer_max_packet_bytes = connecting.peer_max_packet_bytes;
         self.outbound_window = match connecting.version {
@@ -120,9 +123,20 @@ impl Session {
 
     fn on_v3_connect(&mut self, connect: v3::Connect) {
         self.version = Version::V3;
-        if connect.last_will.is_some() {
-            return self.refuse_will();
-        }
+        let will = match connect
+            .last_will
+            .map(|will| self.will_of(WillRequest::from_v3(will)))
+        {
+            None => None,
+            Some(Ok(will)) => Some(will),
+            // 3.1.1 has no CONNACK code for it: a malformed CONNECT.
+            Some(Err(error)) => {
+                return self.close(
+                    DisconnectReasonCode::ProtocolError,
+                    &format!("invalid will topic: {error}"),
+                );
+            }
+        };
         let requested = connect.client_id.to_string();
         if requested.is_empty() && !connect.clean_session {
             // MQTT-3.1.3-8: an empty id needs a clean session in 3.1.1.
@@ -143,6 +157,7 @@ impl Session {
                 session_expiry_requested: false,
                 client_receive_maximum: u16::MAX,
                 peer_max_packet_bytes: None,
+                will,
             },
             connect.username.map(|name| name.to_string()),
             connect.password,
@@ -151,9 +166,20 @@ impl Session {
 
     fn on_v5_connect(&mut self, connect: v5::Connect) {
         self.version = Version::V5;
-        if connect.last_will.is_some() {
-            return self.refuse_will();
-        }
+        let will = match connect
+            .last_will
+            .map(|will| self.will_of(WillRequest::from_v5(will)))
+        {
+            None => None,
+            Some(Ok(will)) => Some(will),
+            Some(Err(error)) => {
+                return self.refuse_connect(
+                    v3::ConnectAckReason::ServiceUnavailable,
+                    v5::ConnectAckReason::TopicNameInvalid,
+                    &format!("invalid will topic: {error}"),
+                );
+            }
+        };
         if connect.auth_method.is_some() {
             return self.refuse_connect(
                 v3::ConnectAckReason::NotAuthorized,
@@ -172,18 +198,10 @@ impl Session {
                 session_expiry_requested: connect.session_expiry_interval_secs > 0,
                 client_receive_maximum: connect.receive_max.map_or(u16::MAX, |max| max.get()),
                 peer_max_packet_bytes: connect.max_packet_size.map(|max| max.get()),
+                will,
             },
             connect.username.map(|name| name.to_string()),
             connect.password,
-        );
-    }
-
-    /// A will would never be published in this slice: refusing it beats dropping it silently.
-    fn refuse_will(&mut self) {
-        self.refuse_connect(
-            v3::ConnectAckReason::ServiceUnavailable,
-            v5::ConnectAckReason::ImplementationSpecificError,
-            "will messages are not supported yet",
         );
     }
 

@@ -54,12 +54,13 @@
 //! - `subscriptions`: SUBSCRIBE (authorization, quota, retained requests), UNSUBSCRIBE.
 //! - `outbound`: deliveries, packet ids, the inflight window and its bounded queue.
 //! - `reasons`: the v3/v5 reason codes of refusals (pure mappings).
+//! - `will`: will messages, published when the connection ends without a clean DISCONNECT.
 //!
 //! # Limits of this slice
 //! Sessions are always clean: a persistent-session request (v3 `clean_session = 0`, v5
 //! `clean_start = 0` or a Session Expiry Interval) is served as a clean one with
-//! `session_present = 0` (v5 CONNACK also says Session Expiry Interval 0). Will messages are
-//! refused at CONNECT rather than silently never published. No topic aliases (Topic Alias
+//! `session_present = 0` (v5 CONNACK also says Session Expiry Interval 0), so a will's delay
+//! ends at once with the session. No topic aliases (Topic Alias
 //! Maximum 0), no subscription identifiers, no shared subscriptions (each advertised as
 //! unavailable in CONNACK).
 
@@ -68,6 +69,7 @@ mod inbound;
 mod outbound;
 mod reasons;
 mod subscriptions;
+mod will;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroU16;
@@ -85,6 +87,7 @@ use connect::Connecting;
 use inbound::Inbound;
 use outbound::{Awaiting, Delivery};
 use subscriptions::{PendingSubscribe, Subscription};
+pub use will::Will;
 
 /// Header holding the publisher's QoS (`0`, `1` or `2`) of a message published over MQTT.
 pub const HEADER_QOS: &str = "mqtt-qos";
@@ -221,6 +224,9 @@ pub enum Action {
     SendRetained {
         filter: TopicFilter,
     },
+    /// Publish the connection's will (authorized and appended like a PUBLISH of the
+    /// connection, even though the connection is ending); no answer.
+    PublishWill(Will),
     /// Close the network connection.
     Close(CloseReason),
 }
@@ -243,6 +249,8 @@ pub struct Session {
     connection_id: String,
     /// Message ids of this connection start with it (used for v5 No Local).
     id_prefix: String,
+    /// The will of the CONNECT, until the connection ends.
+    will: Option<Will>,
     phase: Phase,
     version: Version,
     client_id: String,
@@ -274,6 +282,7 @@ impl Session {
         assert!(config.receive_maximum > 0 && config.outbound_inflight_max > 0);
         Session {
             id_prefix: format!("mqtt-{connection_id}-"),
+            will: None,
             connection_id: connection_id.to_owned(),
             config,
             phase: Phase::AwaitingConnect,
@@ -406,7 +415,7 @@ impl Session {
                 topic_filters,
             } => self.on_unsubscribe(packet_id, &topic_filters),
             v3::Packet::PingRequest => self.send(Packet::V3(v3::Packet::PingResponse)),
-            v3::Packet::Disconnect => self.client_disconnected(),
+            v3::Packet::Disconnect => self.client_disconnected(false),
             v3::Packet::Connect(_) => self.protocol_error("a second CONNECT"),
             v3::Packet::ConnectAck(_)
             | v3::Packet::SubscribeAck { .. }
@@ -438,7 +447,9 @@ impl Session {
                 self.on_unsubscribe(unsubscribe.packet_id, &unsubscribe.topic_filters);
             }
             v5::Packet::PingRequest => self.send(Packet::V5(v5::Packet::PingResponse)),
-            v5::Packet::Disconnect(_) => self.client_disconnected(),
+            v5::Packet::Disconnect(disconnect) => self.client_disconnected(
+                disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            ),
             v5::Packet::Connect(_) => self.protocol_error("a second CONNECT"),
             v5::Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
             v5::Packet::ConnectAck(_)
@@ -454,7 +465,12 @@ impl Session {
         self.actions.push_back(Action::Send(packet));
     }
 
-    fn client_disconnected(&mut self) {
+    /// A DISCONNECT: the will is discarded, unless the client asked for it (v5 0x04).
+    fn client_disconnected(&mut self, with_will: bool) {
+        if with_will {
+            self.publish_will();
+        }
+        self.will = None;
         self.actions.push_back(Action::Close(CloseReason {
             code: DisconnectReasonCode::NormalDisconnection,
             detail: "the client disconnected".into(),
@@ -474,6 +490,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        self.publish_will();
         if self.is_connected() && self.version == Version::V5 {
             self.send(Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
                 reason_code: code,

@@ -97,7 +97,12 @@ where
         tokio::select! {
             read = read_some(&mut reader, &mut buffer) => {
                 match read {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => {
+                        // Gone without DISCONNECT: its will goes out.
+                        connection.session.handle_connection_lost();
+                        connection.run_actions().await;
+                        break;
+                    }
                     Ok(_) => {}
                 }
                 connection.decode_all(&mut buffer, &mut decoder).await;
@@ -285,6 +290,7 @@ impl Connection {
                         .unwrap_or_else(PoisonError::into_inner)
                         .remove(filter.as_str());
                 }
+                Action::PublishWill(will) => self.publish_will(will).await,
                 Action::Close(reason) => {
                     use herald_mqtt::codec::v5::DisconnectReasonCode as Code;
                     if !matches!(
@@ -366,18 +372,19 @@ impl Connection {
         }
     }
 
-    async fn append(
-        &mut self,
-        token: AppendToken,
-        channel: ChannelName,
-        message: herald_core::NewMessage,
-    ) {
+    /// Why this connection may not publish `message` to `channel` (permission, limits, TTL
+    /// bounds), if it may not.
+    fn refusal(
+        &self,
+        channel: &ChannelName,
+        message: &herald_core::NewMessage,
+    ) -> Option<AppendOutcome> {
         let state = &self.context.state;
-        let refused = match self.principal {
+        match self.principal {
             None => Some(AppendOutcome::NotAuthorized),
             Some(principal) => state
                 .auth
-                .authorize(principal, &channel, Operation::Publish)
+                .authorize(principal, channel, Operation::Publish)
                 .err()
                 .map(|_| AppendOutcome::NotAuthorized),
         }
@@ -388,14 +395,71 @@ impl Connection {
                     Some(ttl_ms) => state
                         .store
                         .policies()
-                        .for_channel(&channel)
+                        .for_channel(channel)
                         .check_ttl(ttl_ms),
                     None => Ok(()),
                 });
             checked
                 .err()
                 .map(|error| AppendOutcome::Invalid(error.to_string()))
-        });
+        })
+    }
+
+    /// Publishes the connection's will while the connection ends: checked like a PUBLISH,
+    /// awaited (bounded) so it is durable, or logged as lost, before the task finishes.
+    async fn publish_will(&mut self, will: herald_mqtt::Will) {
+        let counters = &self.context.state.metrics.mqtt;
+        let client_id = self.session.client_id().to_owned();
+        if let Some(refused) = self.refusal(&will.channel, &will.message) {
+            counters
+                .publishes_refused_total
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client_id, channel = %will.channel, ?refused, "MQTT will not published");
+            return;
+        }
+        let retained = will
+            .message
+            .headers
+            .contains_key(herald_mqtt::HEADER_RETAIN)
+            .then(|| (will.channel.clone(), will.message.id.clone()));
+        let ticket = self
+            .context
+            .state
+            .store
+            .append(will.channel.clone(), vec![will.message]);
+        match tokio::time::timeout(SEND_TIMEOUT, ticket).await {
+            Ok(Ok(_)) => {
+                if let Some((channel, id)) = retained {
+                    index_retained(&self.context, channel, id).await;
+                }
+                counters
+                    .publishes_durable_total
+                    .fetch_add(1, Ordering::Relaxed);
+                counters
+                    .wills_published_total
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client_id, channel = %will.channel, "MQTT will published");
+            }
+            Ok(Err(error)) => {
+                counters
+                    .publishes_refused_total
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client_id, channel = %will.channel, %error, "MQTT will not stored");
+            }
+            Err(_) => {
+                tracing::warn!(client_id, channel = %will.channel, "MQTT will not confirmed in time");
+            }
+        }
+    }
+
+    async fn append(
+        &mut self,
+        token: AppendToken,
+        channel: ChannelName,
+        message: herald_core::NewMessage,
+    ) {
+        let state = &self.context.state;
+        let refused = self.refusal(&channel, &message);
         if let Some(outcome) = refused {
             state
                 .metrics

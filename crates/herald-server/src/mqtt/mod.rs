@@ -167,6 +167,8 @@ pub struct MqttCounters {
     pub deliveries_dropped_total: AtomicU64,
     /// Connections closed for a protocol violation or a malformed packet.
     pub protocol_errors_total: AtomicU64,
+    /// Will messages published (connections that ended without a clean DISCONNECT).
+    pub wills_published_total: AtomicU64,
 }
 
 impl MqttCounters {
@@ -179,13 +181,15 @@ impl MqttCounters {
              # TYPE herald_mqtt_publishes_durable_total counter\nherald_mqtt_publishes_durable_total {}\n\
              # TYPE herald_mqtt_publishes_refused_total counter\nherald_mqtt_publishes_refused_total {}\n\
              # TYPE herald_mqtt_deliveries_dropped_total counter\nherald_mqtt_deliveries_dropped_total {}\n\
-             # TYPE herald_mqtt_protocol_errors_total counter\nherald_mqtt_protocol_errors_total {}\n",
+             # TYPE herald_mqtt_protocol_errors_total counter\nherald_mqtt_protocol_errors_total {}\n\
+             # TYPE herald_mqtt_wills_published_total counter\nherald_mqtt_wills_published_total {}\n",
             load(&self.connections),
             load(&self.connections_total),
             load(&self.publishes_durable_total),
             load(&self.publishes_refused_total),
             load(&self.deliveries_dropped_total),
             load(&self.protocol_errors_total),
+            load(&self.wills_published_total),
         )
     }
 }

@@ -90,27 +90,152 @@ fn refused_credentials_get_the_version_s_connack_code() {
     assert!(closed_with(&actions).is_some());
 }
 
-#[test]
-fn will_messages_are_refused_not_ignored() {
-    let mut session = v3_connecting(v3::Connect {
+fn v3_with_will(topic: &str) -> Session {
+    v3_connecting(v3::Connect {
         clean_session: true,
+        keep_alive: 30,
         client_id: "x".into(),
         last_will: Some(v3::LastWill {
-            qos: QoS::AtMostOnce,
-            retain: false,
-            topic: "a/b".into(),
-            message: Bytes::new(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: topic.into(),
+            message: Bytes::from_static(b"gone"),
         }),
         ..v3::Connect::default()
+    })
+}
+
+fn v5_will(topic: &str, message: &'static [u8]) -> v5::LastWill {
+    v5::LastWill {
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: topic.into(),
+        message: Bytes::from_static(message),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: Vec::new(),
+        is_utf8_payload: None,
+        response_topic: None,
+    }
+}
+
+fn wills(actions: &[Action]) -> Vec<&Will> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::PublishWill(will) => Some(will),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_will_is_published_when_the_connection_ends_without_disconnect() {
+    for end in ["lost", "keep alive", "protocol error", "shutdown"] {
+        let mut session = v3_with_will("devices/d1/status");
+        authenticate(&mut session);
+        match end {
+            "lost" => session.handle_connection_lost(),
+            "keep alive" => session.handle_keep_alive_timeout(),
+            "protocol error" => session.handle_packet(Packet::V3(v3::Packet::PingResponse)),
+            _ => session.handle_shutdown(),
+        }
+        let actions = drain(&mut session);
+        let published = wills(&actions);
+        assert_eq!(published.len(), 1, "{end}: {actions:?}");
+        let will = published[0];
+        assert_eq!(will.channel.as_str(), "devices:d1.status");
+        assert_eq!(will.message.data, Data::Binary(Bytes::from_static(b"gone")));
+        assert_eq!(
+            will.message.headers.get(HEADER_QOS).map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(
+            will.message.headers.get(HEADER_RETAIN).map(String::as_str),
+            Some("1")
+        );
+        assert_eq!(will.message.id.as_str(), "mqtt-c1-will");
+        session.handle_connection_lost();
+        assert!(
+            wills(&drain(&mut session)).is_empty(),
+            "{end}: published once"
+        );
+    }
+}
+
+#[test]
+fn a_clean_disconnect_discards_the_will_unless_v5_asks_for_it() {
+    let mut session = v3_with_will("devices/d1/status");
+    authenticate(&mut session);
+    session.handle_packet(Packet::V3(v3::Packet::Disconnect));
+    session.handle_connection_lost();
+    assert!(wills(&drain(&mut session)).is_empty());
+
+    for (reason, published) in [
+        (DisconnectReasonCode::NormalDisconnection, 0),
+        (DisconnectReasonCode::DisconnectWithWillMessage, 1),
+    ] {
+        let mut session = v5_connecting(v5::Connect {
+            clean_start: true,
+            client_id: "x".into(),
+            last_will: Some(v5::LastWill {
+                message_expiry_interval: std::num::NonZeroU32::new(60),
+                ..v5_will("devices/d2", b"bye")
+            }),
+            ..v5::Connect::default()
+        });
+        authenticate(&mut session);
+        session.handle_packet(Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: reason,
+            ..v5::Disconnect::default()
+        })));
+        let actions = drain(&mut session);
+        let sent_wills = wills(&actions);
+        assert_eq!(sent_wills.len(), published, "{reason:?}");
+        if let Some(will) = sent_wills.first() {
+            assert_eq!(
+                will.message.ttl_ms,
+                Some(60_000),
+                "Message Expiry is the TTL"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_refused_connect_or_an_invalid_will_topic_publishes_nothing() {
+    let mut session = v3_with_will("devices/d1");
+    assert!(matches!(
+        drain(&mut session)[..],
+        [Action::Authenticate { .. }]
+    ));
+    session.handle_authenticated(Err(AuthRefusal::BadCredentials));
+    session.handle_connection_lost();
+    assert!(wills(&drain(&mut session)).is_empty());
+
+    let mut session = v3_with_will("$SYS/x");
+    let actions = drain(&mut session);
+    assert!(closed_with(&actions).is_some(), "{actions:?}");
+    assert!(
+        sent(&actions).is_empty(),
+        "3.1.1 has no CONNACK code for it"
+    );
+
+    let mut session = v5_connecting(v5::Connect {
+        clean_start: true,
+        client_id: "x".into(),
+        last_will: Some(v5_will("a/b.c", b"")),
+        ..v5::Connect::default()
     });
     let actions = drain(&mut session);
     assert!(matches!(
         sent(&actions)[..],
-        [Packet::V3(v3::Packet::ConnectAck(v3::ConnectAck {
-            return_code: v3::ConnectAckReason::ServiceUnavailable,
-            ..
-        }))]
+        [Packet::V5(v5::Packet::ConnectAck(connack))]
+            if connack.reason_code == v5::ConnectAckReason::TopicNameInvalid
     ));
+    assert!(wills(&actions).is_empty());
 }
 
 #[test]
