@@ -7,6 +7,10 @@
 //! - `inbound` holds a packet id from its PUBLISH until its acknowledgement (QoS 1) or PUBREL
 //!   (QoS 2): a PUBLISH re-sent meanwhile is not appended again (MQTT-4.3.3).
 //! - In v5, `inbound` never holds more than `receive_maximum` packet ids (0x93 otherwise).
+//! - PUBACK/PUBREC (positive or negative) go out in the order their PUBLISH packets came
+//!   (MQTT-4.6.0-2/3), although appends complete in any order: an answered acknowledgement
+//!   waits in `acks` for the ones before it. Clients rely on it (rumqttc frees packet ids in
+//!   order, and loses QoS 2 messages otherwise).
 //! - Each PUBLISH gets the next sequence, so message ids `mqtt-<connection id>-<sequence>`
 //!   never repeat within the connection.
 
@@ -32,7 +36,54 @@ pub(super) enum Inbound {
     Received,
 }
 
+/// A QoS 1/2 PUBLISH awaiting its acknowledgement, in arrival order.
+#[derive(Clone, Debug)]
+pub(super) struct PendingAck {
+    /// The append's sequence (`None`: refused before any append).
+    sequence: Option<u64>,
+    packet_id: NonZeroU16,
+    qos: QoS,
+    /// `None` while the append is pending; then the refusal, if any.
+    answer: Option<Option<(v5::PublishAckReason, String)>>,
+}
+
 impl Session {
+    /// Queues the acknowledgement of a QoS 1/2 PUBLISH; `answer` when it is known already.
+    fn queue_ack(
+        &mut self,
+        sequence: Option<u64>,
+        packet_id: NonZeroU16,
+        qos: QoS,
+        answer: Option<Option<(v5::PublishAckReason, String)>>,
+    ) {
+        self.acks.push_back(PendingAck {
+            sequence,
+            packet_id,
+            qos,
+            answer,
+        });
+        self.flush_acks();
+    }
+
+    /// Sends the answered acknowledgements at the front, in order.
+    fn flush_acks(&mut self) {
+        while self.acks.front().is_some_and(|ack| ack.answer.is_some()) {
+            let ack = self.acks.pop_front().expect("checked");
+            let refusal = ack.answer.expect("checked");
+            if ack.sequence.is_some() {
+                if refusal.is_none() && ack.qos == QoS::ExactlyOnce {
+                    self.inbound.insert(ack.packet_id, Inbound::Received);
+                } else {
+                    self.inbound.remove(&ack.packet_id);
+                }
+            }
+            self.acknowledge_publish(ack.packet_id, ack.qos, refusal);
+            if self.is_closed() {
+                return;
+            }
+        }
+    }
+
     /// The answer to [`Action::Append`].
     pub fn handle_appended(&mut self, token: AppendToken, outcome: AppendOutcome) {
         if self.is_closed() {
@@ -49,18 +100,18 @@ impl Session {
             }
             return;
         };
-        let Some(Inbound::Appending { qos, sequence }) = self.inbound.get(&packet_id).copied()
+        let Some(Inbound::Appending { sequence, .. }) = self.inbound.get(&packet_id).copied()
         else {
             panic!("an append answer for packet {packet_id} that is not being appended");
         };
         assert_eq!(sequence, token.sequence, "one append per inbound packet id");
-        let refusal = reasons::append_refusal(outcome);
-        if refusal.is_none() && qos == QoS::ExactlyOnce {
-            self.inbound.insert(packet_id, Inbound::Received);
-        } else {
-            self.inbound.remove(&packet_id);
-        }
-        self.acknowledge_publish(packet_id, qos, refusal);
+        let pending = self
+            .acks
+            .iter_mut()
+            .find(|ack| ack.sequence == Some(sequence))
+            .expect("every pending append has its place in the acknowledgement order");
+        pending.answer = Some(reasons::append_refusal(outcome));
+        self.flush_acks();
     }
 
     pub(super) fn on_publish(&mut self, publish: Publish) {
@@ -90,7 +141,7 @@ impl Session {
                     && !self.inbound.contains_key(&packet_id)
                 {
                     let refusal = (v5::PublishAckReason::TopicNameInvalid, error.to_string());
-                    return self.acknowledge_publish(packet_id, publish.qos, Some(refusal));
+                    return self.queue_ack(None, packet_id, publish.qos, Some(Some(refusal)));
                 }
                 return self.close(
                     DisconnectReasonCode::TopicNameInvalid,
@@ -119,6 +170,8 @@ impl Session {
                         return self.protocol_error("a packet id reused before PUBREL");
                     }
                     // MQTT-4.3.3: until PUBREL, the same packet id is acknowledged, not stored.
+                    // At once, not in order: queued, it could go out after the PUBREL that
+                    // frees the id, and acknowledge the client's next use of it.
                     return self.acknowledge_publish(packet_id, QoS::ExactlyOnce, None);
                 }
                 None => {}
@@ -142,6 +195,12 @@ impl Session {
                     sequence,
                 },
             );
+            self.acks.push_back(PendingAck {
+                sequence: Some(sequence),
+                packet_id,
+                qos: publish.qos,
+                answer: None,
+            });
         }
         let message = self.new_message(sequence, publish);
         self.actions.push_back(Action::Append {

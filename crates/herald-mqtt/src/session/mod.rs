@@ -260,6 +260,9 @@ pub struct Session {
     subscriptions: BTreeMap<String, Subscription>,
     pending_subscribes: BTreeMap<NonZeroU16, PendingSubscribe>,
     inbound: BTreeMap<NonZeroU16, Inbound>,
+    /// QoS 1/2 acknowledgements in the order their PUBLISH packets came (MQTT-4.6.0-2/3):
+    /// one whose append is answered waits for the ones before it.
+    acks: VecDeque<inbound::PendingAck>,
     outbound: BTreeMap<NonZeroU16, Awaiting>,
     pending_deliveries: VecDeque<Delivery>,
     next_packet_id: u16,
@@ -294,6 +297,7 @@ impl Session {
             subscriptions: BTreeMap::new(),
             pending_subscribes: BTreeMap::new(),
             inbound: BTreeMap::new(),
+            acks: VecDeque::new(),
             outbound: BTreeMap::new(),
             pending_deliveries: VecDeque::new(),
             next_packet_id: 1,

@@ -42,6 +42,37 @@ fn qos1_is_acknowledged_only_after_the_append_is_durable() {
 }
 
 #[test]
+fn acknowledgements_go_out_in_the_order_the_publishes_came() {
+    let mut session = v3_session();
+    let mut tokens = Vec::new();
+    for (packet_id, qos) in [
+        (1, QoS::AtLeastOnce),
+        (2, QoS::ExactlyOnce),
+        (3, QoS::AtLeastOnce),
+    ] {
+        client_publishes(&mut session, publish("a/b", qos, Some(packet_id), false));
+        let actions = drain(&mut session);
+        let [Action::Append { token, .. }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        tokens.push(*token);
+    }
+    // The appends complete last first: nothing may be acknowledged before publish 1.
+    session.handle_appended(tokens[2], AppendOutcome::Durable);
+    session.handle_appended(tokens[1], AppendOutcome::Durable);
+    assert!(sent(&drain(&mut session)).is_empty());
+    session.handle_appended(tokens[0], AppendOutcome::Durable);
+    assert_eq!(
+        sent(&drain(&mut session)),
+        vec![
+            &Packet::V3(v3::Packet::PublishAck { packet_id: id(1) }),
+            &Packet::V3(v3::Packet::PublishReceived { packet_id: id(2) }),
+            &Packet::V3(v3::Packet::PublishAck { packet_id: id(3) }),
+        ]
+    );
+}
+
+#[test]
 fn qos2_is_appended_once_per_packet_id_until_pubrel() {
     let mut session = v3_session();
     let packet = |dup| publish_packet(Version::V3, publish("a/b", QoS::ExactlyOnce, Some(5), dup));
