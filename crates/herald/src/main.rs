@@ -222,6 +222,9 @@ enum BenchCommand {
     /// WebSocket fan-out: delivered messages/s, publish-to-deliver latency, server CPU per
     /// delivery and RSS per idle connection, for 1 publisher and N subscribers.
     Fanout(bench::fanout::FanoutArgs),
+    /// MQTT: the same load generator against Herald and Mosquitto (both started by the
+    /// bench), QoS 0/1/2, 1 -> 1 and 1 -> 100: delivered messages/s and latency at a fixed rate.
+    Mqtt(bench::mqtt::MqttArgs),
 }
 
 fn parse_header(text: &str) -> Result<(String, String), String> {
@@ -354,6 +357,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
             .map_err(|error| Failure::other(1, error)),
         Command::Bench(BenchCommand::Fanout(args)) => bench::fanout::run(args)
+            .await
+            .map_err(|error| Failure::other(1, error)),
+        Command::Bench(BenchCommand::Mqtt(args)) => bench::mqtt::run(args)
             .await
             .map_err(|error| Failure::other(1, error)),
         Command::Verify(_) => unreachable!("verify has its own exit codes, handled in main"),

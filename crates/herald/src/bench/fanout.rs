@@ -68,7 +68,7 @@
 
 mod publisher;
 mod report;
-mod server;
+pub(super) mod server;
 mod subscriber;
 
 use self::publisher::{FloodConfig, PublishTally, PublishTarget};

@@ -437,6 +437,7 @@ fn format_errors(errors: &BTreeMap<String, u64>) -> String {
 pub mod fanout;
 mod http_phases;
 mod log_phases;
+pub mod mqtt;
 mod raw_phases;
 mod report;
 mod stats;
