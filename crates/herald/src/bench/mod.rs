@@ -438,6 +438,7 @@ pub mod fanout;
 mod http_phases;
 mod log_phases;
 pub mod mqtt;
+mod process;
 mod raw_phases;
 mod report;
 mod stats;

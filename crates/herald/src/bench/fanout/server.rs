@@ -2,33 +2,27 @@
 //! port with a fresh data directory, and what `/proc` says about a process (CPU time, RSS).
 //!
 //! # Invariants
-//! - The child is stopped (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]) and its temporary
-//!   directory removed on every exit path: `stop` on the normal one, `Drop` otherwise
-//!   (`kill_on_drop`).
+//! - The child is stopped and its temporary directory removed on every exit path (see
+//!   `bench::process`).
 //! - The child's stdout is drained for its whole life, so it can never block on a full pipe;
 //!   its stderr (the log) goes to a file that is shown when the start fails.
-
-use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::*;
+use crate::bench::process::BenchProcess;
 
 /// How long the child may take to print its listening line.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the child gets to shut down gracefully.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lines of the child's log shown when it fails to start.
-const LOG_TAIL_LINES: usize = 20;
 
 /// A `herald serve --dev` child process.
 pub(crate) struct ChildServer {
-    child: tokio::process::Child,
+    /// The process; its directory holds `data/` (the server's data directory) and
+    /// `server.log`.
+    process: BenchProcess,
     pub(crate) pid: u32,
     /// `http://127.0.0.1:PORT`.
     pub(crate) url: String,
-    /// Holds `data/` (the server's data directory) and `server.log`.
-    dir: PathBuf,
 }
 
 impl ChildServer {
@@ -42,47 +36,16 @@ impl ChildServer {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
-        let log_path = dir.join("server.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
         let mut command = tokio::process::Command::new(&exe);
         command
             .args(["serve", "--dev", "--http", "127.0.0.1:0", "--data"])
-            .arg(&data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe. It makes the kernel send the server SIGTERM if the bench
-        // dies without stopping it (SIGKILL, a panic that aborts), so no server outlives it.
-        // The signal follows the *thread* that spawned the child: `herald bench` runs this on
-        // the runtime's `block_on` thread, the main thread, which lives as long as the process.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let spawned = command.spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(error).with_context(|| format!("starting {} serve", exe.display()));
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        let stdout = child.stdout.take().expect("stdout is piped");
-        // From here on the guard owns the child and the directory.
+            .arg(&data_dir);
+        let mut process = BenchProcess::spawn(command, dir, "server.log")?;
+        let stdout = process.child.stdout.take().expect("stdout is piped");
         let mut server = ChildServer {
-            child,
-            pid,
+            pid: process.pid,
+            process,
             url: String::new(),
-            dir,
         };
         let mut lines = BufReader::new(stdout).lines();
         let listening = tokio::time::timeout(STARTUP_TIMEOUT, async {
@@ -110,37 +73,13 @@ impl ChildServer {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        self.process.log_tail()
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_TIMEOUT`]. Returns whether it
-    /// exited gracefully with success.
-    pub(crate) async fn stop(mut self) -> bool {
-        if let Ok(pid) = libc::pid_t::try_from(self.pid)
-            && pid > 0
-        {
-            // SAFETY: kill(2) with a pid this process spawned and has not yet reaped, so the
-            // pid cannot have been reused by another process.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
-            Ok(Ok(status)) => status.success(),
-            _ => {
-                let _ = self.child.kill().await;
-                false
-            }
-        }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// SIGTERM, then SIGKILL if it has not exited in time. Returns whether it exited
+    /// gracefully with success.
+    pub(crate) async fn stop(self) -> bool {
+        self.process.stop().await
     }
 }
 

@@ -4,9 +4,8 @@
 //! anonymous access, persistence off).
 //!
 //! # Invariants
-//! - A child is stopped (SIGTERM, then SIGKILL after [`STOP_TIMEOUT`]) and its temporary
-//!   directory removed on every exit path: `stop` on the normal one, `Drop` otherwise
-//!   (`kill_on_drop`), and `PR_SET_PDEATHSIG` if the bench itself is killed. One gap: a
+//! - A child is stopped and its temporary directory removed on every exit path (see
+//!   `bench::process`), and `PR_SET_PDEATHSIG` stops it if the bench itself is killed. One gap: a
 //!   Mosquitto started as root drops to the `mosquitto` user, which clears the parent-death
 //!   signal, so only that broker can outlive a bench killed with SIGKILL.
 //! - A child's stdout is drained for its whole life, so it never blocks on a full pipe; its
@@ -18,15 +17,12 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::*;
+use crate::bench::process::BenchProcess;
 
 /// How long a broker may take to listen.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a broker gets to shut down gracefully.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the bench tries to connect to a starting Mosquitto.
 const STARTUP_POLL: Duration = Duration::from_millis(20);
-/// Lines of a broker's log shown when it fails to start.
-const LOG_TAIL_LINES: usize = 20;
 /// Where Debian's `mosquitto` package puts the broker.
 pub(crate) const MOSQUITTO_DEFAULT_PATH: &str = "/usr/sbin/mosquitto";
 
@@ -59,15 +55,14 @@ impl Broker {
 /// A running broker.
 pub(crate) struct BrokerProcess {
     pub(crate) broker: Broker,
-    child: tokio::process::Child,
+    /// Its directory holds the data directory or config file, and `broker.log`.
+    process: BenchProcess,
     pub(crate) pid: u32,
     pub(crate) mqtt_port: u16,
     /// Herald's `http://ADDR`, for `/metrics`.
     pub(crate) http_url: Option<String>,
     /// `herald 0.1.0`, `mosquitto version 2.0.11`.
     pub(crate) version: String,
-    /// Holds the data directory or config file, and `broker.log`.
-    dir: PathBuf,
 }
 
 impl BrokerProcess {
@@ -93,7 +88,12 @@ impl BrokerProcess {
             .arg(&data_dir);
         let mut process = spawn(Broker::Herald, command, dir)?;
         process.version = format!("herald {}", env!("CARGO_PKG_VERSION"));
-        let stdout = process.child.stdout.take().expect("stdout is piped");
+        let stdout = process
+            .process
+            .child
+            .stdout
+            .take()
+            .expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let listening = tokio::time::timeout(STARTUP_TIMEOUT, async {
             let mut http_url = None;
@@ -152,7 +152,12 @@ impl BrokerProcess {
         let mut process = spawn(Broker::Mosquitto, command, dir)?;
         process.version = version;
         process.mqtt_port = port;
-        let stdout = process.child.stdout.take().expect("stdout is piped");
+        let stdout = process
+            .process
+            .child
+            .stdout
+            .take()
+            .expect("stdout is piped");
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(_)) = lines.next_line().await {}
@@ -165,7 +170,7 @@ impl BrokerProcess {
             {
                 return Ok(process);
             }
-            if let Ok(Some(status)) = process.child.try_wait() {
+            if let Ok(Some(status)) = process.process.child.try_wait() {
                 bail!(
                     "mosquitto exited ({status}) before listening; its log:\n{}",
                     process.log_tail()
@@ -183,37 +188,13 @@ impl BrokerProcess {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        self.process.log_tail()
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_TIMEOUT`]. Returns whether it
-    /// exited gracefully with success.
-    pub(crate) async fn stop(mut self) -> bool {
-        if let Ok(pid) = libc::pid_t::try_from(self.pid)
-            && pid > 0
-        {
-            // SAFETY: kill(2) with a pid this process spawned and has not yet reaped, so the
-            // pid cannot have been reused by another process.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        match tokio::time::timeout(STOP_TIMEOUT, self.child.wait()).await {
-            Ok(Ok(status)) => status.success(),
-            _ => {
-                let _ = self.child.kill().await;
-                false
-            }
-        }
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// SIGTERM, then SIGKILL if it has not exited in time. Returns whether it exited
+    /// gracefully with success.
+    pub(crate) async fn stop(self) -> bool {
+        self.process.stop().await
     }
 }
 
@@ -228,55 +209,21 @@ fn bench_dir(broker: Broker, tag: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Spawns `command` with stdout piped and stderr to `dir/broker.log`; from here on the
-/// returned guard owns the child and `dir`.
+/// Spawns `command` (see [`BenchProcess::spawn`]) as `broker`.
 fn spawn(
     broker: Broker,
-    mut command: tokio::process::Command,
+    command: tokio::process::Command,
     dir: PathBuf,
 ) -> anyhow::Result<BrokerProcess> {
-    let log_path = dir.join("broker.log");
-    let log = match std::fs::File::create(&log_path) {
-        Ok(log) => log,
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(error).with_context(|| format!("creating {}", log_path.display()));
-        }
-    };
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true);
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe. It makes the kernel send the broker SIGTERM if the bench dies
-    // without stopping it, so no broker outlives it. The signal follows the thread that
-    // spawned the child: `herald bench` runs this on the runtime's `block_on` thread, the
-    // main thread, which lives as long as the process.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(error).with_context(|| format!("starting {}", broker.as_str()));
-        }
-    };
+    let process = BenchProcess::spawn(command, dir, "broker.log")
+        .with_context(|| format!("starting {}", broker.as_str()))?;
     Ok(BrokerProcess {
         broker,
-        pid: child.id().unwrap_or(0),
-        child,
+        pid: process.pid,
+        process,
         mqtt_port: 0,
         http_url: None,
         version: String::new(),
-        dir,
     })
 }
 
