@@ -108,3 +108,24 @@ pub(crate) fn format_us(micros: u64) -> String {
 pub(crate) fn elapsed_us(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
+
+/// `count` per second over a window of `seconds` (0 for an empty window).
+pub(crate) fn per_second(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// CPU time over wall time: 1.0 is one core busy for the whole window.
+pub(crate) fn cores(cpu_us: Option<u64>, seconds: f64) -> Option<f64> {
+    let cpu_us = cpu_us?;
+    (seconds > 0.0).then(|| cpu_us as f64 / 1e6 / seconds)
+}
+
+/// CPU time per delivered message, in microseconds.
+pub(crate) fn cpu_us_per(cpu_us: Option<u64>, delivered: u64) -> Option<f64> {
+    let cpu_us = cpu_us?;
+    (delivered > 0).then(|| cpu_us as f64 / delivered as f64)
+}

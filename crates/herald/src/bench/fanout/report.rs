@@ -50,11 +50,7 @@ impl Window {
     }
 
     fn per_second(&self, count: u64) -> f64 {
-        if self.seconds > 0.0 {
-            count as f64 / self.seconds
-        } else {
-            0.0
-        }
+        crate::bench::stats::per_second(count, self.seconds)
     }
 
     pub(crate) fn published_per_second(&self) -> f64 {
@@ -67,14 +63,12 @@ impl Window {
 
     /// Server CPU time per delivered message, in microseconds.
     pub(crate) fn server_cpu_us_per_delivery(&self) -> Option<f64> {
-        let cpu_us = self.server_cpu_us?;
-        (self.delivered > 0).then(|| cpu_us as f64 / self.delivered as f64)
+        crate::bench::stats::cpu_us_per(self.server_cpu_us, self.delivered)
     }
 
     /// CPU time over wall time: 1.0 is one core busy for the whole window.
     fn cores(&self, cpu_us: Option<u64>) -> Option<f64> {
-        let cpu_us = cpu_us?;
-        (self.seconds > 0.0).then(|| cpu_us as f64 / 1e6 / self.seconds)
+        crate::bench::stats::cores(cpu_us, self.seconds)
     }
 
     pub(crate) fn server_cpu_cores(&self) -> Option<f64> {
