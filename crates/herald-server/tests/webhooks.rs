@@ -79,6 +79,20 @@ struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver on a free port answering each message's first attempt with `first` and
+    /// every later one with 200 (`first: None`: 200 always).
+    async fn failing_first(first: Option<Answer>) -> Receiver {
+        Receiver::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Duration::from_millis(600),
+            Box::new(move |_, attempt| match first {
+                Some(answer) if attempt == 1 => answer,
+                _ => Answer::Ok,
+            }),
+        )
+        .await
+    }
+
     async fn start(addr: SocketAddr, hang: Duration, policy: Box<Policy>) -> Receiver {
         Self::start_with(addr, hang, true, policy).await
     }
@@ -364,18 +378,7 @@ async fn a_failing_receiver_still_gets_every_message_in_order_and_signed() {
 /// is delivered, each channel's first receipts in serial order.
 #[tokio::test]
 async fn webhook_deliveries_survive_a_restart() {
-    let receiver = Receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Duration::from_millis(600),
-        Box::new(|_, attempt| {
-            if attempt == 1 {
-                Answer::Status(503)
-            } else {
-                Answer::Ok
-            }
-        }),
-    )
-    .await;
+    let receiver = Receiver::failing_first(Some(Answer::Status(503))).await;
     let dir = tempfile::tempdir().unwrap();
     let hook = rule("restart", "jobs", &receiver.url());
     let server = TestServer::start(dir.path(), with_rule(hook.clone())).await;
@@ -489,18 +492,7 @@ async fn a_message_refused_every_time_goes_to_the_dead_letters_and_the_rest_foll
 /// `subscriber.expired` gets the event, signed, with the event id as the Idempotency-Key.
 #[tokio::test]
 async fn a_rule_with_lifecycle_events_gets_subscriber_expired() {
-    let receiver = Receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Duration::from_millis(600),
-        Box::new(|_, attempt| {
-            if attempt == 1 {
-                Answer::Status(500)
-            } else {
-                Answer::Ok
-            }
-        }),
-    )
-    .await;
+    let receiver = Receiver::failing_first(Some(Answer::Status(500))).await;
     let dir = tempfile::tempdir().unwrap();
     let mut hook = rule("life", "chat", &receiver.url());
     hook.events = vec![WebhookEvent::SubscriberExpired];
@@ -542,12 +534,7 @@ async fn a_rule_with_lifecycle_events_gets_subscriber_expired() {
 /// acked: the rule that wants `subscriber.continuity_lost` gets the event with the lost range.
 #[tokio::test]
 async fn a_rule_with_lifecycle_events_gets_subscriber_continuity_lost() {
-    let receiver = Receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Duration::from_millis(600),
-        Box::new(|_, _| Answer::Ok),
-    )
-    .await;
+    let receiver = Receiver::failing_first(None).await;
     let dir = tempfile::tempdir().unwrap();
     let mut hook = rule("gaps", "chat", &receiver.url());
     hook.events = vec![WebhookEvent::ContinuityLost];
@@ -610,12 +597,7 @@ async fn a_rule_with_lifecycle_events_gets_subscriber_continuity_lost() {
 /// arrives on them (the start-up scan of the store's channels).
 #[tokio::test]
 async fn a_rule_added_later_delivers_the_retained_messages_of_existing_channels() {
-    let receiver = Receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Duration::from_millis(600),
-        Box::new(|_, _| Answer::Ok),
-    )
-    .await;
+    let receiver = Receiver::failing_first(None).await;
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path(), |_| {}).await;
     let expected = ids(&server.publish_numbers("feed:old", 0, 5).await);
@@ -641,12 +623,7 @@ async fn a_rule_added_later_delivers_the_retained_messages_of_existing_channels(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; prints deliveries per second"]
 async fn webhook_delivery_rate() {
-    let receiver = Receiver::start(
-        "127.0.0.1:0".parse().unwrap(),
-        Duration::from_millis(600),
-        Box::new(|_, _| Answer::Ok),
-    )
-    .await;
+    let receiver = Receiver::failing_first(None).await;
     let dir = tempfile::tempdir().unwrap();
     let server =
         TestServer::start(dir.path(), with_rule(rule("rate", "rate", &receiver.url()))).await;
