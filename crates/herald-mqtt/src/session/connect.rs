@@ -96,7 +96,7 @@ impl Session {
                 assigned_client_id: connecting
                     .assigned_client_id
                     .then(|| connecting.client_id.clone().into()),
-                topic_alias_max: 0,
+                topic_alias_max: self.config.topic_alias_maximum,
                 retain_available: true,
                 wildcard_subscription_available: true,
                 subscription_identifiers_available: false,

@@ -114,14 +114,29 @@ impl Session {
         self.flush_acks();
     }
 
-    pub(super) fn on_publish(&mut self, publish: Publish) {
-        if self.version == Version::V5 {
-            let properties = publish.properties.as_ref();
-            if properties.is_some_and(|p| p.topic_alias.is_some()) {
+    pub(super) fn on_publish(&mut self, mut publish: Publish) {
+        if self.version == Version::V5
+            && let Some(alias) = publish.properties.as_ref().and_then(|p| p.topic_alias)
+        {
+            if alias.get() > self.config.topic_alias_maximum {
                 return self.close(
                     DisconnectReasonCode::TopicAliasInvalid,
-                    "topic aliases are not supported (Topic Alias Maximum is 0)",
+                    &format!(
+                        "topic alias {alias} is over the Topic Alias Maximum {}",
+                        self.config.topic_alias_maximum
+                    ),
                 );
+            }
+            if publish.topic.is_empty() {
+                // MQTT-3.3.2-12: an alias alone names the topic it was last set to.
+                match self.topic_aliases.get(&alias) {
+                    Some(topic) => publish.topic = topic.clone().into(),
+                    None => {
+                        return self.protocol_error(&format!("topic alias {alias} was never set"));
+                    }
+                }
+            } else {
+                self.topic_aliases.insert(alias, publish.topic.to_string());
             }
         }
         let channel = match topic::publish_channel(&publish.topic) {

@@ -120,6 +120,8 @@ pub struct SessionConfig {
     pub max_packet_bytes: u32,
     /// Subscriptions per connection.
     pub subscriptions_max: usize,
+    /// Topic aliases a v5 client may set for its PUBLISH packets (Topic Alias Maximum; 0: none).
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for SessionConfig {
@@ -131,6 +133,7 @@ impl Default for SessionConfig {
             keep_alive_max_secs: 300,
             max_packet_bytes: 1024 * 1024,
             subscriptions_max: 100,
+            topic_alias_maximum: 32,
         }
     }
 }
@@ -260,6 +263,8 @@ pub struct Session {
     subscriptions: BTreeMap<String, Subscription>,
     pending_subscribes: BTreeMap<NonZeroU16, PendingSubscribe>,
     inbound: BTreeMap<NonZeroU16, Inbound>,
+    /// The client's topic aliases (v5), at most `topic_alias_maximum`.
+    topic_aliases: BTreeMap<NonZeroU16, String>,
     /// QoS 1/2 acknowledgements in the order their PUBLISH packets came (MQTT-4.6.0-2/3):
     /// one whose append is answered waits for the ones before it.
     acks: VecDeque<inbound::PendingAck>,
@@ -297,6 +302,7 @@ impl Session {
             subscriptions: BTreeMap::new(),
             pending_subscribes: BTreeMap::new(),
             inbound: BTreeMap::new(),
+            topic_aliases: BTreeMap::new(),
             acks: VecDeque::new(),
             outbound: BTreeMap::new(),
             pending_deliveries: VecDeque::new(),

@@ -78,6 +78,8 @@ pub struct MqttConfig {
     pub subscriptions_per_connection: usize,
     /// Appends in flight per connection (QoS 0 included); reading pauses while it is reached.
     pub publishes_in_flight_max: usize,
+    /// Topic aliases a v5 client may set for its publishes (Topic Alias Maximum; 0: none).
+    pub topic_alias_maximum: u16,
 }
 
 impl Default for MqttConfig {
@@ -93,6 +95,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             subscriptions_per_connection: 100,
             publishes_in_flight_max: 64,
+            topic_alias_maximum: 32,
         }
     }
 }
@@ -147,6 +150,7 @@ impl MqttConfig {
             keep_alive_max_secs: u16::try_from(self.keep_alive_max.as_secs()).unwrap_or(u16::MAX),
             max_packet_bytes: self.max_packet_bytes,
             subscriptions_max: self.subscriptions_per_connection,
+            topic_alias_maximum: self.topic_alias_maximum,
         }
     }
 }

@@ -213,18 +213,54 @@ fn dollar_and_unmappable_topics_are_refused() {
     );
 }
 
-#[test]
-fn topic_aliases_are_refused_in_v5() {
-    let mut session = v5_session(10);
-    let mut aliased = publish("a/b", QoS::AtMostOnce, None, false);
+fn aliased(topic: &str, alias: u16) -> Publish {
+    let mut aliased = publish(topic, QoS::AtMostOnce, None, false);
     aliased.properties = Some(v5::PublishProperties {
-        topic_alias: NonZeroU16::new(1),
+        topic_alias: NonZeroU16::new(alias),
         ..v5::PublishProperties::default()
     });
-    client_publishes(&mut session, aliased);
+    aliased
+}
+
+fn appended_channels(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|action| match action {
+            Action::Append { channel, .. } => Some(channel.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_topic_alias_set_by_the_client_names_its_topic_afterwards() {
+    let mut session = v5_session(10);
+    client_publishes(&mut session, aliased("a/b", 1));
+    client_publishes(&mut session, aliased("", 1));
+    client_publishes(&mut session, aliased("c/d", 1));
+    client_publishes(&mut session, aliased("", 1));
+    client_publishes(&mut session, aliased("e/f", 2));
+    assert_eq!(
+        appended_channels(&drain(&mut session)),
+        vec!["a:b", "a:b", "c:d", "c:d", "e:f"]
+    );
+}
+
+#[test]
+fn an_unknown_or_out_of_range_topic_alias_closes_the_connection() {
+    let mut session = v5_session(10);
+    client_publishes(&mut session, aliased("", 1));
     assert_eq!(
         v5_disconnect_code(&drain(&mut session)),
-        Some(DisconnectReasonCode::TopicAliasInvalid)
+        Some(DisconnectReasonCode::ProtocolError),
+        "an alias never set"
+    );
+    let mut session = v5_session(10);
+    client_publishes(&mut session, aliased("a/b", 3));
+    assert_eq!(
+        v5_disconnect_code(&drain(&mut session)),
+        Some(DisconnectReasonCode::TopicAliasInvalid),
+        "over the Topic Alias Maximum (2 in the test config)"
     );
 }
 

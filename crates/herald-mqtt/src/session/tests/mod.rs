@@ -37,6 +37,7 @@ fn config() -> SessionConfig {
         keep_alive_max_secs: 60,
         max_packet_bytes: 4096,
         subscriptions_max: 3,
+        topic_alias_maximum: 2,
     }
 }
 
