@@ -99,7 +99,7 @@ impl Session {
                 topic_alias_max: self.config.topic_alias_maximum,
                 retain_available: true,
                 wildcard_subscription_available: true,
-                subscription_identifiers_available: false,
+                subscription_identifiers_available: true,
                 shared_subscription_available: false,
                 server_keepalive_sec: connecting
                     .server_keep_alive

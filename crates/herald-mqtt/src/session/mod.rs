@@ -444,13 +444,7 @@ impl Session {
             v5::Packet::PublishRelease(ack) => self.on_pubrel(ack.packet_id),
             v5::Packet::PublishComplete(ack) => self.on_pubcomp(ack.packet_id),
             v5::Packet::Subscribe(subscribe) => {
-                if subscribe.id.is_some() {
-                    return self.close(
-                        DisconnectReasonCode::SubscriptionIdentifiersNotSupported,
-                        "subscription identifiers are not supported (CONNACK said so)",
-                    );
-                }
-                let requests = subscriptions::v5_requests(subscribe.topic_filters);
+                let requests = subscriptions::v5_requests(subscribe.topic_filters, subscribe.id);
                 self.on_subscribe(subscribe.packet_id, requests);
             }
             v5::Packet::Unsubscribe(unsubscribe) => {

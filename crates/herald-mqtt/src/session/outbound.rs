@@ -14,7 +14,7 @@
 //!   (MQTT-3.1.2-25).
 //! - An acknowledgement for a packet id not awaiting that acknowledgement is a protocol error.
 
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 
 use bytes::Bytes;
 use herald_core::Message;
@@ -40,6 +40,8 @@ pub(super) struct Delivery {
     payload: Bytes,
     qos: QoS,
     retain: bool,
+    /// v5: the identifiers of the subscriptions it matched.
+    subscription_ids: Vec<NonZeroU32>,
 }
 
 impl Session {
@@ -58,7 +60,8 @@ impl Session {
             return;
         }
         let qos = subscription.qos;
-        self.queue_delivery(message, qos, true);
+        let ids = subscription.options.subscription_id.into_iter().collect();
+        self.queue_delivery(message, qos, true, ids);
     }
 
     /// A durable message of a channel the driver feeds. Ignored unless one of the session's
@@ -85,19 +88,26 @@ impl Session {
         if matched.peek().is_none() {
             return;
         }
-        let (subscription_qos, retain_as_published) =
-            matched.fold((QoS::AtMostOnce, false), |(qos, keep), subscription| {
-                (
-                    qos.max(subscription.qos),
-                    keep || subscription.options.retain_as_published,
-                )
-            });
+        let mut subscription_qos = QoS::AtMostOnce;
+        let mut retain_as_published = false;
+        let mut ids = Vec::new();
+        for subscription in matched {
+            subscription_qos = subscription_qos.max(subscription.qos);
+            retain_as_published |= subscription.options.retain_as_published;
+            ids.extend(subscription.options.subscription_id);
+        }
         let retain = retain_as_published && message.headers.contains_key(HEADER_RETAIN);
-        self.queue_delivery(message, subscription_qos, retain);
+        self.queue_delivery(message, subscription_qos, retain, ids);
     }
 
     /// Sends a delivery now, or queues it behind the window, or drops and counts it.
-    fn queue_delivery(&mut self, message: &Message, subscription_qos: QoS, retain: bool) {
+    fn queue_delivery(
+        &mut self,
+        message: &Message,
+        subscription_qos: QoS,
+        retain: bool,
+        subscription_ids: Vec<NonZeroU32>,
+    ) {
         let published_qos = match message.headers.get(HEADER_QOS).map(String::as_str) {
             Some("0") => QoS::AtMostOnce,
             Some("1") => QoS::AtLeastOnce,
@@ -108,6 +118,7 @@ impl Session {
             payload: message.data.bytes().clone(),
             qos: published_qos.min(subscription_qos),
             retain,
+            subscription_ids,
         };
         if let Some(max) = self.peer_max_packet_bytes
             && publish_size_bytes(&delivery) > max as usize
@@ -162,7 +173,11 @@ impl Session {
             topic: delivery.topic.into(),
             packet_id,
             payload: delivery.payload,
-            properties: None,
+            properties: (self.version == Version::V5 && !delivery.subscription_ids.is_empty())
+                .then(|| v5::PublishProperties {
+                    subscription_ids: delivery.subscription_ids,
+                    ..v5::PublishProperties::default()
+                }),
         });
         self.send(match self.version {
             Version::V3 => Packet::V3(v3::Packet::Publish(publish)),
@@ -225,5 +240,11 @@ impl Session {
 /// An upper bound of a delivery's PUBLISH size in bytes (fixed header, topic, packet id, an
 /// empty property block, payload).
 fn publish_size_bytes(delivery: &Delivery) -> usize {
-    5 + 2 + delivery.topic.len() + 2 + 1 + delivery.payload.len()
+    // A Subscription Identifier property is at most 1 + 4 bytes.
+    5 + 2
+        + delivery.topic.len()
+        + 2
+        + 1
+        + delivery.payload.len()
+        + 5 * delivery.subscription_ids.len()
 }

@@ -11,7 +11,7 @@
 //!   when the driver allowed it.
 //! - [`Action::SendRetained`] follows the SUBACK (MQTT-3.8.4), as v5 Retain Handling allows.
 
-use std::num::NonZeroU16;
+use std::num::{NonZeroU16, NonZeroU32};
 
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::v3;
@@ -33,6 +33,8 @@ pub(super) struct Subscription {
 pub(super) struct Options {
     pub(super) no_local: bool,
     pub(super) retain_as_published: bool,
+    /// v5 Subscription Identifier of the SUBSCRIBE, sent back with every delivery it matches.
+    pub(super) subscription_id: Option<NonZeroU32>,
     /// v5 Retain Handling: 0 send retained at subscribe, 1 only for a new subscription, 2
     /// never.
     retain_handling: u8,
@@ -87,6 +89,7 @@ pub(super) fn v3_requests(topic_filters: Vec<(impl ToString, QoS)>) -> Vec<Reque
 /// The requests of a v5 SUBSCRIBE.
 pub(super) fn v5_requests(
     topic_filters: Vec<(impl ToString, v5::SubscriptionOptions)>,
+    subscription_id: Option<NonZeroU32>,
 ) -> Vec<Request> {
     topic_filters
         .into_iter()
@@ -96,6 +99,7 @@ pub(super) fn v5_requests(
             options: Options {
                 no_local: options.no_local,
                 retain_as_published: options.retain_as_published,
+                subscription_id,
                 retain_handling: options.retain_handling.into(),
             },
         })

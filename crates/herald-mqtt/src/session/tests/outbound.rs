@@ -131,3 +131,47 @@ fn a_delivery_over_the_client_maximum_packet_size_is_dropped_and_counted() {
     assert!(delivered(&drain(&mut session)).is_empty());
     assert_eq!(session.deliveries_dropped(), 1);
 }
+
+#[test]
+fn deliveries_carry_the_identifiers_of_the_subscriptions_they_match() {
+    let mut session = v5_session(10);
+    for (packet_id, filter, subscription_id) in [(1, "a/+", 7), (2, "a/x", 9), (3, "b/#", 0)] {
+        let Packet::V5(v5::Packet::Subscribe(mut subscribe)) =
+            v5_subscribe_packet(packet_id, &[(filter, v5_options(QoS::AtMostOnce))])
+        else {
+            unreachable!()
+        };
+        subscribe.id = std::num::NonZeroU32::new(subscription_id);
+        session.handle_packet(Packet::V5(v5::Packet::Subscribe(subscribe)));
+        drain(&mut session);
+        session.handle_subscribe_authorized(id(packet_id), vec![true]);
+        drain(&mut session);
+    }
+    let ids_of = |session: &mut Session, channel: &str| {
+        session.handle_delivery(&message(channel, 1, None, "m1"));
+        let actions = drain(session);
+        let publishes = sent_publishes(&actions);
+        assert_eq!(publishes.len(), 1, "delivered once");
+        publishes[0]
+            .properties
+            .as_ref()
+            .map(|properties| {
+                properties
+                    .subscription_ids
+                    .iter()
+                    .map(|id| id.get())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        ids_of(&mut session, "a:x"),
+        vec![7, 9],
+        "both filters match"
+    );
+    assert_eq!(ids_of(&mut session, "a:y"), vec![7]);
+    assert!(
+        ids_of(&mut session, "b:z").is_empty(),
+        "no identifier given"
+    );
+}
