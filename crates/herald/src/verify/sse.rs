@@ -64,12 +64,16 @@ pub async fn run(context: SubscriberContext, mut stop: Stop) {
             });
         }
         connections += 1;
+        // Bounded like the stream itself: a connection that never answers (a blackholed one)
+        // is given up after `silence_max` and tried again, instead of waiting forever.
         let response = tokio::select! {
-            response = request.send() => response,
+            response = tokio::time::timeout(context.silence_max, request.send()) => {
+                response.ok().and_then(Result::ok)
+            }
             () = stop.wait() => return,
         };
         match response {
-            Ok(response) if response.status().is_success() => {
+            Some(response) if response.status().is_success() => {
                 read_stream(
                     &context,
                     response,
@@ -79,7 +83,7 @@ pub async fn run(context: SubscriberContext, mut stop: Stop) {
                 )
                 .await;
             }
-            Ok(response) => {
+            Some(response) => {
                 let status = response.status();
                 let body = response.text().await.unwrap_or_default();
                 context.record(Record::SubscriptionError {
@@ -89,7 +93,7 @@ pub async fn run(context: SubscriberContext, mut stop: Stop) {
                     message: body.chars().take(300).collect(),
                 });
             }
-            Err(_) => {} // the server or the proxy is down: retry
+            None => {} // the server or the proxy is down or silent: retry
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
