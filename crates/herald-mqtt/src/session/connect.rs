@@ -10,7 +10,11 @@
 //!   in order right after the CONNACK; on a refusal they are dropped.
 //! - The granted keep alive never exceeds `keep_alive_max_secs` (when that is non-zero); a v5
 //!   client is told when it differs from its request.
-//! - Sessions are clean: CONNACK says `session_present = 0` (see the limits in the parent).
+//! - After authentication the driver claims the client id and loads its stored session
+//!   ([`Action::OpenSession`]); CONNACK says `session_present = 1` only when a stored
+//!   session was resumed (never on a clean start).
+//! - The granted Session Expiry Interval never exceeds `session_expiry_max_secs`; a v5
+//!   client is told when it differs from its request.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU16;
@@ -23,7 +27,8 @@ use rmqtt_codec::v5::{self, DisconnectReasonCode};
 use super::reasons;
 use super::will::{Will, WillRequest};
 use super::{
-    Action, AuthRefusal, CLIENT_ID_BYTES_MAX, CloseReason, Packet, Phase, Session, Version,
+    Action, AuthRefusal, CLIENT_ID_BYTES_MAX, CloseReason, Packet, Phase, Session, StoredSession,
+    Version,
 };
 
 /// A CONNECT accepted so far, awaiting the driver's [`Action::Authenticate`] answer.
@@ -35,6 +40,12 @@ pub(super) struct Connecting {
     keep_alive_secs: u16,
     server_keep_alive: bool,
     session_expiry_requested: bool,
+    /// v3 `clean_session`, v5 Clean Start.
+    clean_start: bool,
+    /// The Session Expiry Interval granted (0: the session ends with the connection).
+    session_expiry_secs: u32,
+    /// Whether the grant differs from the request (v5 CONNACK says so).
+    session_expiry_changed: bool,
     client_receive_maximum: u16,
     peer_max_packet_bytes: Option<u32>,
     will: Option<Will>,
@@ -47,9 +58,8 @@ impl Session {
             return;
         }
         let Phase::Authenticating { connecting, early } =
-            std::mem::replace(&mut self.phase, Phase::Connected)
+            std::mem::replace(&mut self.phase, Phase::Closed)
         else {
-            self.phase = Phase::Closed;
             panic!("handle_authenticated without a pending Action::Authenticate");
         };
         self.version = connecting.version;
@@ -58,6 +68,38 @@ impl Session {
             self.refuse_connect(v3_code, v5_code, detail);
             return;
         }
+        self.actions.push_back(Action::OpenSession {
+            client_id: connecting.client_id.clone(),
+            // A session that may not outlive the connection is not resumed either.
+            clean: connecting.clean_start || self.config.session_expiry_max_secs == 0,
+        });
+        self.phase = Phase::Opening { connecting, early };
+    }
+
+    /// The answer to [`Action::OpenSession`]: the client id's stored session (`None`: there
+    /// is none, or it was discarded), or why it could not be opened (CONNACK refuses with
+    /// Server Unavailable).
+    pub fn handle_session_opened(&mut self, stored: Result<Option<StoredSession>, String>) {
+        if self.is_closed() {
+            return;
+        }
+        let Phase::Opening { connecting, early } =
+            std::mem::replace(&mut self.phase, Phase::Connected)
+        else {
+            self.phase = Phase::Closed;
+            panic!("handle_session_opened without a pending Action::OpenSession");
+        };
+        let stored = match stored {
+            Ok(stored) => stored.filter(|_| !connecting.clean_start),
+            Err(error) => {
+                self.phase = Phase::Closed;
+                return self.refuse_connect(
+                    v3::ConnectAckReason::ServiceUnavailable,
+                    v5::ConnectAckReason::ServerUnavailable,
+                    &format!("the session cannot be opened: {error}"),
+                );
+            }
+        };
         self.client_id = connecting.client_id.clone();
         self.will = connecting.will.clone();
         self.keep_alive_secs = connecting.keep_alive_secs;
@@ -68,8 +110,14 @@ impl Session {
                 .client_receive_maximum
                 .min(self.config.outbound_inflight_max),
         };
-        let connack = self.connack(&connecting);
+        self.session_expiry_requested = connecting.session_expiry_requested;
+        let session_present = stored.is_some();
+        if connecting.session_expiry_secs > 0 || session_present {
+            self.open_persistence(connecting.session_expiry_secs, stored);
+        }
+        let connack = self.connack(&connecting, session_present);
         self.send(connack);
+        self.resume_deliveries();
         for packet in early {
             if self.is_closed() {
                 break;
@@ -79,17 +127,18 @@ impl Session {
     }
 
     /// The CONNACK accepting `connecting`.
-    fn connack(&self, connecting: &Connecting) -> Packet {
+    fn connack(&self, connecting: &Connecting, session_present: bool) -> Packet {
         match connecting.version {
             Version::V3 => Packet::V3(v3::Packet::ConnectAck(v3::ConnectAck {
                 return_code: v3::ConnectAckReason::ConnectionAccepted,
-                session_present: false,
+                session_present,
             })),
             Version::V5 => Packet::V5(v5::Packet::ConnectAck(Box::new(v5::ConnectAck {
-                session_present: false,
+                session_present,
                 reason_code: v5::ConnectAckReason::Success,
-                // Sessions end with the connection in this version of Herald: say so.
-                session_expiry_interval_secs: connecting.session_expiry_requested.then_some(0),
+                session_expiry_interval_secs: connecting
+                    .session_expiry_changed
+                    .then_some(connecting.session_expiry_secs),
                 receive_max: NonZeroU16::new(self.config.receive_maximum).expect("checked in new"),
                 max_qos: QoS::ExactlyOnce,
                 max_packet_size: Some(self.config.max_packet_bytes),
@@ -155,6 +204,14 @@ impl Session {
                 keep_alive_secs,
                 server_keep_alive: false,
                 session_expiry_requested: false,
+                clean_start: connect.clean_session,
+                // 3.1.1 sessions have no expiry of their own: the server's longest.
+                session_expiry_secs: if connect.clean_session {
+                    0
+                } else {
+                    self.config.session_expiry_max_secs
+                },
+                session_expiry_changed: false,
                 client_receive_maximum: u16::MAX,
                 peer_max_packet_bytes: None,
                 will,
@@ -188,6 +245,8 @@ impl Session {
             );
         }
         let (keep_alive_secs, changed) = self.grant_keep_alive(connect.keep_alive);
+        let requested_expiry = connect.session_expiry_interval_secs;
+        let session_expiry_secs = self.grant_session_expiry(requested_expiry);
         self.start_authentication(
             Connecting {
                 version: Version::V5,
@@ -195,7 +254,10 @@ impl Session {
                 assigned_client_id: false,
                 keep_alive_secs,
                 server_keep_alive: changed,
-                session_expiry_requested: connect.session_expiry_interval_secs > 0,
+                session_expiry_requested: requested_expiry > 0,
+                clean_start: connect.clean_start,
+                session_expiry_secs,
+                session_expiry_changed: session_expiry_secs != requested_expiry,
                 client_receive_maximum: connect.receive_max.map_or(u16::MAX, |max| max.get()),
                 peer_max_packet_bytes: connect.max_packet_size.map(|max| max.get()),
                 will,
@@ -232,6 +294,11 @@ impl Session {
             connecting: Box::new(connecting),
             early: VecDeque::new(),
         };
+    }
+
+    /// The Session Expiry Interval granted for a request: at most `session_expiry_max_secs`.
+    pub(super) fn grant_session_expiry(&self, requested_secs: u32) -> u32 {
+        requested_secs.min(self.config.session_expiry_max_secs)
     }
 
     /// The keep alive to enforce, and whether it differs from what the client asked.

@@ -73,8 +73,10 @@ impl Session {
             if ack.sequence.is_some() {
                 if refusal.is_none() && ack.qos == QoS::ExactlyOnce {
                     self.inbound.insert(ack.packet_id, Inbound::Received);
+                    self.mark_dirty();
                 } else {
                     self.inbound.remove(&ack.packet_id);
+                    self.forget_inbound_id(ack.packet_id);
                 }
             }
             self.acknowledge_publish(ack.packet_id, ack.qos, refusal);
@@ -217,7 +219,8 @@ impl Session {
                 answer: None,
             });
         }
-        let message = self.new_message(sequence, publish);
+        let stored_id = self.persistent_inbound_id(packet_id, publish.qos, sequence);
+        let message = self.new_message(sequence, stored_id, publish);
         self.actions.push_back(Action::Append {
             token: AppendToken {
                 sequence,
@@ -228,10 +231,51 @@ impl Session {
         });
     }
 
-    /// The message to append for the connection's `sequence`-th PUBLISH.
-    fn new_message(&self, sequence: u64, publish: Publish) -> NewMessage {
-        let id = MessageId::parse(&format!("{}{sequence}", self.id_prefix))
-            .expect("printable ASCII of bounded length");
+    /// A persistent session's QoS 2 PUBLISH: the id its message is stored under, saved before
+    /// the append is asked for (the store commits in queue order, so a durable message always
+    /// has its id recorded). A PUBLISH re-sent after a resume reuses the recorded id.
+    fn persistent_inbound_id(
+        &mut self,
+        packet_id: Option<NonZeroU16>,
+        qos: QoS,
+        sequence: u64,
+    ) -> Option<MessageId> {
+        let packet_id = packet_id.filter(|_| qos == QoS::ExactlyOnce)?;
+        let id_prefix = self.id_prefix.clone();
+        let persistence = self.persistence.as_mut()?;
+        let id = persistence
+            .inbound_ids
+            .entry(packet_id)
+            .or_insert_with(|| {
+                MessageId::parse(&format!("{id_prefix}{sequence}"))
+                    .expect("printable ASCII of bounded length")
+            })
+            .clone();
+        self.mark_dirty();
+        self.save_now();
+        Some(id)
+    }
+
+    fn forget_inbound_id(&mut self, packet_id: NonZeroU16) {
+        if let Some(persistence) = self.persistence.as_mut()
+            && persistence.inbound_ids.remove(&packet_id).is_some()
+        {
+            self.mark_dirty();
+        }
+    }
+
+    /// The message to append for the connection's `sequence`-th PUBLISH (under `stored_id`
+    /// when a persistent session recorded one).
+    fn new_message(
+        &self,
+        sequence: u64,
+        stored_id: Option<MessageId>,
+        publish: Publish,
+    ) -> NewMessage {
+        let id = stored_id.unwrap_or_else(|| {
+            MessageId::parse(&format!("{}{sequence}", self.id_prefix))
+                .expect("printable ASCII of bounded length")
+        });
         let mut headers = Headers::new();
         headers.insert(HEADER_QOS.to_owned(), publish.qos.value().to_string());
         if publish.retain {
@@ -294,6 +338,9 @@ impl Session {
         match self.inbound.get(&packet_id) {
             Some(Inbound::Received) => {
                 self.inbound.remove(&packet_id);
+                // A persistent session's PUBCOMP waits until the release is saved: the client
+                // may reuse the id only once the server has forgotten it.
+                self.forget_inbound_id(packet_id);
                 self.send_pubcomp(packet_id, v5::PublishAck2Reason::Success);
             }
             Some(Inbound::Appending { .. }) => self.protocol_error("PUBREL before PUBREC"),

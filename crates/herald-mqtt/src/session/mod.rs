@@ -11,12 +11,18 @@
 //!    in order. Requests come back as answers: [`Action::Authenticate`] ->
 //!    [`Session::handle_authenticated`], [`Action::AuthorizeSubscribe`] ->
 //!    [`Session::handle_subscribe_authorized`], [`Action::Append`] ->
-//!    [`Session::handle_appended`] (in any order, each exactly once).
+//!    [`Session::handle_appended`] (in any order, each exactly once),
+//!    [`Action::OpenSession`] -> [`Session::handle_session_opened`], [`Action::SaveSession`]
+//!    -> [`Session::handle_session_saved`] (any order), [`Action::ListChannels`] ->
+//!    [`Session::handle_channels_listed`], [`Action::ReadChannel`] ->
+//!    [`Session::handle_channel_read`], [`Action::ReadForResend`] ->
+//!    [`Session::handle_resend_read`].
 //! 4. Messages of subscribed channels go in through [`Session::handle_delivery`] (the driver
 //!    feeds each durable message of a matching channel once; the session picks the QoS).
 //!    [`Action::SendRetained`] asks for the retained messages of a new subscription's filter:
 //!    the driver hands each to [`Session::handle_retained`].
-//! 5. After [`Action::Close`] the driver closes the socket; later inputs are ignored.
+//! 5. After [`Action::Close`] the driver closes the socket; later inputs are ignored. Then
+//!    [`Session::session_end`] says what becomes of a stored session.
 //!
 //! # Contracts
 //! - PUBACK (QoS 1) and PUBREC (QoS 2) are sent only after the append was answered
@@ -44,6 +50,9 @@
 //!   ([`Session::deliveries_dropped`]).
 //! - Bad input never panics: protocol violations end with [`Action::Close`] and, on a v5
 //!   connection past CONNACK, a DISCONNECT with the reason code first.
+//! - Persistent sessions (see `persistent`): nothing that depends on a change of the stored
+//!   state leaves before that change is durable, and what the session owes is read from the
+//!   log, never queued (so never dropped).
 //!
 //! # Layout
 //! This file owns the public types, the [`Session`] state, the dispatch of packets by phase
@@ -55,19 +64,19 @@
 //! - `outbound`: deliveries, packet ids, the inflight window and its bounded queue.
 //! - `reasons`: the v3/v5 reason codes of refusals (pure mappings).
 //! - `will`: will messages, published when the connection ends without a clean DISCONNECT.
+//! - `persistent`: stored sessions: resume, write-ahead saves, deliveries from the log.
+//! - `stored`: the stored record and its encoding.
 //!
-//! # Limits of this slice
-//! Sessions are always clean: a persistent-session request (v3 `clean_session = 0`, v5
-//! `clean_start = 0` or a Session Expiry Interval) is served as a clean one with
-//! `session_present = 0` (v5 CONNACK also says Session Expiry Interval 0), so a will's delay
-//! ends at once with the session. No topic aliases (Topic Alias
-//! Maximum 0), no subscription identifiers, no shared subscriptions (each advertised as
-//! unavailable in CONNACK).
+//! # Limits
+//! No shared subscriptions (advertised as unavailable in CONNACK). A will is published when
+//! the connection ends, without its Will Delay Interval.
 
 mod connect;
 mod inbound;
 mod outbound;
+mod persistent;
 mod reasons;
+mod stored;
 mod subscriptions;
 mod will;
 
@@ -75,7 +84,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::num::NonZeroU16;
 
 use bytes::Bytes;
-use herald_core::{ChannelName, NewMessage};
+use herald_core::{ChannelName, NewMessage, Position};
 use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::v3;
@@ -85,7 +94,13 @@ use crate::topic::TopicFilter;
 
 use connect::Connecting;
 use inbound::Inbound;
-use outbound::{Awaiting, Delivery};
+use outbound::{Delivery, Outbound};
+use persistent::Persistence;
+pub use persistent::{ChannelRead, HELD_PACKETS_MAX, ReadStart, SessionEnd};
+pub use stored::{
+    SESSION_KEY_PREFIX, STORED_SESSION_FORMAT, StoredInbound, StoredOutbound, StoredSession,
+    StoredSessionError, StoredSubscription, session_key,
+};
 use subscriptions::{PendingSubscribe, Subscription};
 pub use will::Will;
 
@@ -122,6 +137,10 @@ pub struct SessionConfig {
     pub subscriptions_max: usize,
     /// Topic aliases a v5 client may set for its PUBLISH packets (Topic Alias Maximum; 0: none).
     pub topic_alias_maximum: u16,
+    /// Longest a persistent session outlives its connection, in seconds: caps a v5 Session
+    /// Expiry Interval, and is what a v3 `clean_session = 0` session gets. 0: every session
+    /// is clean.
+    pub session_expiry_max_secs: u32,
 }
 
 impl Default for SessionConfig {
@@ -134,6 +153,7 @@ impl Default for SessionConfig {
             max_packet_bytes: 1024 * 1024,
             subscriptions_max: 100,
             topic_alias_maximum: 32,
+            session_expiry_max_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -230,6 +250,45 @@ pub enum Action {
     /// Publish the connection's will (authorized and appended like a PUBLISH of the
     /// connection, even though the connection is ending); no answer.
     PublishWill(Will),
+    /// Claim the client id (a connection holding it is taken over: it ends and saves its
+    /// session first), then load its stored session; answer with
+    /// [`Session::handle_session_opened`]. `clean`: discard the stored session (answer
+    /// `None`).
+    OpenSession {
+        client_id: String,
+        clean: bool,
+    },
+    /// Persist the session's state; answer with [`Session::handle_session_saved`].
+    SaveSession {
+        generation: u64,
+        state: StoredSession,
+    },
+    /// List the stored channels matching any of `filters`; answer with
+    /// [`Session::handle_channels_listed`].
+    ListChannels {
+        filters: Vec<TopicFilter>,
+    },
+    /// Read at most `limit` messages of `channel` (of those the connection may read); answer
+    /// with [`Session::handle_channel_read`].
+    ReadChannel {
+        channel: ChannelName,
+        from: ReadStart,
+        limit: usize,
+    },
+    /// Read the message at `position` to send it again; answer with
+    /// [`Session::handle_resend_read`].
+    ReadForResend {
+        packet_id: NonZeroU16,
+        channel: ChannelName,
+        position: Position,
+    },
+    /// The session's position on `channel` (`after`) is no longer retained: it continues
+    /// after `resume_after`. For logs and counters; no answer.
+    ContinuityLost {
+        channel: ChannelName,
+        after: Option<Position>,
+        resume_after: Position,
+    },
     /// Close the network connection.
     Close(CloseReason),
 }
@@ -238,6 +297,11 @@ pub enum Action {
 enum Phase {
     AwaitingConnect,
     Authenticating {
+        connecting: Box<Connecting>,
+        early: VecDeque<Packet>,
+    },
+    /// Authenticated; waiting for [`Session::handle_session_opened`].
+    Opening {
         connecting: Box<Connecting>,
         early: VecDeque<Packet>,
     },
@@ -268,11 +332,18 @@ pub struct Session {
     /// QoS 1/2 acknowledgements in the order their PUBLISH packets came (MQTT-4.6.0-2/3):
     /// one whose append is answered waits for the ones before it.
     acks: VecDeque<inbound::PendingAck>,
-    outbound: BTreeMap<NonZeroU16, Awaiting>,
+    outbound: BTreeMap<NonZeroU16, Outbound>,
     pending_deliveries: VecDeque<Delivery>,
     next_packet_id: u16,
     publish_sequence: u64,
     deliveries_dropped: u64,
+    /// The stored side of a persistent session.
+    persistence: Option<Persistence>,
+    /// A resumed session's PUBREL and PUBLISH packets to send again after the CONNACK.
+    pending_resume: Option<persistent::Resume>,
+    /// Whether the CONNECT asked for a Session Expiry Interval (v5: a DISCONNECT may only
+    /// change it then).
+    session_expiry_requested: bool,
     actions: VecDeque<Action>,
 }
 
@@ -309,12 +380,19 @@ impl Session {
             next_packet_id: 1,
             publish_sequence: 0,
             deliveries_dropped: 0,
+            persistence: None,
+            pending_resume: None,
+            session_expiry_requested: false,
             actions: VecDeque::new(),
         }
     }
 
     /// The next action, oldest first.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() {
+            // The input is handled: one save covers what it changed.
+            self.save_for_held();
+        }
         self.actions.pop_front()
     }
 
@@ -340,7 +418,9 @@ impl Session {
     /// one and a half times the keep alive (MQTT-3.1.2-22), `None` before CONNECT.
     pub fn keep_alive_timeout_ms(&self) -> Option<u64> {
         match self.phase {
-            Phase::Connected | Phase::Authenticating { .. } if self.keep_alive_secs > 0 => {
+            Phase::Connected | Phase::Authenticating { .. } | Phase::Opening { .. }
+                if self.keep_alive_secs > 0 =>
+            {
                 Some(u64::from(self.keep_alive_secs) * 1500)
             }
             _ => None,
@@ -364,7 +444,7 @@ impl Session {
         match &mut self.phase {
             Phase::Closed => {}
             Phase::AwaitingConnect => self.on_first_packet(packet),
-            Phase::Authenticating { early, .. } => {
+            Phase::Authenticating { early, .. } | Phase::Opening { early, .. } => {
                 if is_connect(&packet) {
                     self.protocol_error("a second CONNECT");
                 } else if early.len() >= EARLY_PACKETS_MAX {
@@ -451,9 +531,24 @@ impl Session {
                 self.on_unsubscribe(unsubscribe.packet_id, &unsubscribe.topic_filters);
             }
             v5::Packet::PingRequest => self.send(Packet::V5(v5::Packet::PingResponse)),
-            v5::Packet::Disconnect(disconnect) => self.client_disconnected(
-                disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-            ),
+            v5::Packet::Disconnect(disconnect) => {
+                if let Some(expiry_secs) = disconnect.session_expiry_interval_secs {
+                    // MQTT-3.14.2-2: a session that was to end with the connection cannot be
+                    // given an expiry at its end.
+                    if !self.session_expiry_requested && expiry_secs > 0 {
+                        return self.protocol_error(
+                            "a Session Expiry Interval in DISCONNECT after none in CONNECT",
+                        );
+                    }
+                    let granted = self.grant_session_expiry(expiry_secs);
+                    if let Some(persistence) = self.persistence.as_mut() {
+                        persistence.expiry_secs = granted;
+                    }
+                }
+                self.client_disconnected(
+                    disconnect.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                );
+            }
             v5::Packet::Connect(_) => self.protocol_error("a second CONNECT"),
             v5::Packet::Auth(_) => self.protocol_error("AUTH without an authentication method"),
             v5::Packet::ConnectAck(_)
@@ -465,8 +560,12 @@ impl Session {
 
     // ----- endings -----
 
+    /// Sends a packet, or (persistent sessions) holds it until the state it follows from is
+    /// saved.
     fn send(&mut self, packet: Packet) {
-        self.actions.push_back(Action::Send(packet));
+        if let Some(packet) = self.hold_if_unsaved(packet) {
+            self.actions.push_back(Action::Send(packet));
+        }
     }
 
     /// A DISCONNECT: the will is discarded, unless the client asked for it (v5 0x04).
@@ -496,11 +595,16 @@ impl Session {
         }
         self.publish_will();
         if self.is_connected() && self.version == Version::V5 {
-            self.send(Packet::V5(v5::Packet::Disconnect(v5::Disconnect {
-                reason_code: code,
-                reason_string: Some(detail.to_owned().into()),
-                ..v5::Disconnect::default()
-            })));
+            // Not held behind a save: packets still held are never sent, and the final
+            // state saved at the end covers them.
+            self.actions
+                .push_back(Action::Send(Packet::V5(v5::Packet::Disconnect(
+                    v5::Disconnect {
+                        reason_code: code,
+                        reason_string: Some(detail.to_owned().into()),
+                        ..v5::Disconnect::default()
+                    },
+                ))));
         }
         self.actions.push_back(Action::Close(CloseReason {
             code,

@@ -17,7 +17,7 @@
 use std::num::{NonZeroU16, NonZeroU32};
 
 use bytes::Bytes;
-use herald_core::Message;
+use herald_core::{ChannelName, Message, Position};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v3;
 use rmqtt_codec::v5;
@@ -25,12 +25,34 @@ use rmqtt_codec::v5;
 use super::{HEADER_QOS, HEADER_RETAIN, Packet, Session, Version};
 use crate::topic::{self, TopicFilter};
 
-/// An outbound QoS 1/2 delivery, by packet id.
+/// The acknowledgement an outbound QoS 1/2 delivery waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Awaiting {
     Puback,
     Pubrec,
     Pubcomp,
+}
+
+/// An outbound QoS 1/2 delivery, by packet id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Outbound {
+    pub(super) stage: Awaiting,
+    /// Where the message is in the log (persistent sessions: stored, to send it again on
+    /// the next connection).
+    pub(super) source: Option<Source>,
+}
+
+/// The message of a persistent session's delivery, and how it was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Source {
+    pub(super) channel: ChannelName,
+    pub(super) position: Position,
+    /// The QoS it was sent at.
+    pub(super) qos: QoS,
+    pub(super) retain: bool,
+    pub(super) subscription_ids: Vec<NonZeroU32>,
+    /// Assignment order (packet ids wrap around; the stored list keeps this order).
+    pub(super) order: u64,
 }
 
 /// A PUBLISH to send, once the window has room.
@@ -59,9 +81,12 @@ impl Session {
         if !subscription.filter.matches_channel(&message.channel) {
             return;
         }
-        let qos = subscription.qos;
+        let qos = published_qos(message).min(subscription.qos);
         let ids = subscription.options.subscription_id.into_iter().collect();
-        self.queue_delivery(message, qos, true, ids);
+        // In a persistent session too: retained messages are not part of its cursors, and
+        // are not stored for sending again.
+        let delivery = self.delivery_of(message, qos, true, ids);
+        self.queue_delivery(delivery);
     }
 
     /// A durable message of a channel the driver feeds. Ignored unless one of the session's
@@ -70,6 +95,19 @@ impl Session {
         if !self.is_connected() {
             return;
         }
+        if self.is_persistent() {
+            return self.deliver_live_persistent(message);
+        }
+        if let Some((qos, retain, ids)) = self.plan_delivery(message) {
+            let delivery = self.delivery_of(message, qos, retain, ids);
+            self.queue_delivery(delivery);
+        }
+    }
+
+    /// Whether and how `message` goes to this client: the QoS (min of the publisher's and
+    /// the highest matching subscription's), the RETAIN flag and the subscription ids.
+    /// `None` when no subscription wants it (none matches, or No Local).
+    pub(super) fn plan_delivery(&self, message: &Message) -> Option<(QoS, bool, Vec<NonZeroU32>)> {
         // Own messages are `<prefix><sequence>`: digits only after the prefix, so connection
         // `c1` never takes a message of connection `c1-x` for its own.
         let own = message
@@ -85,9 +123,7 @@ impl Session {
             .filter(|subscription| !(own && subscription.options.no_local))
             .filter(|subscription| subscription.filter.matches_channel(&message.channel))
             .peekable();
-        if matched.peek().is_none() {
-            return;
-        }
+        matched.peek()?;
         let mut subscription_qos = QoS::AtMostOnce;
         let mut retain_as_published = false;
         let mut ids = Vec::new();
@@ -97,33 +133,36 @@ impl Session {
             ids.extend(subscription.options.subscription_id);
         }
         let retain = retain_as_published && message.headers.contains_key(HEADER_RETAIN);
-        self.queue_delivery(message, subscription_qos, retain, ids);
+        Some((published_qos(message).min(subscription_qos), retain, ids))
+    }
+
+    /// The PUBLISH content of `message` at `qos` (already the delivered QoS).
+    pub(super) fn delivery_of(
+        &self,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
+        subscription_ids: Vec<NonZeroU32>,
+    ) -> Delivery {
+        Delivery {
+            topic: topic::channel_to_topic(&message.channel),
+            payload: message.data.bytes().clone(),
+            qos,
+            retain,
+            subscription_ids,
+        }
+    }
+
+    /// Whether the delivery fits the client's Maximum Packet Size (MQTT-3.1.2-25: one that
+    /// does not is discarded as if delivered).
+    pub(super) fn fits_peer(&self, delivery: &Delivery) -> bool {
+        self.peer_max_packet_bytes
+            .is_none_or(|max| publish_size_bytes(delivery) <= max as usize)
     }
 
     /// Sends a delivery now, or queues it behind the window, or drops and counts it.
-    fn queue_delivery(
-        &mut self,
-        message: &Message,
-        subscription_qos: QoS,
-        retain: bool,
-        subscription_ids: Vec<NonZeroU32>,
-    ) {
-        let published_qos = match message.headers.get(HEADER_QOS).map(String::as_str) {
-            Some("0") => QoS::AtMostOnce,
-            Some("1") => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
-        let delivery = Delivery {
-            topic: topic::channel_to_topic(&message.channel),
-            payload: message.data.bytes().clone(),
-            qos: published_qos.min(subscription_qos),
-            retain,
-            subscription_ids,
-        };
-        if let Some(max) = self.peer_max_packet_bytes
-            && publish_size_bytes(&delivery) > max as usize
-        {
-            // MQTT-3.1.2-25: a packet over the client's maximum is discarded as if delivered.
+    fn queue_delivery(&mut self, delivery: Delivery) {
+        if !self.fits_peer(&delivery) {
             self.deliveries_dropped += 1;
             return;
         }
@@ -151,23 +190,42 @@ impl Session {
     }
 
     fn send_delivery(&mut self, delivery: Delivery) {
+        self.send_untracked(delivery);
+    }
+
+    /// Sends a delivery with a new packet id (QoS 1/2) that is not part of a persistent
+    /// session's stored state.
+    fn send_untracked(&mut self, delivery: Delivery) {
         let packet_id = match delivery.qos {
             QoS::AtMostOnce => None,
             qos => {
                 let packet_id = self.allocate_packet_id();
                 self.outbound.insert(
                     packet_id,
-                    if qos == QoS::AtLeastOnce {
-                        Awaiting::Puback
-                    } else {
-                        Awaiting::Pubrec
+                    Outbound {
+                        stage: if qos == QoS::AtLeastOnce {
+                            Awaiting::Puback
+                        } else {
+                            Awaiting::Pubrec
+                        },
+                        source: None,
                     },
                 );
                 Some(packet_id)
             }
         };
+        self.send_publish(delivery, packet_id, false);
+    }
+
+    /// The PUBLISH packet of a delivery (`dup`: a re-send of a stored session's delivery).
+    pub(super) fn send_publish(
+        &mut self,
+        delivery: Delivery,
+        packet_id: Option<NonZeroU16>,
+        dup: bool,
+    ) {
         let publish = Box::new(Publish {
-            dup: false,
+            dup,
             retain: delivery.retain,
             qos: delivery.qos,
             topic: delivery.topic.into(),
@@ -186,7 +244,7 @@ impl Session {
     }
 
     /// A packet id not in flight; the window (at most 65535) guarantees one exists.
-    fn allocate_packet_id(&mut self) -> NonZeroU16 {
+    pub(super) fn allocate_packet_id(&mut self) -> NonZeroU16 {
         loop {
             let candidate = NonZeroU16::new(self.next_packet_id).expect("never 0");
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
@@ -204,15 +262,32 @@ impl Session {
 
     /// `success`: false for a v5 PUBREC with an error code, which ends the exchange.
     pub(super) fn on_pubrec(&mut self, packet_id: NonZeroU16, success: bool) {
-        match self.outbound.get(&packet_id) {
-            Some(Awaiting::Pubrec) | Some(Awaiting::Pubcomp) => {}
-            _ => return self.protocol_error("PUBREC for a packet id not awaiting one"),
+        let Some(entry) = self.outbound.get_mut(&packet_id) else {
+            return self.protocol_error("PUBREC for a packet id not awaiting one");
+        };
+        if entry.stage == Awaiting::Puback {
+            return self.protocol_error("PUBREC for a packet id not awaiting one");
         }
+        let tracked = entry.source.is_some();
         if !success {
             self.outbound.remove(&packet_id);
-            return self.drain_pending_deliveries();
+            if tracked {
+                self.mark_dirty();
+            }
+            return self.after_outbound_freed();
         }
-        self.outbound.insert(packet_id, Awaiting::Pubcomp);
+        // A stored session's PUBREL waits until the released stage is saved: after a crash
+        // the server must send PUBREL again, never the PUBLISH.
+        if entry.stage != Awaiting::Pubcomp {
+            entry.stage = Awaiting::Pubcomp;
+            if tracked {
+                self.mark_dirty();
+            }
+        }
+        self.send_pubrel(packet_id);
+    }
+
+    pub(super) fn send_pubrel(&mut self, packet_id: NonZeroU16) {
         self.send(match self.version {
             Version::V3 => Packet::V3(v3::Packet::PublishRelease { packet_id }),
             Version::V5 => Packet::V5(v5::Packet::PublishRelease(v5::PublishAck2 {
@@ -229,11 +304,30 @@ impl Session {
     /// The last acknowledgement of a delivery (`packet` names it): frees the packet id and
     /// its slot in the window.
     fn complete_outbound(&mut self, packet_id: NonZeroU16, expected: Awaiting, packet: &str) {
-        if self.outbound.get(&packet_id) != Some(&expected) {
+        if self.outbound.get(&packet_id).map(|entry| entry.stage) != Some(expected) {
             return self.protocol_error(&format!("{packet} for a packet id not awaiting one"));
         }
-        self.outbound.remove(&packet_id);
+        let entry = self.outbound.remove(&packet_id).expect("checked");
+        if entry.source.is_some() {
+            self.mark_dirty();
+        }
+        self.after_outbound_freed();
+    }
+
+    /// A window slot is free: the next queued delivery, or a persistent session's next read.
+    fn after_outbound_freed(&mut self) {
         self.drain_pending_deliveries();
+        self.pump_reads();
+    }
+}
+
+/// The QoS the publisher used: the [`HEADER_QOS`] of a message published over MQTT; QoS 2
+/// for one published over HTTP or WebSocket (delivered at the subscription's QoS).
+fn published_qos(message: &Message) -> QoS {
+    match message.headers.get(HEADER_QOS).map(String::as_str) {
+        Some("0") => QoS::AtMostOnce,
+        Some("1") => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
     }
 }
 

@@ -26,6 +26,10 @@ pub(super) struct Subscription {
     pub(super) filter: TopicFilter,
     pub(super) qos: QoS,
     pub(super) options: Options,
+    /// When the filter was first granted (ms since the Unix epoch, the driver's clock): a
+    /// persistent session owes the messages stored since then on channels it has no cursor
+    /// for.
+    pub(super) since_ms: u64,
 }
 
 /// The v5 subscription options the session acts on (v3: all false, retained sent).
@@ -37,7 +41,7 @@ pub(super) struct Options {
     pub(super) subscription_id: Option<NonZeroU32>,
     /// v5 Retain Handling: 0 send retained at subscribe, 1 only for a new subscription, 2
     /// never.
-    retain_handling: u8,
+    pub(super) retain_handling: u8,
 }
 
 /// One filter of a SUBSCRIBE as the client asked for it.
@@ -107,8 +111,14 @@ pub(super) fn v5_requests(
 }
 
 impl Session {
-    /// The answer to [`Action::AuthorizeSubscribe`]: one verdict per filter, in order.
-    pub fn handle_subscribe_authorized(&mut self, packet_id: NonZeroU16, allowed: Vec<bool>) {
+    /// The answer to [`Action::AuthorizeSubscribe`]: one verdict per filter, in order;
+    /// `now_ms` is the time of the grant (ms since the Unix epoch).
+    pub fn handle_subscribe_authorized(
+        &mut self,
+        packet_id: NonZeroU16,
+        allowed: Vec<bool>,
+        now_ms: u64,
+    ) {
         if self.is_closed() {
             return;
         }
@@ -128,7 +138,11 @@ impl Session {
                     options,
                 } => {
                     let allowed = verdicts.next().expect("one verdict per filter");
-                    let existed = self.subscriptions.contains_key(filter.as_str());
+                    let since_ms = self
+                        .subscriptions
+                        .get(filter.as_str())
+                        .map(|existing| existing.since_ms);
+                    let existed = since_ms.is_some();
                     if !allowed {
                         Err(Refusal::NotAuthorized)
                     } else if !existed && self.subscriptions.len() >= self.config.subscriptions_max
@@ -149,8 +163,11 @@ impl Session {
                                 filter: filter.clone(),
                                 qos,
                                 options,
+                                since_ms: since_ms.unwrap_or(now_ms),
                             },
                         );
+                        // A persistent session's SUBACK waits until the subscription is saved.
+                        self.mark_dirty();
                         self.actions.push_back(Action::Subscribe { filter, qos });
                         Ok(qos)
                     }
@@ -220,6 +237,7 @@ impl Session {
         for text in filters {
             match self.subscriptions.remove(text.as_ref()) {
                 Some(subscription) => {
+                    self.mark_dirty();
                     self.actions.push_back(Action::Unsubscribe {
                         filter: subscription.filter,
                     });

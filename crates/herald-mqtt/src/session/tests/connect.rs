@@ -48,18 +48,20 @@ fn an_empty_client_id_needs_a_clean_session_in_v3() {
 }
 
 #[test]
-fn an_empty_client_id_is_assigned_in_v5_and_sessions_are_clean() {
+fn an_empty_client_id_is_assigned_in_v5() {
     let (session, connack) = v5_connect(v5::Connect {
-        clean_start: false,
-        session_expiry_interval_secs: 3600,
+        clean_start: true,
         keep_alive: 0,
         ..v5::Connect::default()
     });
     assert_eq!(session.client_id(), "herald-c1");
     assert_eq!(connack.assigned_client_id.as_deref(), Some("herald-c1"));
-    // A persistent session was asked for: served clean, and told so.
     assert!(!connack.session_present);
-    assert_eq!(connack.session_expiry_interval_secs, Some(0));
+    assert!(
+        !session.is_persistent(),
+        "no Session Expiry Interval: a clean session"
+    );
+    assert_eq!(connack.session_expiry_interval_secs, None);
     // Keep alive 0 (none) is not granted: the server's maximum is.
     assert_eq!(connack.server_keepalive_sec, Some(60));
     assert_eq!(session.keep_alive_timeout_ms(), Some(90_000));

@@ -7,6 +7,7 @@ mod connect;
 mod inbound;
 mod model;
 mod outbound;
+mod persistent;
 mod retained;
 mod subscriptions;
 
@@ -14,7 +15,9 @@ use std::collections::BTreeMap;
 use std::num::NonZeroU16;
 
 use bytes::Bytes;
-use herald_core::{ChainHash, ChannelName, Data, Epoch, Message, MessageId, Serial, Timestamp};
+use herald_core::{
+    ChainHash, ChannelName, Data, Epoch, Message, MessageId, Position, Serial, Timestamp,
+};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode};
@@ -38,6 +41,7 @@ fn config() -> SessionConfig {
         max_packet_bytes: 4096,
         subscriptions_max: 3,
         topic_alias_maximum: 2,
+        session_expiry_max_secs: 3600,
     }
 }
 
@@ -55,11 +59,18 @@ fn v5_connecting(connect: v5::Connect) -> Session {
     session
 }
 
-/// Answers the session's only action, [`Action::Authenticate`], with success; returns what
-/// followed (the CONNACK first).
+/// Answers the session's only action, [`Action::Authenticate`], with success, and the
+/// [`Action::OpenSession`] that follows with no stored session; returns what followed (the
+/// CONNACK first).
 fn authenticate(session: &mut Session) -> Vec<Action> {
     assert!(matches!(drain(session)[..], [Action::Authenticate { .. }]));
     session.handle_authenticated(Ok(()));
+    let opening = drain(session);
+    assert!(
+        matches!(opening[..], [Action::OpenSession { .. }]),
+        "{opening:?}"
+    );
+    session.handle_session_opened(Ok(None));
     drain(session)
 }
 
@@ -161,7 +172,7 @@ fn subscribe(session: &mut Session, packet_id: u16, filters: &[(&str, QoS)]) -> 
         panic!("an authorization request: {actions:?}")
     };
     let count = filters.len();
-    session.handle_subscribe_authorized(id(packet_id), vec![true; count]);
+    session.handle_subscribe_authorized(id(packet_id), vec![true; count], 0);
     drain(session)
 }
 
@@ -212,7 +223,7 @@ fn v5_subscribe_with(
 ) -> Vec<Action> {
     session.handle_packet(v5_subscribe_packet(packet_id, &[("a/+", options)]));
     drain(session);
-    session.handle_subscribe_authorized(id(packet_id), vec![true]);
+    session.handle_subscribe_authorized(id(packet_id), vec![true], 0);
     drain(session)
 }
 

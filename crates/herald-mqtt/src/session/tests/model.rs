@@ -204,7 +204,7 @@ impl Checker {
                     self.pending.push((token, packet_id, qos2));
                 }
                 Action::AuthorizeSubscribe { packet_id, filters } => {
-                    session.handle_subscribe_authorized(packet_id, vec![allow; filters.len()]);
+                    session.handle_subscribe_authorized(packet_id, vec![allow; filters.len()], 0);
                     let more = drain(session);
                     self.observe(more, session, allow);
                 }

@@ -144,7 +144,7 @@ fn deliveries_carry_the_identifiers_of_the_subscriptions_they_match() {
         subscribe.id = std::num::NonZeroU32::new(subscription_id);
         session.handle_packet(Packet::V5(v5::Packet::Subscribe(subscribe)));
         drain(&mut session);
-        session.handle_subscribe_authorized(id(packet_id), vec![true]);
+        session.handle_subscribe_authorized(id(packet_id), vec![true], 0);
         drain(&mut session);
     }
     let ids_of = |session: &mut Session, channel: &str| {

@@ -15,7 +15,7 @@ fn subscribe_reports_a_verdict_per_filter() {
     };
     let asked: Vec<&str> = filters.iter().map(TopicFilter::as_str).collect();
     assert_eq!(asked, ["chat/+", "news/#"]);
-    session.handle_subscribe_authorized(id(4), vec![true, false]);
+    session.handle_subscribe_authorized(id(4), vec![true, false], 0);
     let actions = drain(&mut session);
     assert!(matches!(
         &actions[0],
