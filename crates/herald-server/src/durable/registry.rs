@@ -13,6 +13,7 @@
 //! - A claim is released when dropped (also when its task is aborted).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -41,7 +42,8 @@ impl Eviction {
     }
 }
 
-type Key = (ChannelName, SubscriberId);
+/// A durable subscriber's key: its channel and id.
+pub type SubscriberKey = (ChannelName, SubscriberId);
 
 struct Slot {
     generation: u64,
@@ -49,17 +51,26 @@ struct Slot {
     released: watch::Receiver<bool>,
 }
 
-/// The holders of every durable subscriber of a server.
-#[derive(Default)]
-pub struct Registry {
-    slots: Mutex<HashMap<Key, Slot>>,
+/// The holders of every durable subscriber of a server (and, keyed by client id, of every MQTT
+/// session: the same claim, eviction and fence).
+pub struct Registry<K = SubscriberKey> {
+    slots: Mutex<HashMap<K, Slot>>,
     generations: AtomicU64,
 }
 
-/// Exclusive hold of one subscriber; released on drop.
-pub struct Claim {
-    registry: Arc<Registry>,
-    key: Key,
+impl<K> Default for Registry<K> {
+    fn default() -> Self {
+        Self {
+            slots: Mutex::new(HashMap::new()),
+            generations: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Exclusive hold of one key; released on drop.
+pub struct Claim<K: Eq + Hash + Clone = SubscriberKey> {
+    registry: Arc<Registry<K>>,
+    key: K,
     generation: u64,
     released: watch::Sender<bool>,
     evicted: Option<oneshot::Receiver<Eviction>>,
@@ -69,14 +80,14 @@ pub struct Claim {
     pub fenced: bool,
 }
 
-impl Claim {
+impl<K: Eq + Hash + Clone> Claim<K> {
     /// Resolves when a later claimant evicts this one (taken once).
     pub fn take_evicted(&mut self) -> oneshot::Receiver<Eviction> {
         self.evicted.take().expect("taken once")
     }
 }
 
-impl Registry {
+impl Registry<SubscriberKey> {
     /// Takes the subscriber, evicting the current holder with `reason` and waiting (at most
     /// `timeout`) for it to release.
     pub async fn claim(
@@ -86,7 +97,20 @@ impl Registry {
         reason: Eviction,
         timeout: Duration,
     ) -> Claim {
-        let key = (channel.clone(), id.clone());
+        self.claim_key((channel.clone(), id.clone()), reason, timeout)
+            .await
+    }
+
+    /// Whether someone holds the subscriber (a connected subscriber is never idle).
+    pub fn is_held(&self, channel: &ChannelName, id: &SubscriberId) -> bool {
+        self.is_key_held(&(channel.clone(), id.clone()))
+    }
+}
+
+impl<K: Eq + Hash + Clone> Registry<K> {
+    /// Takes `key`, evicting the current holder with `reason` and waiting (at most `timeout`)
+    /// for it to release.
+    pub async fn claim_key(self: &Arc<Self>, key: K, reason: Eviction, timeout: Duration) -> Claim<K> {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let (evict, evicted) = oneshot::channel();
         let (released, released_receiver) = watch::channel(false);
@@ -128,13 +152,13 @@ impl Registry {
         }
     }
 
-    /// Whether someone holds the subscriber (a connected subscriber is never idle).
-    pub fn is_held(&self, channel: &ChannelName, id: &SubscriberId) -> bool {
+    /// Whether someone holds `key`.
+    pub fn is_key_held(&self, key: &K) -> bool {
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        slots.contains_key(&(channel.clone(), id.clone()))
+        slots.contains_key(key)
     }
 
-    /// Subscribers held right now.
+    /// Keys held right now.
     pub fn held(&self) -> usize {
         self.slots
             .lock()
@@ -143,7 +167,7 @@ impl Registry {
     }
 }
 
-impl Drop for Claim {
+impl<K: Eq + Hash + Clone> Drop for Claim<K> {
     fn drop(&mut self) {
         let _ = self.released.send(true);
         let mut slots = self

@@ -1,7 +1,11 @@
 //! One MQTT connection: this task reads and decodes packets, runs the session and carries out
 //! its actions; a writer task encodes packets from a bounded queue into the socket, one write
-//! per burst. Append completions and the hub feed come back into the same `select!`, so the
-//! session is only ever touched by this task.
+//! per burst. Append and session-save completions, the hub feed and a takeover of the client
+//! id come back into the same `select!`, so the session is only ever touched by this task.
+//!
+//! Past CONNECT the connection holds the claim on its client id (see [`super::sessions`]);
+//! when it ends, a persistent session's final state is saved before the claim is released,
+//! so the next connection of the client id resumes exactly where this one stopped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -14,14 +18,19 @@ use herald_log::AppendError;
 use herald_mqtt::PacketDecoder;
 use herald_mqtt::codec::error::DecodeError;
 use herald_mqtt::codec::{v3, v5};
-use herald_mqtt::session::{Action, AppendOutcome, AppendToken, AuthRefusal, Packet, Session};
+use herald_mqtt::session::{
+    Action, AppendOutcome, AppendToken, AuthRefusal, ChannelRead, Packet, Session, SessionEnd,
+    session_key,
+};
 use herald_mqtt::topic::TopicFilter;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Encoder as _;
 
-use super::MqttContext;
+use super::{MqttContext, sessions};
 use crate::auth::{Operation, Principal};
+use crate::durable::Eviction;
+use crate::durable::registry::Claim;
 use crate::hub::{ChannelMatcher, PatternReceiver};
 
 /// Packets queued for the writer.
@@ -40,6 +49,8 @@ enum Outgoing {
 
 /// An append's answer, with the slot it held.
 type Completion = (AppendToken, AppendOutcome, OwnedSemaphorePermit);
+/// A session save's answer: its generation and outcome.
+type Saved = (u64, Result<(), String>);
 
 /// The connection's filters, shared with its feed's matcher on the commit path.
 type Filters = Arc<RwLock<BTreeMap<String, TopicFilter>>>;
@@ -57,6 +68,14 @@ struct Connection {
     /// completing append never waits for the connection.
     completions: mpsc::Receiver<Completion>,
     append_slots: Arc<Semaphore>,
+    /// Session saves in flight report here (at most one per burst of session input).
+    saved: mpsc::UnboundedSender<Saved>,
+    saves: mpsc::UnboundedReceiver<Saved>,
+    /// The claim on the client id, from CONNECT on.
+    claim: Option<Claim<String>>,
+    evicted: Option<oneshot::Receiver<Eviction>>,
+    /// Feed drops already handed to a persistent session as a gap.
+    feed_gaps_seen: u64,
     closing: bool,
     /// Drops already added to `deliveries_dropped_total`.
     drops_reported: u64,
@@ -76,6 +95,7 @@ where
     let writer = tokio::spawn(write_packets(writer, outgoing));
     let (appended, completions) = mpsc::channel(context.config.publishes_in_flight_max);
     let connection_id = crate::auth::random_base62(16);
+    let (saved, saves) = mpsc::unbounded_channel();
     let mut connection = Connection {
         session: Session::new(context.session_config.clone(), &connection_id),
         append_slots: Arc::new(Semaphore::new(context.config.publishes_in_flight_max)),
@@ -86,6 +106,11 @@ where
         feed: None,
         appended,
         completions,
+        saved,
+        saves,
+        claim: None,
+        evicted: None,
+        feed_gaps_seen: 0,
         closing: false,
         drops_reported: 0,
     };
@@ -120,6 +145,16 @@ where
             Some(live) = recv_feed(&mut connection.feed) => {
                 connection.deliver(&live.message).await;
             }
+            Some((generation, result)) = connection.saves.recv() => {
+                connection.session.handle_session_saved(generation, result);
+                connection.run_actions().await;
+            }
+            Ok(_) = recv_eviction(&mut connection.evicted) => {
+                connection.evicted = None;
+                counters.sessions_taken_over_total.fetch_add(1, Ordering::Relaxed);
+                connection.session.handle_taken_over();
+                connection.run_actions().await;
+            }
             () = tokio::time::sleep_until(deadline) => {
                 if connection.session.is_connected() {
                     connection.session.handle_keep_alive_timeout();
@@ -137,6 +172,7 @@ where
             }
         }
     }
+    connection.finish_session().await;
     connection.report_drops();
     if connection.drops_reported > 0 {
         tracing::warn!(
@@ -169,6 +205,15 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
 
+async fn recv_eviction(
+    evicted: &mut Option<oneshot::Receiver<Eviction>>,
+) -> Result<Eviction, oneshot::error::RecvError> {
+    match evicted {
+        Some(evicted) => evicted.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn recv_feed(feed: &mut Option<PatternReceiver>) -> Option<Arc<crate::hub::LiveMessage>> {
     match feed {
         Some(feed) => feed.receiver().recv().await,
@@ -190,10 +235,15 @@ impl Connection {
     }
 
     /// Adds new drops (feed full, window queue full, over the client's packet size) to the
-    /// counter as they happen; warns on the first.
+    /// counter as they happen; warns on the first. A persistent session loses nothing to a
+    /// full feed (it reads what it missed from the log), so only its other drops count.
     fn report_drops(&mut self) {
-        let dropped = self.feed.as_ref().map_or(0, PatternReceiver::dropped)
-            + self.session.deliveries_dropped();
+        let feed_dropped = self.feed.as_ref().map_or(0, PatternReceiver::dropped);
+        let dropped = if self.session.is_persistent() {
+            0
+        } else {
+            feed_dropped
+        } + self.session.deliveries_dropped();
         if dropped > self.drops_reported {
             if self.drops_reported == 0 {
                 tracing::warn!(
@@ -226,8 +276,57 @@ impl Connection {
             return;
         }
         self.session.handle_delivery(message);
+        if self.session.is_persistent() {
+            let feed_dropped = self.feed.as_ref().map_or(0, PatternReceiver::dropped);
+            if feed_dropped > self.feed_gaps_seen {
+                self.feed_gaps_seen = feed_dropped;
+                self.session.handle_feed_gap();
+            }
+        }
         self.run_actions().await;
         self.report_drops();
+    }
+
+    /// Whether the connection's key may read `channel` (every delivery is checked).
+    fn may_read(&self, channel: &ChannelName) -> bool {
+        self.principal.is_some_and(|principal| {
+            self.context
+                .state
+                .auth
+                .authorize(principal, channel, Operation::Subscribe)
+                .is_ok()
+        })
+    }
+
+    /// After the last action: a persistent session's final state is saved (or a resumed
+    /// session with no expiry removed) before the claim on the client id is released.
+    async fn finish_session(&mut self) {
+        let Some(claim) = self.claim.take() else {
+            return;
+        };
+        let store = &self.context.state.store;
+        let client_id = self.session.client_id().to_owned();
+        let key = session_key(&client_id);
+        let ticket = match self.session.session_end() {
+            SessionEnd::Nothing => None,
+            SessionEnd::Remove => Some(store.remove_state(&key)),
+            SessionEnd::Keep(mut state) => {
+                state.disconnected_ms = Some(sessions::now_ms());
+                Some(store.save_state(&key, state.encode().into()))
+            }
+        };
+        if let Some(ticket) = ticket {
+            match tokio::time::timeout(SEND_TIMEOUT, ticket).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(client_id, %error, "MQTT session state not saved at disconnect");
+                }
+                Err(_) => {
+                    tracing::warn!(client_id, "MQTT session save at disconnect timed out");
+                }
+            }
+        }
+        drop(claim);
     }
 
     /// Carries out the session's actions in order; answers to requests are given at once,
@@ -260,7 +359,8 @@ impl Connection {
                         .iter()
                         .map(|filter| self.may_subscribe(filter))
                         .collect();
-                    self.session.handle_subscribe_authorized(packet_id, allowed);
+                    self.session
+                        .handle_subscribe_authorized(packet_id, allowed, sessions::now_ms());
                 }
                 Action::Append {
                     token,
@@ -291,6 +391,86 @@ impl Connection {
                         .remove(filter.as_str());
                 }
                 Action::PublishWill(will) => self.publish_will(will).await,
+                Action::OpenSession { client_id, clean } => {
+                    let mut claim = self
+                        .context
+                        .sessions
+                        .claim_key(client_id.clone(), Eviction::TakenOver, sessions::TAKEOVER_WAIT)
+                        .await;
+                    if !claim.fenced {
+                        tracing::warn!(client_id, "the previous connection of this client id did not save its session in time");
+                    }
+                    self.evicted = Some(claim.take_evicted());
+                    self.claim = Some(claim);
+                    let opened = sessions::open(&self.context, &client_id, clean).await;
+                    if let Err(error) = &opened {
+                        tracing::warn!(client_id, error, "MQTT session cannot be opened");
+                    }
+                    self.session.handle_session_opened(opened);
+                }
+                Action::SaveSession { generation, state } => {
+                    let key = session_key(&state.client_id);
+                    let ticket = self.context.state.store.save_state(&key, state.encode().into());
+                    let saved = self.saved.clone();
+                    tokio::spawn(async move {
+                        let result = ticket.await.map_err(|error| error.to_string());
+                        let _ = saved.send((generation, result));
+                    });
+                }
+                Action::ListChannels { filters } => {
+                    let channels =
+                        sessions::list_channels(&self.context.state.store, filters).await;
+                    self.session.handle_channels_listed(channels);
+                }
+                Action::ReadChannel {
+                    channel,
+                    from,
+                    limit,
+                } => {
+                    let mut read =
+                        sessions::read_channel(&self.context.state.store, &channel, from, limit)
+                            .await;
+                    if !self.may_read(&channel)
+                        && let ChannelRead::Page { messages, .. } = &mut read
+                    {
+                        // Passed over, as the live feed would: the key may not read them.
+                        messages.clear();
+                    }
+                    self.session.handle_channel_read(&channel, read);
+                }
+                Action::ReadForResend {
+                    packet_id,
+                    channel,
+                    position,
+                } => {
+                    let message =
+                        sessions::read_message(&self.context.state.store, &channel, &position)
+                            .await
+                            .filter(|_| self.may_read(&channel));
+                    if message.is_none() {
+                        tracing::warn!(client_id = self.session.client_id(), %channel, %position, "an unacknowledged MQTT delivery is gone from the log and cannot be sent again");
+                    }
+                    self.session.handle_resend_read(packet_id, message);
+                }
+                Action::ContinuityLost {
+                    channel,
+                    after,
+                    resume_after,
+                } => {
+                    self.context
+                        .state
+                        .metrics
+                        .mqtt
+                        .sessions_continuity_lost_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        client_id = self.session.client_id(),
+                        %channel,
+                        after = ?after.map(|after| after.to_string()),
+                        %resume_after,
+                        "MQTT session missed messages that are no longer retained"
+                    );
+                }
                 Action::Close(reason) => {
                     use herald_mqtt::codec::v5::DisconnectReasonCode as Code;
                     if !matches!(
@@ -299,6 +479,9 @@ impl Connection {
                             | Code::ServerShuttingDown
                             | Code::KeepAliveTimeout
                             | Code::NotAuthorized
+                            | Code::SessionTakenOver
+                            | Code::UnspecifiedError
+                            | Code::ImplementationSpecificError
                     ) {
                         self.context
                             .state

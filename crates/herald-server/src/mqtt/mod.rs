@@ -19,20 +19,26 @@
 //!   topic's retained message; an empty one clears it. New subscriptions get the retained
 //!   messages of their filter (each checked against `subscribe` on its channel). The index is
 //!   rebuilt from the log at start.
-//! - Deliveries are live (this version has clean sessions only): a connection receives the
-//!   messages made durable while its subscription exists. Each connection has one bounded feed
+//! - Clean sessions get live deliveries: a connection receives the messages made durable
+//!   while its subscription exists. Each connection has one bounded feed
 //!   (`outbound_queue_messages`); a full feed drops and counts (`mqtt_deliveries_dropped_total`
-//!   and a warning when the connection ends), for every QoS: QoS 1/2 deliveries are not
-//!   replayed from the log yet.
+//!   and a warning when the connection ends).
+//! - Persistent sessions ([`sessions`]: v3 `clean_session = 0`, v5 Session Expiry Interval)
+//!   are one state record each in the store, and are served from the log: what a session
+//!   owes (while offline, behind a full window or a full feed) is read back from the channel
+//!   logs, never queued in memory and never dropped. One connection at a time serves a client
+//!   id; a new one takes the session over.
 //!
 //! # Layout
 //! - [`MqttConfig`]: the `[mqtt]` section.
 //! - `connection`: one connection: reader loop, writer task, action execution.
 //! - [`retained`]: the retained message of each topic, rebuilt from the log at start.
+//! - [`sessions`]: persistent sessions in the store, their reads and their expiry.
 //! - [`websocket`]: MQTT over WebSocket: the binary messages are the same byte stream.
 
 mod connection;
 pub mod retained;
+pub mod sessions;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -80,6 +86,14 @@ pub struct MqttConfig {
     pub publishes_in_flight_max: usize,
     /// Topic aliases a v5 client may set for its publishes (Topic Alias Maximum; 0: none).
     pub topic_alias_maximum: u16,
+    /// Longest a persistent session outlives its connection: a v5 Session Expiry Interval is
+    /// capped to it (and told in CONNACK), a v3 `clean_session = 0` session gets it. 0 turns
+    /// persistent sessions off (every session is clean; CONNACK says so).
+    #[serde(with = "crate::config::human_duration")]
+    pub session_expiry_max: Duration,
+    /// How often expired sessions are removed from the store.
+    #[serde(with = "crate::config::human_duration")]
+    pub session_sweep_interval: Duration,
 }
 
 impl Default for MqttConfig {
@@ -96,6 +110,8 @@ impl Default for MqttConfig {
             subscriptions_per_connection: 100,
             publishes_in_flight_max: 64,
             topic_alias_maximum: 32,
+            session_expiry_max: Duration::from_secs(7 * 24 * 3600),
+            session_sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -133,6 +149,18 @@ impl MqttConfig {
                 "must be between 1s and 65535s",
             ));
         }
+        if self.session_expiry_max.as_secs() > u64::from(u32::MAX) {
+            return Err(ConfigError::invalid(
+                "mqtt.session_expiry_max",
+                "must be at most 4294967295s (MQTT's largest Session Expiry Interval)",
+            ));
+        }
+        if self.session_sweep_interval.is_zero() {
+            return Err(ConfigError::invalid(
+                "mqtt.session_sweep_interval",
+                "must be positive",
+            ));
+        }
         if self.connect_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 "mqtt.connect_timeout",
@@ -151,6 +179,9 @@ impl MqttConfig {
             max_packet_bytes: self.max_packet_bytes,
             subscriptions_max: self.subscriptions_per_connection,
             topic_alias_maximum: self.topic_alias_maximum,
+            session_expiry_max_secs: u32::try_from(self.session_expiry_max.as_secs())
+                .unwrap_or(u32::MAX),
+            ..herald_mqtt::SessionConfig::default()
         }
     }
 }
@@ -173,6 +204,15 @@ pub struct MqttCounters {
     pub protocol_errors_total: AtomicU64,
     /// Will messages published (connections that ended without a clean DISCONNECT).
     pub wills_published_total: AtomicU64,
+    /// Persistent sessions resumed by a new connection.
+    pub sessions_resumed_total: AtomicU64,
+    /// Persistent sessions removed because they expired.
+    pub sessions_expired_total: AtomicU64,
+    /// Connections closed because a new connection took their client id over.
+    pub sessions_taken_over_total: AtomicU64,
+    /// Times a persistent session's position on a channel was no longer retained: the
+    /// messages in between were lost to it (logged with the range; v5 clients are told).
+    pub sessions_continuity_lost_total: AtomicU64,
 }
 
 impl MqttCounters {
@@ -186,7 +226,11 @@ impl MqttCounters {
              # TYPE herald_mqtt_publishes_refused_total counter\nherald_mqtt_publishes_refused_total {}\n\
              # TYPE herald_mqtt_deliveries_dropped_total counter\nherald_mqtt_deliveries_dropped_total {}\n\
              # TYPE herald_mqtt_protocol_errors_total counter\nherald_mqtt_protocol_errors_total {}\n\
-             # TYPE herald_mqtt_wills_published_total counter\nherald_mqtt_wills_published_total {}\n",
+             # TYPE herald_mqtt_wills_published_total counter\nherald_mqtt_wills_published_total {}\n\
+             # TYPE herald_mqtt_sessions_resumed_total counter\nherald_mqtt_sessions_resumed_total {}\n\
+             # TYPE herald_mqtt_sessions_expired_total counter\nherald_mqtt_sessions_expired_total {}\n\
+             # TYPE herald_mqtt_sessions_taken_over_total counter\nherald_mqtt_sessions_taken_over_total {}\n\
+             # TYPE herald_mqtt_sessions_continuity_lost_total counter\nherald_mqtt_sessions_continuity_lost_total {}\n",
             load(&self.connections),
             load(&self.connections_total),
             load(&self.publishes_durable_total),
@@ -194,6 +238,10 @@ impl MqttCounters {
             load(&self.deliveries_dropped_total),
             load(&self.protocol_errors_total),
             load(&self.wills_published_total),
+            load(&self.sessions_resumed_total),
+            load(&self.sessions_expired_total),
+            load(&self.sessions_taken_over_total),
+            load(&self.sessions_continuity_lost_total),
         )
     }
 }
@@ -204,6 +252,8 @@ pub struct MqttContext {
     pub config: MqttConfig,
     pub session_config: herald_mqtt::SessionConfig,
     pub retained: retained::RetainedIndex,
+    /// The connection holding each client id.
+    pub sessions: Arc<sessions::SessionRegistry>,
     pub stopping: watch::Receiver<bool>,
 }
 
@@ -236,10 +286,16 @@ pub async fn serve(
     let context = Arc::new(MqttContext {
         session_config: config.session_config(),
         retained: index,
+        sessions: Arc::default(),
         state,
         config,
         stopping: stopping.clone(),
     });
+    let sweeper = sessions::spawn_sweeper(
+        context.clone(),
+        context.config.session_sweep_interval,
+        stopping.clone(),
+    );
     // MQTT over WebSocket (`GET /mqtt`) serves connections with the same context; weak, so
     // that the context (which holds the state) does not keep itself alive.
     let _ = ready.send(Some(Arc::downgrade(&context)));
@@ -271,4 +327,5 @@ pub async fn serve(
     {
         connections.abort_all();
     }
+    sweeper.abort();
 }

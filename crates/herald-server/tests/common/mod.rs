@@ -2,6 +2,8 @@
 //! dir unless a test says otherwise) and a raw WebSocket client speaking the protocol.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
