@@ -53,17 +53,19 @@
 //! - `inbound`: the client's PUBLISH at QoS 0/1/2, PUBREL, append answers.
 //! - `subscriptions`: SUBSCRIBE (authorization, quota, retained requests), UNSUBSCRIBE.
 //! - `outbound`: deliveries, packet ids, the inflight window and its bounded queue.
-//! - `reasons`: the v3/v5 reason codes of refusals (pure mappings).
+//! - `aliases`: the topic aliases the server uses on its PUBLISH packets (v5).
+//! - `reasons`: the v3/v5 reason codes of refusals (pure mappings), and which v5 Reason
+//!   Strings the client may get.
 //! - `will`: will messages, published when the connection ends without a clean DISCONNECT.
 //!
 //! # Limits of this slice
 //! Sessions are always clean: a persistent-session request (v3 `clean_session = 0`, v5
 //! `clean_start = 0` or a Session Expiry Interval) is served as a clean one with
 //! `session_present = 0` (v5 CONNACK also says Session Expiry Interval 0), so a will's delay
-//! ends at once with the session. No topic aliases (Topic Alias
-//! Maximum 0), no subscription identifiers, no shared subscriptions (each advertised as
-//! unavailable in CONNACK).
+//! ends at once with the session. No shared subscriptions (advertised as unavailable in
+//! CONNACK).
 
+mod aliases;
 mod connect;
 mod inbound;
 mod outbound;
@@ -83,6 +85,7 @@ use rmqtt_codec::v5::{self, DisconnectReasonCode, ToReasonCode as _};
 
 use crate::topic::TopicFilter;
 
+use aliases::OutboundAliases;
 use connect::Connecting;
 use inbound::Inbound;
 use outbound::{Awaiting, Delivery};
@@ -122,6 +125,9 @@ pub struct SessionConfig {
     pub subscriptions_max: usize,
     /// Topic aliases a v5 client may set for its PUBLISH packets (Topic Alias Maximum; 0: none).
     pub topic_alias_maximum: u16,
+    /// Topic aliases the server uses on its PUBLISH packets to a v5 client, at most (also
+    /// capped by the client's Topic Alias Maximum; 0: never).
+    pub outbound_topic_alias_maximum: u16,
 }
 
 impl Default for SessionConfig {
@@ -134,6 +140,7 @@ impl Default for SessionConfig {
             max_packet_bytes: 1024 * 1024,
             subscriptions_max: 100,
             topic_alias_maximum: 32,
+            outbound_topic_alias_maximum: 32,
         }
     }
 }
@@ -259,7 +266,13 @@ pub struct Session {
     client_id: String,
     keep_alive_secs: u16,
     outbound_window: u16,
+    /// The client's Maximum Packet Size (v5), known from its CONNECT.
     peer_max_packet_bytes: Option<u32>,
+    /// v5 Request Problem Information (default true): when false, Reason Strings go only on
+    /// CONNACK and DISCONNECT (MQTT-3.1.2-29).
+    peer_wants_problem_info: bool,
+    /// The aliases of the server's PUBLISH packets on this connection (v5).
+    outbound_aliases: OutboundAliases,
     subscriptions: BTreeMap<String, Subscription>,
     pending_subscribes: BTreeMap<NonZeroU16, PendingSubscribe>,
     inbound: BTreeMap<NonZeroU16, Inbound>,
@@ -299,6 +312,8 @@ impl Session {
             keep_alive_secs: 0,
             outbound_window: 1,
             peer_max_packet_bytes: None,
+            peer_wants_problem_info: true,
+            outbound_aliases: OutboundAliases::default(),
             subscriptions: BTreeMap::new(),
             pending_subscribes: BTreeMap::new(),
             inbound: BTreeMap::new(),
@@ -465,7 +480,16 @@ impl Session {
 
     // ----- endings -----
 
-    fn send(&mut self, packet: Packet) {
+    /// Every packet to the client goes through here: a v5 Reason String the client must not
+    /// get (too large for its Maximum Packet Size, or not requested) is left out.
+    fn send(&mut self, mut packet: Packet) {
+        if let Packet::V5(packet) = &mut packet {
+            reasons::omit_unwanted_reason_string(
+                packet,
+                self.peer_max_packet_bytes,
+                self.peer_wants_problem_info,
+            );
+        }
         self.actions.push_back(Action::Send(packet));
     }
 

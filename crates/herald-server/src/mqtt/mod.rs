@@ -151,6 +151,7 @@ impl MqttConfig {
             max_packet_bytes: self.max_packet_bytes,
             subscriptions_max: self.subscriptions_per_connection,
             topic_alias_maximum: self.topic_alias_maximum,
+            ..herald_mqtt::SessionConfig::default()
         }
     }
 }

@@ -3,10 +3,12 @@
 //! the tests of the endings in `session/mod.rs`; each flow's tests are in the file named
 //! like the flow's module.
 
+mod aliases;
 mod connect;
 mod inbound;
 mod model;
 mod outbound;
+mod reasons;
 mod retained;
 mod subscriptions;
 
@@ -38,6 +40,7 @@ fn config() -> SessionConfig {
         max_packet_bytes: 4096,
         subscriptions_max: 3,
         topic_alias_maximum: 2,
+        outbound_topic_alias_maximum: 3,
     }
 }
 
