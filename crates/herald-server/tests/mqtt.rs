@@ -1083,3 +1083,103 @@ async fn a_will_is_published_when_a_client_vanishes_and_not_after_disconnect() {
     );
     server.stop().await;
 }
+
+/// A rumqttc v5 subscriber that accepts one topic alias gets many messages on two topics:
+/// the server sets alias 1 on the first PUBLISH of the first topic and sends later ones with
+/// an empty topic and the alias; the second topic, with no alias left, always goes in full.
+/// rumqttc 0.25 reports each PUBLISH as received (an aliased one with an empty topic) and
+/// checks the alias internally (an unknown one fails the connection), so the test resolves
+/// aliases itself and checks each topic's payloads in order.
+#[tokio::test]
+async fn a_v5_client_accepting_topic_aliases_gets_every_message_with_its_topic() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    const MESSAGES: usize = 60;
+
+    let server = MqttServer::start().await;
+    let mut options = MqttOptions::new("aliased", "127.0.0.1", server.mqtt_addr.port());
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_topic_alias_max(Some(1));
+    let (subscriber, mut events) = AsyncClient::new(options, 64);
+    v5::next_packet(&mut events, |p| matches!(p, Packet::ConnAck(_))).await;
+    subscriber
+        .subscribe("sensors/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    v5::next_packet(&mut events, |p| matches!(p, Packet::SubAck(_))).await;
+
+    let (publisher, mut pub_events) = v3::client(&server, "sensor-feed", None).await;
+    let sent: Vec<(String, String)> = (0..MESSAGES)
+        .map(|n| {
+            // Mostly the first topic, so its alias is used many times.
+            let topic = if n % 3 == 2 { "sensors/b" } else { "sensors/a" };
+            (topic.to_owned(), format!("reading-{n}"))
+        })
+        .collect();
+    for (topic, payload) in &sent {
+        publisher
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        // One at a time: the deliveries' order is the publishes' order.
+        v3::next_packet(&mut pub_events, |p| matches!(p, rumqttc::Packet::PubAck(_))).await;
+    }
+
+    let mut aliases: std::collections::HashMap<u16, String> = std::collections::HashMap::new();
+    let mut received = Vec::new();
+    let mut aliased_only = 0;
+    tokio::time::timeout(WAIT, async {
+        while received.len() < MESSAGES {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let topic = String::from_utf8(publish.topic.to_vec()).unwrap();
+                    let alias = publish.properties.as_ref().and_then(|p| p.topic_alias);
+                    let resolved = match alias {
+                        Some(alias) => {
+                            assert_eq!(alias, 1, "the client accepts one alias");
+                            if topic.is_empty() {
+                                aliased_only += 1;
+                                aliases.get(&alias).expect("an alias set before").clone()
+                            } else {
+                                aliases.insert(alias, topic.clone());
+                                topic
+                            }
+                        }
+                        None => {
+                            assert!(!topic.is_empty(), "no topic and no alias");
+                            topic
+                        }
+                    };
+                    let payload = String::from_utf8(publish.payload.to_vec()).unwrap();
+                    received.push((resolved, payload));
+                }
+                Ok(_) => {}
+                Err(error) => panic!("MQTT connection failed: {error}"),
+            }
+        }
+    })
+    .await
+    .expect("every message arrives in time");
+    // Each channel's messages come in order (two channels' feeds may interleave).
+    let of_topic = |messages: &[(String, String)], topic: &str| -> Vec<String> {
+        messages
+            .iter()
+            .filter(|(of, _)| of == topic)
+            .map(|(_, payload)| payload.clone())
+            .collect()
+    };
+    for topic in ["sensors/a", "sensors/b"] {
+        assert_eq!(
+            of_topic(&received, topic),
+            of_topic(&sent, topic),
+            "{topic}"
+        );
+    }
+    // The first topic delivered took the only alias: all its later PUBLISH packets used the
+    // alias alone, and the other topic always came in full.
+    let aliased_topic = aliases.get(&1).expect("alias 1 was set");
+    let aliased_topic_count = sent.iter().filter(|(of, _)| of == aliased_topic).count();
+    assert_eq!(aliased_only, aliased_topic_count - 1);
+    server.stop().await;
+}

@@ -24,6 +24,7 @@ use rmqtt_codec::types::QoS;
 use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode};
 
+use super::aliases::OutboundAliases;
 use super::reasons;
 use super::will::{Will, WillRequest};
 use super::{
@@ -47,7 +48,8 @@ pub(super) struct Connecting {
     /// Whether the grant differs from the request (v5 CONNACK says so).
     session_expiry_changed: bool,
     client_receive_maximum: u16,
-    peer_max_packet_bytes: Option<u32>,
+    /// The client's Topic Alias Maximum (v5; 0 for v3): aliases it accepts from the server.
+    client_topic_alias_maximum: u16,
     will: Option<Will>,
 }
 
@@ -103,7 +105,12 @@ impl Session {
         self.client_id = connecting.client_id.clone();
         self.will = connecting.will.clone();
         self.keep_alive_secs = connecting.keep_alive_secs;
-        self.peer_max_packet_bytes = connecting.peer_max_packet_bytes;
+        // Aliases start empty on every connection (MQTT-3.3.2-7: they do not outlive it).
+        self.outbound_aliases = OutboundAliases::new(
+            connecting
+                .client_topic_alias_maximum
+                .min(self.config.outbound_topic_alias_maximum),
+        );
         self.outbound_window = match connecting.version {
             Version::V3 => self.config.outbound_inflight_max,
             Version::V5 => connecting
@@ -213,7 +220,7 @@ impl Session {
                 },
                 session_expiry_changed: false,
                 client_receive_maximum: u16::MAX,
-                peer_max_packet_bytes: None,
+                client_topic_alias_maximum: 0,
                 will,
             },
             connect.username.map(|name| name.to_string()),
@@ -223,6 +230,9 @@ impl Session {
 
     fn on_v5_connect(&mut self, connect: v5::Connect) {
         self.version = Version::V5;
+        // Known before anything is answered: a refusal's CONNACK must respect them too.
+        self.peer_max_packet_bytes = connect.max_packet_size.map(|max| max.get());
+        self.peer_wants_problem_info = connect.request_problem_info;
         let will = match connect
             .last_will
             .map(|will| self.will_of(WillRequest::from_v5(will)))
@@ -259,7 +269,7 @@ impl Session {
                 session_expiry_secs,
                 session_expiry_changed: session_expiry_secs != requested_expiry,
                 client_receive_maximum: connect.receive_max.map_or(u16::MAX, |max| max.get()),
-                peer_max_packet_bytes: connect.max_packet_size.map(|max| max.get()),
+                client_topic_alias_maximum: connect.topic_alias_max,
                 will,
             },
             connect.username.map(|name| name.to_string()),

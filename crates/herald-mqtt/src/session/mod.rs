@@ -62,7 +62,9 @@
 //! - `inbound`: the client's PUBLISH at QoS 0/1/2, PUBREL, append answers.
 //! - `subscriptions`: SUBSCRIBE (authorization, quota, retained requests), UNSUBSCRIBE.
 //! - `outbound`: deliveries, packet ids, the inflight window and its bounded queue.
-//! - `reasons`: the v3/v5 reason codes of refusals (pure mappings).
+//! - `aliases`: the topic aliases the server uses on its PUBLISH packets (v5).
+//! - `reasons`: the v3/v5 reason codes of refusals (pure mappings), and which v5 Reason
+//!   Strings the client may get.
 //! - `will`: will messages, published when the connection ends without a clean DISCONNECT.
 //! - `persistent`: stored sessions: resume, write-ahead saves, deliveries from the log.
 //! - `stored`: the stored record and its encoding.
@@ -71,6 +73,7 @@
 //! No shared subscriptions (advertised as unavailable in CONNACK). A will is published when
 //! the connection ends, without its Will Delay Interval.
 
+mod aliases;
 mod connect;
 mod inbound;
 mod outbound;
@@ -92,6 +95,7 @@ use rmqtt_codec::v5::{self, DisconnectReasonCode, ToReasonCode as _};
 
 use crate::topic::TopicFilter;
 
+use aliases::OutboundAliases;
 use connect::Connecting;
 use inbound::Inbound;
 use outbound::{Delivery, Outbound};
@@ -141,6 +145,9 @@ pub struct SessionConfig {
     /// Expiry Interval, and is what a v3 `clean_session = 0` session gets. 0: every session
     /// is clean.
     pub session_expiry_max_secs: u32,
+    /// Topic aliases the server uses on its PUBLISH packets to a v5 client, at most (also
+    /// capped by the client's Topic Alias Maximum; 0: never).
+    pub outbound_topic_alias_maximum: u16,
 }
 
 impl Default for SessionConfig {
@@ -154,6 +161,7 @@ impl Default for SessionConfig {
             subscriptions_max: 100,
             topic_alias_maximum: 32,
             session_expiry_max_secs: 7 * 24 * 3600,
+            outbound_topic_alias_maximum: 32,
         }
     }
 }
@@ -323,7 +331,13 @@ pub struct Session {
     client_id: String,
     keep_alive_secs: u16,
     outbound_window: u16,
+    /// The client's Maximum Packet Size (v5), known from its CONNECT.
     peer_max_packet_bytes: Option<u32>,
+    /// v5 Request Problem Information (default true): when false, Reason Strings go only on
+    /// CONNACK and DISCONNECT (MQTT-3.1.2-29).
+    peer_wants_problem_info: bool,
+    /// The aliases of the server's PUBLISH packets on this connection (v5).
+    outbound_aliases: OutboundAliases,
     subscriptions: BTreeMap<String, Subscription>,
     pending_subscribes: BTreeMap<NonZeroU16, PendingSubscribe>,
     inbound: BTreeMap<NonZeroU16, Inbound>,
@@ -370,6 +384,8 @@ impl Session {
             keep_alive_secs: 0,
             outbound_window: 1,
             peer_max_packet_bytes: None,
+            peer_wants_problem_info: true,
+            outbound_aliases: OutboundAliases::default(),
             subscriptions: BTreeMap::new(),
             pending_subscribes: BTreeMap::new(),
             inbound: BTreeMap::new(),
@@ -560,12 +576,25 @@ impl Session {
 
     // ----- endings -----
 
-    /// Sends a packet, or (persistent sessions) holds it until the state it follows from is
-    /// saved.
+    /// Every packet to the client goes through here: a v5 Reason String the client must not
+    /// get (too large for its Maximum Packet Size, or not requested) is left out, and a
+    /// persistent session holds the packet until the state it follows from is saved.
     fn send(&mut self, packet: Packet) {
+        let packet = self.without_unwanted_reason_string(packet);
         if let Some(packet) = self.hold_if_unsaved(packet) {
             self.actions.push_back(Action::Send(packet));
         }
+    }
+
+    fn without_unwanted_reason_string(&self, mut packet: Packet) -> Packet {
+        if let Packet::V5(packet) = &mut packet {
+            reasons::omit_unwanted_reason_string(
+                packet,
+                self.peer_max_packet_bytes,
+                self.peer_wants_problem_info,
+            );
+        }
+        packet
     }
 
     /// A DISCONNECT: the will is discarded, unless the client asked for it (v5 0x04).
@@ -597,14 +626,14 @@ impl Session {
         if self.is_connected() && self.version == Version::V5 {
             // Not held behind a save: packets still held are never sent, and the final
             // state saved at the end covers them.
-            self.actions
-                .push_back(Action::Send(Packet::V5(v5::Packet::Disconnect(
-                    v5::Disconnect {
-                        reason_code: code,
-                        reason_string: Some(detail.to_owned().into()),
-                        ..v5::Disconnect::default()
-                    },
-                ))));
+            let disconnect = self.without_unwanted_reason_string(Packet::V5(
+                v5::Packet::Disconnect(v5::Disconnect {
+                    reason_code: code,
+                    reason_string: Some(detail.to_owned().into()),
+                    ..v5::Disconnect::default()
+                }),
+            ));
+            self.actions.push_back(Action::Send(disconnect));
         }
         self.actions.push_back(Action::Close(CloseReason {
             code,

@@ -11,7 +11,10 @@
 //!   flight; deliveries beyond the window wait in `pending_deliveries` (at most
 //!   `outbound_pending_max`, in order, QoS 0 included) and more are dropped and counted.
 //! - A delivery larger than the client's Maximum Packet Size is dropped and counted
-//!   (MQTT-3.1.2-25).
+//!   (MQTT-3.1.2-25), measured exactly as the packet goes out (topic alias included).
+//! - Topic aliases (v5) are chosen only when the PUBLISH is built (`send_delivery`); a
+//!   [`Delivery`] always holds the full topic, so it can be re-sent on any connection.
+//! - v5 No Local skips the connection's own messages, live and retained alike.
 //! - An acknowledgement for a packet id not awaiting that acknowledgement is a protocol error.
 
 use std::num::{NonZeroU16, NonZeroU32};
@@ -22,6 +25,7 @@ use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v3;
 use rmqtt_codec::v5;
 
+use super::aliases::TopicForm;
 use super::{HEADER_QOS, HEADER_RETAIN, Packet, Session, Version};
 use crate::topic::{self, TopicFilter};
 
@@ -58,6 +62,7 @@ pub(super) struct Source {
 /// A PUBLISH to send, once the window has room.
 #[derive(Clone, Debug)]
 pub(super) struct Delivery {
+    /// Always the full topic: an alias is chosen only as the PUBLISH is built.
     topic: String,
     payload: Bytes,
     qos: QoS,
@@ -78,7 +83,9 @@ impl Session {
         let Some(subscription) = self.subscriptions.get(filter.as_str()) else {
             return;
         };
-        if !subscription.filter.matches_channel(&message.channel) {
+        if !subscription.filter.matches_channel(&message.channel)
+            || (subscription.options.no_local && self.is_own_message(message))
+        {
             return;
         }
         let qos = published_qos(message).min(subscription.qos);
@@ -108,15 +115,7 @@ impl Session {
     /// the highest matching subscription's), the RETAIN flag and the subscription ids.
     /// `None` when no subscription wants it (none matches, or No Local).
     pub(super) fn plan_delivery(&self, message: &Message) -> Option<(QoS, bool, Vec<NonZeroU32>)> {
-        // Own messages are `<prefix><sequence>`: digits only after the prefix, so connection
-        // `c1` never takes a message of connection `c1-x` for its own.
-        let own = message
-            .id
-            .as_str()
-            .strip_prefix(self.id_prefix.as_str())
-            .is_some_and(|sequence| {
-                !sequence.is_empty() && sequence.bytes().all(|byte| byte.is_ascii_digit())
-            });
+        let own = self.is_own_message(message);
         let mut matched = self
             .subscriptions
             .values()
@@ -157,11 +156,25 @@ impl Session {
     /// does not is discarded as if delivered).
     pub(super) fn fits_peer(&self, delivery: &Delivery) -> bool {
         self.peer_max_packet_bytes
-            .is_none_or(|max| publish_size_bytes(delivery) <= max as usize)
+            .is_none_or(|max| delivery.size_bytes(self.version, TopicForm::Full) <= max as usize)
+    }
+
+    /// Whether this connection published `message` (for v5 No Local). Own messages are
+    /// `<prefix><sequence>`: digits only after the prefix, so connection `c1` never takes a
+    /// message of connection `c1-x` for its own.
+    fn is_own_message(&self, message: &Message) -> bool {
+        message
+            .id
+            .as_str()
+            .strip_prefix(self.id_prefix.as_str())
+            .is_some_and(|sequence| {
+                !sequence.is_empty() && sequence.bytes().all(|byte| byte.is_ascii_digit())
+            })
     }
 
     /// Sends a delivery now, or queues it behind the window, or drops and counts it.
     fn queue_delivery(&mut self, delivery: Delivery) {
+        // Checked again as sent (`send_publish`); here so that it takes no room in the queue.
         if !self.fits_peer(&delivery) {
             self.deliveries_dropped += 1;
             return;
@@ -189,13 +202,9 @@ impl Session {
         }
     }
 
-    fn send_delivery(&mut self, delivery: Delivery) {
-        self.send_untracked(delivery);
-    }
-
     /// Sends a delivery with a new packet id (QoS 1/2) that is not part of a persistent
     /// session's stored state.
-    fn send_untracked(&mut self, delivery: Delivery) {
+    fn send_delivery(&mut self, delivery: Delivery) {
         let packet_id = match delivery.qos {
             QoS::AtMostOnce => None,
             qos => {
@@ -217,25 +226,46 @@ impl Session {
         self.send_publish(delivery, packet_id, false);
     }
 
-    /// The PUBLISH packet of a delivery (`dup`: a re-send of a stored session's delivery).
+    /// Builds and sends the PUBLISH of a delivery (`dup`: a stored session's delivery sent
+    /// again): the only place a topic alias is chosen. The caller checked that the delivery
+    /// fits the client's Maximum Packet Size with its full topic.
     pub(super) fn send_publish(
         &mut self,
         delivery: Delivery,
         packet_id: Option<NonZeroU16>,
         dup: bool,
     ) {
+        let mut form = self.outbound_aliases.plan(&delivery.topic);
+        if let Some(max) = self.peer_max_packet_bytes.map(|max| max as usize) {
+            // An alias can make a packet a few bytes larger (a short topic, or the first use):
+            // then the topic goes in full, and the alias waits for a later packet.
+            if form != TopicForm::Full && delivery.size_bytes(self.version, form) > max {
+                form = TopicForm::Full;
+            }
+        }
+        if let TopicForm::Assign(alias) = form {
+            self.outbound_aliases.assign(delivery.topic.clone(), alias);
+        }
+        let topic_alias = form.alias();
+        let properties = (self.version == Version::V5
+            && (topic_alias.is_some() || !delivery.subscription_ids.is_empty()))
+        .then(|| v5::PublishProperties {
+            topic_alias,
+            subscription_ids: delivery.subscription_ids,
+            ..v5::PublishProperties::default()
+        });
         let publish = Box::new(Publish {
             dup,
             retain: delivery.retain,
             qos: delivery.qos,
-            topic: delivery.topic.into(),
+            topic: if form.carries_topic() {
+                delivery.topic.into()
+            } else {
+                "".into()
+            },
             packet_id,
             payload: delivery.payload,
-            properties: (self.version == Version::V5 && !delivery.subscription_ids.is_empty())
-                .then(|| v5::PublishProperties {
-                    subscription_ids: delivery.subscription_ids,
-                    ..v5::PublishProperties::default()
-                }),
+            properties,
         });
         self.send(match self.version {
             Version::V3 => Packet::V3(v3::Packet::Publish(publish)),
@@ -331,14 +361,60 @@ fn published_qos(message: &Message) -> QoS {
     }
 }
 
-/// An upper bound of a delivery's PUBLISH size in bytes (fixed header, topic, packet id, an
-/// empty property block, payload).
-fn publish_size_bytes(delivery: &Delivery) -> usize {
-    // A Subscription Identifier property is at most 1 + 4 bytes.
-    5 + 2
-        + delivery.topic.len()
-        + 2
-        + 1
-        + delivery.payload.len()
-        + 5 * delivery.subscription_ids.len()
+impl Delivery {
+    /// The size of this delivery's PUBLISH on a `version` connection with the topic in `form`.
+    fn size_bytes(&self, version: Version, form: TopicForm) -> usize {
+        publish_size_bytes(
+            version,
+            if form.carries_topic() {
+                self.topic.len()
+            } else {
+                0
+            },
+            self.qos,
+            self.payload.len(),
+            &self.subscription_ids,
+            form.alias().is_some(),
+        )
+    }
+}
+
+/// The exact size in bytes of a PUBLISH as rmqtt-codec encodes it: the fixed header (type
+/// byte and Remaining Length), the topic with its length prefix, the packet id when QoS > 0,
+/// in v5 the property block (its length, then the Topic Alias and each Subscription
+/// Identifier, the only properties the server sets), and the payload.
+pub(super) fn publish_size_bytes(
+    version: Version,
+    topic_bytes: usize,
+    qos: QoS,
+    payload_bytes: usize,
+    subscription_ids: &[NonZeroU32],
+    topic_alias: bool,
+) -> usize {
+    let packet_id_bytes = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    let properties_bytes = match version {
+        Version::V3 => 0,
+        Version::V5 => {
+            // Topic Alias: identifier byte and two-byte integer; Subscription Identifier:
+            // identifier byte and a variable byte integer.
+            let length = usize::from(topic_alias) * 3
+                + subscription_ids
+                    .iter()
+                    .map(|id| 1 + variable_byte_integer_bytes(id.get() as usize))
+                    .sum::<usize>();
+            variable_byte_integer_bytes(length) + length
+        }
+    };
+    let remaining = 2 + topic_bytes + packet_id_bytes + properties_bytes + payload_bytes;
+    1 + variable_byte_integer_bytes(remaining) + remaining
+}
+
+/// The bytes of `value` as an MQTT Variable Byte Integer (7 bits per byte).
+fn variable_byte_integer_bytes(value: usize) -> usize {
+    match value {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
 }

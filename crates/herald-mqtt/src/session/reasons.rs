@@ -1,16 +1,22 @@
 //! The reason codes of refusals in each protocol version: pure mappings from the session's
 //! own verdicts ([`AuthRefusal`], [`AppendOutcome`], a SUBSCRIBE [`Refusal`]) to the v3 return
-//! codes and v5 reason codes on the wire.
+//! codes and v5 reason codes on the wire; and the rule for v5 Reason Strings, applied to
+//! every packet the session sends.
 //!
 //! # Invariants
 //! - Every refusal maps to a failure code (v3 SUBACK 0x80; v5 codes >= 0x80); only a granted
 //!   verdict maps to a success code.
 //! - v3 has no negative PUBACK: a refused publish is classified with the v5 DISCONNECT code
 //!   closest to its PUBACK reason, for logs and counters.
+//! - A v5 Reason String is only a diagnostic: it is left out of a packet rather than make the
+//!   packet larger than the client's Maximum Packet Size, and left out of everything but
+//!   CONNACK and DISCONNECT when the client set Request Problem Information to 0.
 
+use bytes::BytesMut;
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode};
+use tokio_util::codec::Encoder as _;
 
 use super::subscriptions::Refusal;
 use super::{AppendOutcome, AuthRefusal};
@@ -88,5 +94,61 @@ pub(super) fn v5_suback(result: &Result<QoS, Refusal>) -> v5::SubscribeAckReason
         Err(Refusal::TopicFilterInvalid) => v5::SubscribeAckReason::TopicFilterInvalid,
         Err(Refusal::SharedNotSupported) => v5::SubscribeAckReason::SharedSubscriptionNotSupported,
         Err(Refusal::QuotaExceeded) => v5::SubscribeAckReason::QuotaExceeded,
+    }
+}
+
+/// Removes the Reason String of `packet` when the client must not get it: when it would make
+/// the packet larger than `peer_max_packet_bytes` (MQTT-3.14.2-3 for DISCONNECT, and the same
+/// rule for every packet with a Reason String), or, for packets other than CONNACK and
+/// DISCONNECT, when the client did not request problem information (MQTT-3.1.2-29). The
+/// session never sets User Properties, so they need no such care.
+pub(super) fn omit_unwanted_reason_string(
+    packet: &mut v5::Packet,
+    peer_max_packet_bytes: Option<u32>,
+    peer_wants_problem_info: bool,
+) {
+    if !reason_string_mut(packet).is_some_and(|reason| reason.is_some()) {
+        return;
+    }
+    let allowed = peer_wants_problem_info
+        || matches!(
+            packet,
+            v5::Packet::ConnectAck(_) | v5::Packet::Disconnect(_)
+        );
+    // Only refusals and closes carry a Reason String: measuring them with the codec itself
+    // is exact and rare enough to be cheap.
+    let fits = || peer_max_packet_bytes.is_none_or(|max| encoded_bytes(packet) <= max as usize);
+    if !(allowed && fits())
+        && let Some(reason) = reason_string_mut(packet)
+    {
+        *reason = None;
+    }
+}
+
+/// The Reason String field of the packets that have one.
+fn reason_string_mut(packet: &mut v5::Packet) -> Option<&mut Option<impl AsRef<str>>> {
+    match packet {
+        v5::Packet::ConnectAck(ack) => Some(&mut ack.reason_string),
+        v5::Packet::Disconnect(disconnect) => Some(&mut disconnect.reason_string),
+        v5::Packet::PublishAck(ack) | v5::Packet::PublishReceived(ack) => {
+            Some(&mut ack.reason_string)
+        }
+        v5::Packet::PublishRelease(ack) | v5::Packet::PublishComplete(ack) => {
+            Some(&mut ack.reason_string)
+        }
+        v5::Packet::SubscribeAck(ack) => Some(&mut ack.reason_string),
+        v5::Packet::UnsubscribeAck(ack) => Some(&mut ack.reason_string),
+        v5::Packet::Auth(auth) => Some(&mut auth.reason_string),
+        _ => None,
+    }
+}
+
+/// The size of `packet` as rmqtt-codec encodes it (with no size limit, as the driver does);
+/// `usize::MAX` if it cannot be encoded at all.
+pub(super) fn encoded_bytes(packet: &v5::Packet) -> usize {
+    let mut buffer = BytesMut::new();
+    match v5::Codec::new(0, 0).encode(packet.clone(), &mut buffer) {
+        Ok(()) => buffer.len(),
+        Err(_) => usize::MAX,
     }
 }

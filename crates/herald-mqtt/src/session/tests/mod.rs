@@ -3,11 +3,13 @@
 //! the tests of the endings in `session/mod.rs`; each flow's tests are in the file named
 //! like the flow's module.
 
+mod aliases;
 mod connect;
 mod inbound;
 mod model;
 mod outbound;
 mod persistent;
+mod reasons;
 mod retained;
 mod subscriptions;
 
@@ -42,6 +44,7 @@ fn config() -> SessionConfig {
         subscriptions_max: 3,
         topic_alias_maximum: 2,
         session_expiry_max_secs: 3600,
+        outbound_topic_alias_maximum: 3,
     }
 }
 

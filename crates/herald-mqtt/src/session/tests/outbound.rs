@@ -175,3 +175,91 @@ fn deliveries_carry_the_identifiers_of_the_subscriptions_they_match() {
         "no identifier given"
     );
 }
+
+/// `publish_size_bytes` against the codec's encoder: v3/v5, QoS 0/1, with and without
+/// subscription identifiers (1 to 4 bytes each) and a topic alias, with payloads putting the
+/// Remaining Length on each side of its 1/2, 2/3 and 3/4 byte boundaries.
+#[test]
+fn the_publish_size_is_exactly_what_the_codec_encodes() {
+    use tokio_util::codec::Encoder as _;
+
+    use crate::session::outbound::publish_size_bytes;
+
+    let encoded_bytes = |version: Version, publish: Publish| {
+        let mut buffer = bytes::BytesMut::new();
+        match version {
+            Version::V3 => v3::Codec::new(0)
+                .encode(v3::Packet::Publish(Box::new(publish)), &mut buffer)
+                .unwrap(),
+            Version::V5 => v5::Codec::new(0, 0)
+                .encode(v5::Packet::Publish(Box::new(publish)), &mut buffer)
+                .unwrap(),
+        }
+        buffer.len()
+    };
+    let ids = |ids: &[u32]| -> Vec<std::num::NonZeroU32> {
+        ids.iter()
+            .map(|id| std::num::NonZeroU32::new(*id).unwrap())
+            .collect()
+    };
+    // One buffer, sliced: no copy per payload.
+    let payloads = Bytes::from(vec![7u8; 2_097_200]);
+    let long_topic = "t/".repeat(100);
+    let mut checked = 0;
+    for version in [Version::V3, Version::V5] {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            for subscription_ids in [ids(&[]), ids(&[1]), ids(&[127, 128, 16_384, 268_435_455])] {
+                for topic_alias in [false, true] {
+                    for topic in ["", "a/x", long_topic.as_str()] {
+                        let size_of = |payload_bytes| {
+                            publish_size_bytes(
+                                version,
+                                topic.len(),
+                                qos,
+                                payload_bytes,
+                                &subscription_ids,
+                                topic_alias,
+                            )
+                        };
+                        // Remaining Length without payload (a 1-byte length prefix then).
+                        let overhead = size_of(0) - 2;
+                        let mut payload_sizes = vec![0, 5];
+                        // (The long topic alone is past the first boundary.)
+                        for boundary in [127_usize, 16_383, 2_097_151] {
+                            if let Some(at) = boundary.checked_sub(overhead) {
+                                payload_sizes.extend([at, at + 1]);
+                            }
+                        }
+                        for payload_bytes in payload_sizes {
+                            let properties =
+                                (version == Version::V5).then(|| v5::PublishProperties {
+                                    topic_alias: topic_alias.then(|| id(9)),
+                                    subscription_ids: subscription_ids.clone(),
+                                    ..v5::PublishProperties::default()
+                                });
+                            let publish = Publish {
+                                dup: false,
+                                retain: false,
+                                qos,
+                                topic: topic.into(),
+                                packet_id: (qos != QoS::AtMostOnce).then(|| id(1)),
+                                payload: payloads.slice(..payload_bytes),
+                                properties,
+                            };
+                            assert_eq!(
+                                size_of(payload_bytes),
+                                encoded_bytes(version, publish),
+                                "{version:?} {qos:?} ids {subscription_ids:?} alias \
+                                 {topic_alias} topic {} payload {payload_bytes}",
+                                topic.len()
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // 72 shapes, each with 6 or 8 payload sizes.
+    assert!(checked > 72 * 6, "{checked}");
+}

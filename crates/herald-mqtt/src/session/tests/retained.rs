@@ -84,3 +84,34 @@ fn v5_retain_handling_and_retain_as_published_are_honoured() {
         vec![(true, QoS::AtMostOnce), (false, QoS::AtMostOnce)]
     );
 }
+
+#[test]
+fn no_local_also_skips_the_connection_s_own_retained_messages() {
+    let mut session = v5_session(10);
+    let no_local = v5::SubscriptionOptions {
+        no_local: true,
+        ..v5_options(QoS::AtLeastOnce)
+    };
+    let actions = v5_subscribe_with(&mut session, 1, no_local);
+    let Some(Action::SendRetained { filter }) = actions
+        .iter()
+        .find(|action| matches!(action, Action::SendRetained { .. }))
+    else {
+        panic!("{actions:?}")
+    };
+    let own = {
+        let mut message = retained_message("a:x", "1");
+        message.id = MessageId::parse("mqtt-c1-1").unwrap();
+        message
+    };
+    session.handle_retained(filter, &own);
+    assert!(
+        drain(&mut session).is_empty(),
+        "published by this connection"
+    );
+    session.handle_retained(filter, &retained_message("a:y", "1"));
+    assert_eq!(
+        publishes(&drain(&mut session)),
+        vec![(true, QoS::AtLeastOnce)]
+    );
+}
