@@ -3,18 +3,22 @@
 //! Appends are "durable" as soon as they are in the store's record image. The image is what
 //! survives [`MemoryStore::crash_and_recover`], which rebuilds every index from it through
 //! the same recovery steps as the embedded log. Subscriber snapshots are durable once saved
-//! and kept, newest per (channel, id), in a [`SubscriberTable`] that is part of the image.
+//! and kept, newest per (channel, id), in a [`SubscriberTable`] that is part of the image;
+//! state records likewise, newest per key, in a [`StateTable`].
 //! Faults can be injected with [`MemoryStore::fail_next_append`] and
-//! [`MemoryStore::fail_after_appends`]; they count subscriber saves and removals as writes too.
+//! [`MemoryStore::fail_after_appends`]; they count subscriber and state saves and removals as
+//! writes too.
 
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use herald_core::{
     ChannelName, Message, MessageId, NewMessage, Policies, StreamStatus, SubscriberId,
     SubscriberState,
 };
 
 use crate::clock::Clock;
+use crate::states::{StateChange, StateTable};
 use crate::store::{
     AppendError, AppendTicket, LogStore, ReadError, ReadPage, ReadQuery, SaveTicket, StoreError,
     StoreHealth,
@@ -41,6 +45,8 @@ struct State {
     /// Durable subscriber snapshots: both the index and part of the image (a save replaces
     /// the previous snapshot in place, so the image holds one per live subscriber).
     subscribers: SubscriberTable<()>,
+    /// Durable state records, like `subscribers`: the index and part of the image.
+    states: StateTable<()>,
     poisoned: Option<String>,
     /// Appends still accepted before an injected failure, and the failure's reason.
     fail_after: Option<(u64, String)>,
@@ -51,13 +57,20 @@ struct State {
 
 impl MemoryStore {
     pub fn new(policies: Policies, clock: Arc<dyn Clock>) -> Self {
-        Self::from_image(Vec::new(), SubscriberTable::default(), policies, clock)
-            .expect("an empty image is valid")
+        Self::from_image(
+            Vec::new(),
+            SubscriberTable::default(),
+            StateTable::default(),
+            policies,
+            clock,
+        )
+        .expect("an empty image is valid")
     }
 
     fn from_image(
         image: Vec<MemoryRecord>,
         subscribers: SubscriberTable<()>,
+        states: StateTable<()>,
         policies: Policies,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, StoreError> {
@@ -78,6 +91,7 @@ impl MemoryStore {
                 table,
                 image,
                 subscribers,
+                states,
                 poisoned: None,
                 fail_after: None,
                 stats: crate::store::StoreStats::default(),
@@ -90,13 +104,18 @@ impl MemoryStore {
 
     /// Simulates a crash and restart: a new store rebuilt from what was durable.
     pub fn crash_and_recover(&self) -> Result<MemoryStore, StoreError> {
-        let (image, subscribers) = {
+        let (image, subscribers, states) = {
             let state = self.read_state();
-            (state.image.clone(), state.subscribers.clone())
+            (
+                state.image.clone(),
+                state.subscribers.clone(),
+                state.states.clone(),
+            )
         };
         Self::from_image(
             image,
             subscribers,
+            states,
             self.policies.clone(),
             self.clock.clone(),
         )
@@ -107,7 +126,8 @@ impl MemoryStore {
         self.fail_after_appends(0, reason);
     }
 
-    /// Accepts `appends` more writes (appends, subscriber saves and removals), then fails every
+    /// Accepts `appends` more writes (appends, subscriber and state saves and removals), then
+    /// fails every
     /// later one as a lost disk would: the store is poisoned and only
     /// [`MemoryStore::crash_and_recover`] brings it back.
     pub fn fail_after_appends(&self, appends: u64, reason: &str) {
@@ -171,6 +191,21 @@ impl MemoryStore {
         }
         state.subscribers.apply(change, ());
         state.stats.subscriber_saves += 1;
+        SaveTicket::ready(Ok(()))
+    }
+
+    /// Applies a state-record change as one write (fault injection counts it like an append).
+    /// A bad key or value is refused before it counts as a write: nothing is stored.
+    fn change_state(&self, change: StateChange) -> SaveTicket {
+        if let Err(invalid) = change.check() {
+            return SaveTicket::ready(Err(AppendError::Invalid(invalid)));
+        }
+        let mut state = self.write_state();
+        if let Err(error) = state.take_write() {
+            return SaveTicket::ready(Err(error));
+        }
+        state.states.apply(change, ());
+        state.stats.state_saves += 1;
         SaveTicket::ready(Ok(()))
     }
 
@@ -320,6 +355,30 @@ impl LogStore for MemoryStore {
 
     fn subscribers(&self) -> Vec<SubscriberState> {
         self.read_state().subscribers.states()
+    }
+
+    fn save_state(&self, key: &str, value: Bytes) -> SaveTicket {
+        self.change_state(StateChange::Save {
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    fn remove_state(&self, key: &str) -> SaveTicket {
+        self.change_state(StateChange::Remove {
+            key: key.to_owned(),
+        })
+    }
+
+    fn state(&self, key: &str) -> Option<Bytes> {
+        self.read_state()
+            .states
+            .get(key)
+            .map(|stored| stored.value.clone())
+    }
+
+    fn states(&self, prefix: &str) -> Vec<(String, Bytes)> {
+        self.read_state().states.with_prefix(prefix)
     }
 
     fn channels(&self) -> Vec<ChannelName> {

@@ -77,8 +77,8 @@ impl Future for AppendTicket {
     }
 }
 
-/// A pending subscriber save or removal; resolves once the change is durable (or refused,
-/// for the same reasons as an append: poisoned, closed, overloaded, too large).
+/// A pending subscriber or state-record save or removal; resolves once the change is durable
+/// (or refused, for the same reasons as an append: poisoned, closed, overloaded, too large).
 pub struct SaveTicket(oneshot::Receiver<Result<(), AppendError>>);
 
 impl SaveTicket {
@@ -187,6 +187,8 @@ pub struct StoreStats {
     pub rollovers: u64,
     /// Subscriber snapshots and removals made durable (each rides a group counted in `groups`).
     pub subscriber_saves: u64,
+    /// State record saves and removals made durable (each rides a group counted in `groups`).
+    pub state_saves: u64,
 }
 
 /// Receives every message once it is durable, for live delivery to subscribers.
@@ -218,6 +220,10 @@ pub enum StoreHealth {
 ///   sharing the group commit of appends (no second sync path); `subscriber` and
 ///   `subscribers` see only durable changes, the newest snapshot per (channel, id), and the
 ///   same after a restart; reclaim never loses a live snapshot.
+/// - `save_state` / `remove_state` follow the same rules for state records (newest value per
+///   key, tombstones, same group commit, survive restart and reclaim); `state` and `states`
+///   see only durable changes. Bad keys and oversized values are refused with `Invalid` and
+///   nothing is stored.
 pub trait LogStore: Send + Sync + 'static {
     fn append(&self, channel: ChannelName, batch: Vec<NewMessage>) -> AppendTicket;
     fn read(&self, channel: &ChannelName, query: &ReadQuery) -> Result<ReadPage, ReadError>;
@@ -252,6 +258,19 @@ pub trait LogStore: Send + Sync + 'static {
     /// Every stored subscriber, in (channel, id) order (bounded by what is stored; for expiry
     /// sweeps and introspection).
     fn subscribers(&self) -> Vec<SubscriberState>;
+
+    /// Persists a state record (an opaque value under a key, e.g. an MQTT session), replacing
+    /// the previous value of the key; resolves once durable. Rides the same queue and group
+    /// commit as appends and subscriber saves; refused like an append when the store is
+    /// poisoned, closed or overloaded, and with `AppendError::Invalid` (code invalid_request)
+    /// for a bad key or a value over `STATE_VALUE_BYTES_MAX`.
+    fn save_state(&self, key: &str, value: bytes::Bytes) -> SaveTicket;
+    /// Removes a state record durably (a tombstone); removing an unknown key is not an error.
+    fn remove_state(&self, key: &str) -> SaveTicket;
+    /// The newest durable value of a key.
+    fn state(&self, key: &str) -> Option<bytes::Bytes>;
+    /// Every durable record whose key starts with `prefix`, in key order.
+    fn states(&self, prefix: &str) -> Vec<(String, bytes::Bytes)>;
     /// Every channel the store holds a stream for (messages retained or not), in no particular
     /// order. For start-up scans such as finding the channels a webhook rule covers; the
     /// default (for stores that cannot list) is empty.

@@ -16,7 +16,10 @@ use herald_core::{
     ChainHash, ContinuityReason, Data, Epoch, ErrorCode, Message, Position, ReadFrom, Serial,
     SkipReason, SkippedRange,
 };
-use herald_log::{AppendError, LogStore, ReadError, ReadQuery, StoreHealth};
+use herald_log::{
+    AppendError, LogStore, ReadError, ReadQuery, STATE_KEY_BYTES_MAX, STATE_VALUE_BYTES_MAX,
+    StoreHealth,
+};
 
 fn position(epoch: &Epoch, serial: u64) -> Position {
     Position::new(epoch.clone(), Serial(serial))
@@ -1104,6 +1107,284 @@ fn a_failed_write_refuses_subscriber_saves<H: Harness>() {
         .expect("a restarted store accepts saves");
 }
 
+// ----- state records -------------------------------------------------------------------------
+
+fn value(text: &str) -> Bytes {
+    Bytes::from(text.to_owned())
+}
+
+fn owned(records: &[(&str, &str)]) -> Vec<(String, Bytes)> {
+    records
+        .iter()
+        .map(|(key, text)| (key.to_string(), value(text)))
+        .collect()
+}
+
+/// A saved value reads back, a later save replaces it, a removal drops it (removing an unknown
+/// key is fine), `states(prefix)` lists exactly the keys under the prefix in key order, and
+/// all of that holds after a restart.
+fn state_records_are_saved_replaced_and_removed<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let store = harness.store();
+    assert_eq!(store.state("mqtt/s/a"), None);
+    assert!(store.states("").is_empty());
+    let saves_before = store.stats().state_saves;
+    for (key, text) in [
+        ("mqtt/s/b", "b1"),
+        ("mqtt/s/a", "a1"),
+        ("mqtt/s/a0", "a0"),
+        ("mqtt/t/x", "other prefix"),
+        ("mqtt/s", "the prefix itself, no slash"),
+        ("gone", "soon removed"),
+    ] {
+        store.save_state(key, value(text)).wait().unwrap();
+    }
+    // Binary values are opaque.
+    store
+        .save_state("mqtt/s/bin", Bytes::from_static(b"\x00\xff\x80"))
+        .wait()
+        .unwrap();
+    assert_eq!(store.state("mqtt/s/a"), Some(value("a1")));
+    store.save_state("mqtt/s/a", value("a2")).wait().unwrap();
+    assert_eq!(store.state("mqtt/s/a"), Some(value("a2")));
+    store.remove_state("gone").wait().unwrap();
+    store.remove_state("never-saved").wait().unwrap();
+    assert_eq!(store.stats().state_saves - saves_before, 10);
+
+    for _ in 0..2 {
+        let store = harness.store();
+        assert_eq!(store.state("mqtt/s/a"), Some(value("a2")));
+        assert_eq!(store.state("gone"), None);
+        assert_eq!(store.state("never-saved"), None);
+        assert_eq!(
+            store.states("mqtt/s/"),
+            vec![
+                ("mqtt/s/a".to_string(), value("a2")),
+                ("mqtt/s/a0".to_string(), value("a0")),
+                ("mqtt/s/b".to_string(), value("b1")),
+                (
+                    "mqtt/s/bin".to_string(),
+                    Bytes::from_static(b"\x00\xff\x80")
+                ),
+            ]
+        );
+        assert_eq!(
+            store.states("mqtt/t/"),
+            owned(&[("mqtt/t/x", "other prefix")])
+        );
+        assert_eq!(store.states("mqtt/u"), Vec::new());
+        assert_eq!(store.states("").len(), 6);
+        harness.restart();
+    }
+    // A removed key can come back; the new value survives a restart.
+    harness
+        .store()
+        .save_state("gone", value("back"))
+        .wait()
+        .unwrap();
+    harness.restart();
+    assert_eq!(harness.store().state("gone"), Some(value("back")));
+}
+
+/// Bad keys (empty, too long, a space, non-ASCII, a control byte) and a value over
+/// `STATE_VALUE_BYTES_MAX` are refused with `invalid_request` and nothing is stored; the
+/// longest key and a value just under the limit's neighbours are fine.
+fn bad_state_keys_and_oversized_values_are_refused<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let store = harness.store();
+    let longest = "k".repeat(STATE_KEY_BYTES_MAX);
+    for bad in [
+        String::new(),
+        "k".repeat(STATE_KEY_BYTES_MAX + 1),
+        "mqtt session".to_string(),
+        "caf\u{e9}".to_string(),
+        "line\nbreak".to_string(),
+    ] {
+        for result in [
+            store.save_state(&bad, value("v")).wait(),
+            store.remove_state(&bad).wait(),
+        ] {
+            match result {
+                Err(AppendError::Invalid(invalid)) => {
+                    assert_eq!(invalid.code, ErrorCode::InvalidRequest, "{bad:?}")
+                }
+                other => panic!("key {bad:?}: expected invalid_request, got {other:?}"),
+            }
+        }
+    }
+    let oversized = Bytes::from(vec![7u8; STATE_VALUE_BYTES_MAX + 1]);
+    match store.save_state("big", oversized).wait() {
+        Err(AppendError::Invalid(invalid)) => {
+            assert_eq!(invalid.code, ErrorCode::InvalidRequest)
+        }
+        other => panic!("expected invalid_request, got {other:?}"),
+    }
+    assert_eq!(store.stats().state_saves, 0);
+    store.save_state(&longest, value("ok")).wait().unwrap();
+    store
+        .save_state("~!#$%&*+-./:;<=>?@^_|", value("ok"))
+        .wait()
+        .unwrap();
+    for _ in 0..2 {
+        let store = harness.store();
+        assert_eq!(store.state("big"), None);
+        assert_eq!(
+            store.states(""),
+            vec![
+                (longest.clone(), value("ok")),
+                ("~!#$%&*+-./:;<=>?@^_|".to_string(), value("ok")),
+            ]
+        );
+        harness.restart();
+    }
+}
+
+/// Saves queued together with appends and subscriber saves (without waiting in between) are
+/// all acknowledged and durable, and the last save queued for a key is the one that stays.
+fn state_saves_interleave_with_appends<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    let room = channel("room");
+    let store = harness.store();
+    let mut saves = Vec::new();
+    let mut appends = Vec::new();
+    for n in 0..20u64 {
+        appends.push(store.append(room.clone(), vec![json(&format!("m{n}"), "1")]));
+        saves.push(store.save_state("session/hot", value(&format!("v{n}"))));
+        saves.push(store.save_subscriber(subscriber_state("room", "worker", n)));
+        saves.push(store.save_state(&format!("session/{n:02}"), value(&n.to_string())));
+        if n % 3 == 0 {
+            saves.push(store.remove_state(&format!("session/{n:02}")));
+        }
+    }
+    for ticket in appends {
+        ticket.wait().expect("append acknowledged");
+    }
+    for ticket in saves {
+        ticket.wait().expect("save acknowledged");
+    }
+    for _ in 0..2 {
+        let store = harness.store();
+        assert_eq!(read_all(store, &room, 100).len(), 20);
+        assert_eq!(store.state("session/hot"), Some(value("v19")));
+        assert_eq!(store.state("session/03"), None);
+        assert_eq!(store.state("session/04"), Some(value("4")));
+        // 20 numbered keys minus the 7 removed (0, 3, ..., 18), plus the hot one.
+        assert_eq!(store.states("session/").len(), 14);
+        assert_eq!(
+            store.subscriber(&room, &subscriber_id("worker")),
+            Some(subscriber_state("room", "worker", 19))
+        );
+        harness.restart();
+    }
+}
+
+/// Reclaim frees the segments that first held state records without losing a live one: after
+/// many segments roll over and are reclaimed (for the embedded log, the segments written
+/// before the young channel's messages went out of retention are deleted), every live key has
+/// its newest value, a removed one stays removed, also across restarts and a second reclaim.
+fn state_records_survive_reclaim<H: Harness>() {
+    let clock = new_clock();
+    let mut harness = H::open(test_policies(), clock.clone());
+    let young = channel("young:room");
+    let payload = format!("\"{}\"", "x".repeat(200));
+    let early = Bytes::from(vec![b'e'; 1_000]);
+    let store = harness.store();
+    store
+        .save_state("session/early", early.clone())
+        .wait()
+        .unwrap();
+    store.save_state("session/gone", value("1")).wait().unwrap();
+    for n in 1..=40u64 {
+        append_ok(store, &young, vec![json(&format!("y{n}"), &payload)]);
+        // Churn: many superseded values of one key spread over the segments.
+        store
+            .save_state("session/busy", value(&format!("busy-{n}")))
+            .wait()
+            .unwrap();
+    }
+    store.remove_state("session/gone").wait().unwrap();
+    let rollovers = store.stats().rollovers;
+    clock.advance_ms(test_policies().namespaces["young"].dedupe_window_ms() + 1);
+    // Keeps the active segment busy so the older ones are sealed and dead (young too, so
+    // that it does not pin its segment in the second round).
+    append_ok(store, &channel("young:keep"), vec![json("after", &payload)]);
+    let reclaimed = store.reclaim().unwrap();
+    // The embedded log reclaims whole sealed segments, oldest first: one young message
+    // dropped means the first segment, the one that held the early values, is deleted.
+    if H::reclaim_is_exact() {
+        assert_eq!(reclaimed, 40);
+    } else {
+        assert!(
+            reclaimed > 0,
+            "nothing reclaimed after {rollovers} rollovers"
+        );
+    }
+    let expected = vec![
+        ("session/busy".to_string(), value("busy-40")),
+        ("session/early".to_string(), early.clone()),
+    ];
+    assert_eq!(harness.store().states("session/"), expected);
+    harness.restart();
+    assert_eq!(harness.store().states("session/"), expected);
+    // A second reclaim (the rewritten records may now be the old ones) and restart.
+    for n in 0..30 {
+        append_ok(
+            harness.store(),
+            &young,
+            vec![json(&format!("z{n}"), &payload)],
+        );
+    }
+    clock.advance_ms(test_policies().namespaces["young"].dedupe_window_ms() + 1);
+    append_ok(
+        harness.store(),
+        &channel("young:keep"),
+        vec![json("later", &payload)],
+    );
+    // This deletes the segment the first reclaim copied the live values into.
+    assert!(harness.store().reclaim().unwrap() > 0);
+    assert_eq!(harness.store().states("session/"), expected);
+    harness.restart();
+    assert_eq!(harness.store().states("session/"), expected);
+    assert_eq!(harness.store().state("session/gone"), None);
+}
+
+/// A poisoned store refuses state saves and removals like appends and keeps serving the last
+/// durable value; after a restart the refused save is either wholly there or absent.
+fn a_failed_write_refuses_state_saves<H: Harness>() {
+    let mut harness = H::open(test_policies(), new_clock());
+    harness
+        .store()
+        .save_state("session/1", value("v1"))
+        .wait()
+        .unwrap();
+    if !harness.fail_next_append("injected fsync failure") {
+        return;
+    }
+    let failed = harness.store().save_state("session/1", value("v2")).wait();
+    assert!(
+        matches!(failed, Err(AppendError::Poisoned(_))),
+        "{failed:?}"
+    );
+    let later = harness.store().remove_state("session/1").wait();
+    assert!(matches!(later, Err(AppendError::Poisoned(_))), "{later:?}");
+    assert_eq!(
+        harness.store().state("session/1"),
+        Some(value("v1")),
+        "only durable values are visible"
+    );
+    harness.restart();
+    let recovered = harness.store().state("session/1");
+    assert!(
+        recovered == Some(value("v1")) || recovered == Some(value("v2")),
+        "{recovered:?}"
+    );
+    harness
+        .store()
+        .save_state("session/1", value("v3"))
+        .wait()
+        .expect("a restarted store accepts saves");
+}
+
 // ----- instantiation -------------------------------------------------------------------------
 
 /// One test function per case and store: `conformance_suite!(module: Harness)`.
@@ -1198,6 +1479,11 @@ macro_rules! conformance_suite {
             subscriber_saves_interleave_with_appends,
             reclaim_keeps_live_snapshots_and_drops_removed_ones,
             a_failed_write_refuses_subscriber_saves,
+            state_records_are_saved_replaced_and_removed,
+            bad_state_keys_and_oversized_values_are_refused,
+            state_saves_interleave_with_appends,
+            state_records_survive_reclaim,
+            a_failed_write_refuses_state_saves,
         );
     };
     (@cases $module:ident: $harness:ty; $($case:ident),* $(,)?) => {

@@ -13,7 +13,8 @@
 //! - every stored message is one a client sent, with its content;
 //! - each client's durable subscriber (saved and sometimes removed between publishes, riding
 //!   the same group commits) is in the state of its last acknowledged save or removal, or of
-//!   one issued after it whose outcome is unknown: never older, never torn.
+//!   one issued after it whose outcome is unknown: never older, never torn; and so is its
+//!   session state record (saved or removed after each acknowledged subscriber change).
 //!
 //! `HERALD_CRASH_SEEDS=N` runs N seeds (default 64); `HERALD_CRASH_SEED=S` runs only seed S.
 //! A seed fixes the power-cut point and what the crash keeps; thread interleaving is up to
@@ -74,11 +75,29 @@ struct Ledger {
 type Subscribers = Mutex<BTreeMap<usize, SubscriberLedger>>;
 
 /// One client's subscriber: the state after each save or removal it issued (`None`: removed),
-/// and the index of the last one acknowledged.
+/// and the index of the last one acknowledged; and the same for its session state record.
 #[derive(Default)]
 struct SubscriberLedger {
     outcomes: Vec<Option<SubscriberState>>,
     acked: Option<usize>,
+    session: SessionLedger,
+}
+
+/// One client's state record (`session_key`): the value after each save or removal issued
+/// (`None`: removed), and the index of the last one acknowledged.
+#[derive(Default)]
+struct SessionLedger {
+    outcomes: Vec<Option<Bytes>>,
+    acked: Option<usize>,
+}
+
+fn session_key(client: usize) -> String {
+    format!("session/client-{client}")
+}
+
+/// A distinct value per version, spanning a few sectors so that a crash can tear it.
+fn session_version(client: usize, version: usize) -> Bytes {
+    Bytes::from(format!("client {client} version {version};").repeat(40))
 }
 
 fn subscriber_key(client: usize) -> (ChannelName, SubscriberId) {
@@ -226,6 +245,22 @@ fn verify_subscribers(store: &dyn LogStore, subscribers: &BTreeMap<usize, Subscr
         live += usize::from(found.is_some());
     }
     assert_eq!(store.subscribers().len(), live, "no stray subscribers");
+    let mut live = 0;
+    for (client, history) in subscribers {
+        let history = &history.session;
+        let found = store.state(&session_key(*client));
+        let allowed = match history.acked {
+            Some(acked) => &history.outcomes[acked..],
+            None => &history.outcomes[..],
+        };
+        assert!(
+            allowed.contains(&found) || (history.acked.is_none() && found.is_none()),
+            "session of client {client} recovered as {found:?}, acknowledged {:?}",
+            history.acked.map(|acked| &history.outcomes[acked])
+        );
+        live += usize::from(found.is_some());
+    }
+    assert_eq!(store.states("session/").len(), live, "no stray sessions");
 }
 
 /// One client's load: fresh batches, retries of unresolved ones, and re-sends of acknowledged
@@ -329,10 +364,48 @@ fn subscriber_step(
             let mut subscribers = subscribers.lock().unwrap();
             let history = subscribers.get_mut(&client).expect("history exists");
             history.acked = Some(index);
+        }
+        Err(AppendError::Poisoned(_) | AppendError::Closed) => return false,
+        Err(other) => panic!("unexpected refusal of a subscriber save: {other}"),
+    }
+    session_step(store, subscribers, rng, client)
+}
+
+/// Saves (or now and then removes) the client's session state record; `false` when the store
+/// refused because it died (the outcome is unknown).
+fn session_step(
+    store: &dyn LogStore,
+    subscribers: &Subscribers,
+    rng: &mut StdRng,
+    client: usize,
+) -> bool {
+    let (index, outcome) = {
+        let mut subscribers = subscribers.lock().unwrap();
+        let history = &mut subscribers.entry(client).or_default().session;
+        let outcome = if rng.random_range(0..5) == 0 {
+            None
+        } else {
+            Some(session_version(client, history.outcomes.len()))
+        };
+        history.outcomes.push(outcome.clone());
+        (history.outcomes.len() - 1, outcome)
+    };
+    let ticket = match outcome {
+        Some(value) => store.save_state(&session_key(client), value),
+        None => store.remove_state(&session_key(client)),
+    };
+    match ticket.wait() {
+        Ok(()) => {
+            let mut subscribers = subscribers.lock().unwrap();
+            let history = &mut subscribers
+                .get_mut(&client)
+                .expect("history exists")
+                .session;
+            history.acked = Some(index);
             true
         }
         Err(AppendError::Poisoned(_) | AppendError::Closed) => false,
-        Err(other) => panic!("unexpected refusal of a subscriber save: {other}"),
+        Err(other) => panic!("unexpected refusal of a state save: {other}"),
     }
 }
 

@@ -1089,3 +1089,212 @@ fn subscriber_save_throughput() {
         assert_eq!(saves, SUBSCRIBERS as u64 * SAVES_PER_SUBSCRIBER);
     }
 }
+
+// ----- state records -------------------------------------------------------------------------
+
+/// Start and end offsets of the last record of a segment file.
+fn last_record(path: &Path) -> (usize, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    let mut offset = 64;
+    let mut last = None;
+    loop {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            return last.expect("the segment holds a record");
+        }
+        last = Some((offset, offset + 8 + len));
+        offset += 8 + len;
+    }
+}
+
+/// A torn last group (the record of the newest save only partly on disk, as after a power cut
+/// during its write, before its sync) is truncated on open: the unsynced value is lost, the
+/// earlier durable value of the key is what the store holds, and saves continue after it.
+#[test]
+fn a_torn_state_save_is_lost_and_the_earlier_value_kept() {
+    let fixture = Fixture::new();
+    let first = Bytes::from(vec![b'1'; 600]);
+    {
+        let store = fixture.open().unwrap();
+        store.save_state("session/a", first.clone()).wait().unwrap();
+        store
+            .save_state("session/b", Bytes::from_static(b"b"))
+            .wait()
+            .unwrap();
+        store
+            .save_state("session/a", Bytes::from(vec![b'2'; 600]))
+            .wait()
+            .unwrap();
+        assert_eq!(store.stats().state_saves, 3);
+    }
+    let last = fixture.segment_files().pop().unwrap();
+    let (start, end) = last_record(&last);
+    // The second half of the record never reached the disk.
+    let mut bytes = std::fs::read(&last).unwrap();
+    let middle = start + (end - start) / 2;
+    bytes[middle..end].fill(0);
+    std::fs::write(&last, &bytes).unwrap();
+    {
+        let store = fixture.open().unwrap();
+        assert_eq!(store.state("session/a"), Some(first));
+        assert_eq!(store.state("session/b"), Some(Bytes::from_static(b"b")));
+        store
+            .save_state("session/a", Bytes::from_static(b"third"))
+            .wait()
+            .unwrap();
+    }
+    let store = fixture.open().unwrap();
+    assert_eq!(
+        store.states("session/"),
+        vec![
+            ("session/a".to_string(), Bytes::from_static(b"third")),
+            ("session/b".to_string(), Bytes::from_static(b"b")),
+        ]
+    );
+}
+
+/// The same with the simulated disk: a save whose sync failed is refused, and after power loss
+/// the key holds either the earlier value or (when the whole write happened to land) the
+/// refused one, never a broken one; with some tears, the earlier value.
+#[test]
+fn a_state_save_cut_by_power_loss_is_all_or_nothing() {
+    let fs = SimFs::new();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(START));
+    let dir = Path::new("/data");
+    let open = |fs: &SimFs| {
+        EmbeddedLog::open_with_fs(
+            Arc::new(fs.clone()),
+            dir,
+            small_options(),
+            policies(),
+            clock.clone(),
+        )
+    };
+    // Several sectors, so that tears can keep some of them.
+    let first = Bytes::from(vec![b'1'; 3 * herald_log::fs::SIM_SECTOR_BYTES]);
+    let second = Bytes::from(vec![b'2'; 3 * herald_log::fs::SIM_SECTOR_BYTES]);
+    let store = open(&fs).unwrap();
+    store.save_state("session/a", first.clone()).wait().unwrap();
+    fs.fail_next_sync("injected EIO");
+    let refused = store.save_state("session/a", second.clone()).wait();
+    assert!(
+        matches!(refused, Err(AppendError::Poisoned(_))),
+        "{refused:?}"
+    );
+    assert_eq!(store.state("session/a"), Some(first.clone()));
+    drop(store);
+    let mut kept_first = 0;
+    for seed in 0..32 {
+        let store = open(&fs.crash(seed)).unwrap();
+        let recovered = store.state("session/a");
+        if recovered == Some(first.clone()) {
+            kept_first += 1;
+        } else {
+            assert_eq!(recovered, Some(second.clone()), "seed {seed}");
+        }
+    }
+    assert!(kept_first > 0, "no seed lost the unsynced save");
+}
+
+/// Saves rewriting one key (a session updated on every packet) do not grow the log without
+/// bound: reclaim deletes the segments of superseded values, including the first segment,
+/// which held a key saved once and never again; that value is copied forward and survives,
+/// also across a restart.
+#[test]
+fn state_churn_is_reclaimed_and_live_values_copied_forward() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    let once = Bytes::from(vec![b'o'; 2_000]);
+    store
+        .save_state("session/once", once.clone())
+        .wait()
+        .unwrap();
+    store
+        .save_state("session/gone", Bytes::from_static(b"g"))
+        .wait()
+        .unwrap();
+    let busy = |n: usize| Bytes::from(format!("{n:0>200}"));
+    for n in 1..=1_000 {
+        store.save_state("session/busy", busy(n)).wait().unwrap();
+    }
+    store.remove_state("session/gone").wait().unwrap();
+    let first_segment = fixture.segment_files()[0].clone();
+    let before = fixture.segment_files().len();
+    assert!(before >= 3, "the churn spans {before} segments");
+    store.reclaim().unwrap();
+    assert!(
+        !first_segment.exists(),
+        "the first segment was not reclaimed"
+    );
+    assert!(
+        fixture.segment_files().len() <= 2,
+        "{} segments left of {before}",
+        fixture.segment_files().len()
+    );
+    let expected = vec![
+        ("session/busy".to_string(), busy(1_000)),
+        ("session/once".to_string(), once.clone()),
+    ];
+    assert_eq!(store.states(""), expected);
+    drop(store);
+    let store = fixture.open().unwrap();
+    assert_eq!(store.states(""), expected);
+}
+
+/// State saves ride the group commit: saves, subscriber saves and appends queued while the
+/// committer is busy with one sync become one group (one write, one `fdatasync`).
+#[test]
+fn state_saves_share_the_group_commit_with_appends() {
+    const SAVES: u64 = 40;
+    let fixture = Fixture::new();
+    let fs = GatedFs::default();
+    let store = EmbeddedLog::open_with_fs(
+        Arc::new(fs.clone()),
+        fixture.dir.path(),
+        small_options(),
+        policies(),
+        fixture.clock.clone() as Arc<dyn Clock>,
+    )
+    .unwrap();
+    fs.arm();
+    let plug = store.save_state("plug", Bytes::from_static(b"p"));
+    fs.wait_until_holding();
+    let before = store.stats();
+    let mut tickets: Vec<_> = (0..SAVES)
+        .map(|n| store.save_state(&format!("session/{n}"), Bytes::from(n.to_string())))
+        .collect();
+    tickets.push(store.save_subscriber(subscriber("jobs:a", "worker", 1)));
+    tickets.push(store.remove_state("session/0"));
+    let append = store.append(channel("jobs:a"), vec![message("m", "1")]);
+    // Nothing queued behind the held sync is visible yet.
+    assert_eq!(store.state("session/1"), None);
+    fs.release();
+    plug.wait().unwrap();
+    for ticket in tickets {
+        ticket.wait().unwrap();
+    }
+    append.wait().unwrap();
+    let after = store.stats();
+    assert_eq!(after.groups, before.groups + 2, "{before:?} -> {after:?}");
+    assert_eq!(after.state_saves, before.state_saves + SAVES + 2);
+    assert_eq!(after.subscriber_saves, before.subscriber_saves + 1);
+    assert_eq!(store.states("session/").len() as u64, SAVES - 1);
+}
+
+/// A value within `STATE_VALUE_BYTES_MAX` but larger than one commit of this log
+/// (`group_bytes_max` is 16 KiB here) is refused up front with `batch_too_large`.
+#[test]
+fn a_state_value_larger_than_a_group_is_refused() {
+    let fixture = Fixture::new();
+    let store = fixture.open().unwrap();
+    let value = Bytes::from(vec![0u8; small_options().group_bytes_max]);
+    assert!(value.len() <= herald_log::STATE_VALUE_BYTES_MAX);
+    match store.save_state("session/big", value).wait() {
+        Err(AppendError::Invalid(invalid)) => {
+            assert_eq!(invalid.code, herald_core::ErrorCode::BatchTooLarge)
+        }
+        other => panic!("expected batch_too_large, got {other:?}"),
+    }
+    assert_eq!(store.state("session/big"), None);
+    assert_eq!(store.stats().state_saves, 0);
+}

@@ -1,8 +1,9 @@
 //! Model-based test of the log stores: random sequences of appends, reads, id lookups, status
-//! queries, durable subscriber saves and removals, clock moves, restarts and reclaims, run
-//! against a store and against a plain reference model (a `BTreeMap` of accepted messages per
-//! channel, an id map, the live subscriber versions and a clock). After every operation the
-//! store's `subscribers()` must equal the model's.
+//! queries, durable subscriber saves and removals, state record saves and removals, clock
+//! moves, restarts and reclaims, run against a store and against a plain reference model (a
+//! `BTreeMap` of accepted messages per channel, an id map, the live subscriber versions, the
+//! live state values and a clock). After every operation the store's `subscribers()` and
+//! `states(..)` must equal the model's.
 //! Every observable output is compared: acks and their duplicate flags, conflicts, invalid
 //! TTLs, pages (messages, skipped ranges, cursors, `more`), continuity errors, lookups, status
 //! and reclaim counts. Chains are checked for every message read.
@@ -33,6 +34,8 @@ const CHANNELS: [&str; 4] = ["room", "few:room", "small:room", "young:room"];
 const ID_POOL: usize = 10;
 /// Durable subscriber ids per channel: few, so saves replace and removals hit.
 const SUBSCRIBER_POOL: usize = 3;
+/// State record keys: few, so saves replace and removals hit; two share the `s/a` prefix.
+const STATE_KEYS: [&str; 4] = ["s/a", "s/a0", "s/b", "t/x"];
 /// TTL choices; the last is below the default minimum of 1 s, so it is refused.
 const TTLS: [Option<u64>; 4] = [None, Some(1_000), Some(5_000), Some(999)];
 /// Clock steps: around TTL and age boundaries, past the 2-minute dedupe window and past the
@@ -137,6 +140,13 @@ enum Operation {
         channel: usize,
         slot: usize,
     },
+    SaveState {
+        key: usize,
+        version: u64,
+    },
+    RemoveState {
+        key: usize,
+    },
     Restart,
     Reclaim,
 }
@@ -216,6 +226,14 @@ struct Model {
     last_reclaim: usize,
     /// Live durable subscribers: (channel, slot) -> the version last saved.
     subscribers: BTreeMap<(usize, usize), u64>,
+    /// Live state records: key -> the version last saved.
+    states: BTreeMap<&'static str, u64>,
+}
+
+/// The value a model state version stands for: up to ~1.5 KiB, so records of several sizes
+/// share segments.
+fn model_state_value(version: u64) -> Bytes {
+    Bytes::from(format!("v{version};").repeat((version % 200) as usize + 1))
 }
 
 /// The snapshot a model subscriber stands for.
@@ -232,6 +250,7 @@ impl Model {
             reclaimed_total: 0,
             last_reclaim: 0,
             subscribers: BTreeMap::new(),
+            states: BTreeMap::new(),
         }
     }
 
@@ -599,6 +618,9 @@ impl ReferenceStateMachine for LogModel {
             ),
             1 => (channel, 0..SUBSCRIBER_POOL)
                 .prop_map(|(channel, slot)| Operation::RemoveSubscriber { channel, slot }),
+            2 => (0..STATE_KEYS.len(), 0u64..1_000)
+                .prop_map(|(key, version)| Operation::SaveState { key, version }),
+            1 => (0..STATE_KEYS.len()).prop_map(|key| Operation::RemoveState { key }),
             2 => Just(Operation::Restart),
             2 => Just(Operation::Reclaim),
         ]
@@ -627,6 +649,12 @@ impl ReferenceStateMachine for LogModel {
             }
             Operation::RemoveSubscriber { channel, slot } => {
                 state.subscribers.remove(&(*channel, *slot));
+            }
+            Operation::SaveState { key, version } => {
+                state.states.insert(STATE_KEYS[*key], *version);
+            }
+            Operation::RemoveState { key } => {
+                state.states.remove(STATE_KEYS[*key]);
             }
             Operation::ReadForward { .. }
             | Operation::ReadBackward { .. }
@@ -928,6 +956,16 @@ impl<H: Harness> StateMachineTest for ModelTest<H> {
                 )
                 .wait()
                 .expect("removal acknowledged"),
+            Operation::SaveState { key, version } => sut
+                .store()
+                .save_state(STATE_KEYS[key], model_state_value(version))
+                .wait()
+                .expect("state save acknowledged"),
+            Operation::RemoveState { key } => sut
+                .store()
+                .remove_state(STATE_KEYS[key])
+                .wait()
+                .expect("state removal acknowledged"),
             Operation::Restart => sut.harness.restart(),
             Operation::Reclaim => {
                 let dropped = sut.store().reclaim().expect("reclaim works");
@@ -959,6 +997,20 @@ impl<H: Harness> StateMachineTest for ModelTest<H> {
             .collect();
         expected.sort_by(|a, b| (&a.channel, &a.id).cmp(&(&b.channel, &b.id)));
         assert_eq!(sut.store().subscribers(), expected, "durable subscribers");
+        let expected_states = |prefix: &str| -> Vec<(String, Bytes)> {
+            model
+                .states
+                .iter()
+                .filter(|(key, _)| key.starts_with(prefix))
+                .map(|(key, &version)| (key.to_string(), model_state_value(version)))
+                .collect()
+        };
+        assert_eq!(sut.store().states(""), expected_states(""), "state records");
+        assert_eq!(
+            sut.store().states("s/a"),
+            expected_states("s/a"),
+            "prefix s/a"
+        );
     }
 }
 

@@ -164,6 +164,11 @@ impl Metrics {
                 store.subscriber_saves,
             ),
             (
+                "herald_store_state_saves_total",
+                "Durable state records (MQTT sessions) and removals written (in the same group commits).",
+                store.state_saves,
+            ),
+            (
                 "herald_store_segment_rollovers_total",
                 "Log segments started after open.",
                 store.rollovers,

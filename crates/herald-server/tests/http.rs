@@ -979,6 +979,18 @@ impl LogStore for HangingStore {
     fn subscribers(&self) -> Vec<herald_core::SubscriberState> {
         self.inner.subscribers()
     }
+    fn save_state(&self, key: &str, value: bytes::Bytes) -> herald_log::SaveTicket {
+        self.inner.save_state(key, value)
+    }
+    fn remove_state(&self, key: &str) -> herald_log::SaveTicket {
+        self.inner.remove_state(key)
+    }
+    fn state(&self, key: &str) -> Option<bytes::Bytes> {
+        self.inner.state(key)
+    }
+    fn states(&self, prefix: &str) -> Vec<(String, bytes::Bytes)> {
+        self.inner.states(prefix)
+    }
 }
 
 #[tokio::test]

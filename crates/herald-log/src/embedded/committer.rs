@@ -1,10 +1,10 @@
 //! The committer: the log's only writer, on its own thread.
 //!
 //! It blocks for the first command, then takes whatever else is already queued (bounded by
-//! `group_bytes_max` and by the room left in the active segment): publish batches and
-//! subscriber snapshots alike. It sequences every batch through the channel table, encodes all
+//! `group_bytes_max` and by the room left in the active segment): publish batches, subscriber
+//! snapshots and state records alike. It sequences every batch through the channel table, encodes all
 //! records into one buffer, and makes them durable with one write and one `fdatasync`. Only
-//! then does it mark the channels durable, apply the subscriber changes and answer. There is
+//! then does it mark the channels durable, apply the subscriber and state changes and answer. There is
 //! no artificial delay: the group is whatever queued while the previous sync ran.
 //!
 //! It also keeps the next segment prepared on a helper thread (zero-filled and synced under a
@@ -15,8 +15,10 @@
 //! - A failed write, sync or segment creation poisons the store; the failed group and every
 //!   later append are refused with `AppendError::Poisoned`. A sync is never retried.
 //! - Reclaim deletes only sealed segments, oldest first, after writing and syncing a tip for
-//!   every channel whose last record lives in them and a fresh snapshot for every subscriber
-//!   whose live snapshot lives in them.
+//!   every channel whose last record lives in them and a fresh copy of every live subscriber
+//!   snapshot and state record that lives in them. A live state record too large for the
+//!   current `group_bytes_max` (saved before it was lowered) cannot be copied: its segment, and
+//!   so every later one, is kept instead.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,15 +31,16 @@ use herald_core::{ChannelName, Message, Serial};
 use tokio::sync::oneshot;
 
 use super::record::{
-    self, encode_message, encode_subscriber_change, encode_tip, seal_message_record,
-    seal_standalone_record,
+    self, encode_message, encode_state_change, encode_subscriber_change, encode_tip,
+    seal_message_record, seal_standalone_record,
 };
 use super::segment::{
     SEGMENT_HEADER_BYTES, SegmentHeader, create_segment, discard_prepared, install_segment,
     prepare_segment,
 };
-use super::{Command, EmbeddedOptions, RecordLocator, Shared};
+use super::{Command, EmbeddedOptions, KeyedChange, RecordLocator, Shared};
 use crate::fs::{Filesystem, FsFile};
+use crate::states::StateChange;
 use crate::store::{AppendError, Appended, StoreError};
 use crate::subscribers::SubscriberChange;
 use crate::table::ChannelTip;
@@ -61,15 +64,16 @@ struct Spare {
 type Reply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
 type SaveReply = oneshot::Sender<Result<(), AppendError>>;
 
-/// One write of a group: a publish batch, or a subscriber change encoded by its caller.
+/// One write of a group: a publish batch, or a keyed change (subscriber or state record)
+/// encoded by its caller.
 enum Pending {
     Append {
         channel: ChannelName,
         batch: Vec<herald_core::NewMessage>,
         reply: Reply,
     },
-    Subscriber {
-        change: Box<SubscriberChange>,
+    Save {
+        change: Box<KeyedChange>,
         frame: Vec<u8>,
         reply: SaveReply,
     },
@@ -93,14 +97,14 @@ impl Pending {
                 },
                 bound_bytes,
             )),
-            Command::Subscriber {
+            Command::Save {
                 change,
                 frame,
                 reply,
             } => {
                 let bound_bytes = frame.len();
                 Ok((
-                    Pending::Subscriber {
+                    Pending::Save {
                         change,
                         frame,
                         reply,
@@ -124,11 +128,11 @@ impl Pending {
                 bound_bytes,
                 reply,
             },
-            Pending::Subscriber {
+            Pending::Save {
                 change,
                 frame,
                 reply,
-            } => Command::Subscriber {
+            } => Command::Save {
                 change,
                 frame,
                 reply,
@@ -141,7 +145,7 @@ impl Pending {
             Pending::Append { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
-            Pending::Subscriber { reply, .. } => {
+            Pending::Save { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -151,7 +155,7 @@ impl Pending {
 /// How one write of a group is answered once the group's sync is done.
 enum Outcome {
     Append(Reply, Result<Vec<Appended>, AppendError>),
-    Subscriber(SaveReply, Box<SubscriberChange>),
+    Save(SaveReply, Box<KeyedChange>),
 }
 
 pub(crate) struct Committer {
@@ -235,7 +239,7 @@ impl Committer {
                 Err(Command::Reclaim { reply }) => {
                     let _ = reply.send(self.reclaim());
                 }
-                Err(Command::Append { .. } | Command::Subscriber { .. }) => {
+                Err(Command::Append { .. } | Command::Save { .. }) => {
                     unreachable!("writes are taken by Pending::from_command")
                 }
             }
@@ -256,7 +260,7 @@ impl Committer {
                 Command::Append { reply, .. } => {
                     let _ = reply.send(Err(AppendError::Closed));
                 }
-                Command::Subscriber { reply, .. } => {
+                Command::Save { reply, .. } => {
                     let _ = reply.send(Err(AppendError::Closed));
                 }
                 Command::Reclaim { reply } => {
@@ -333,6 +337,7 @@ impl Committer {
             .clone();
         let mut made_durable: Vec<Message> = Vec::new();
         let mut subscriber_changes = 0u64;
+        let mut state_changes = 0u64;
         for pending in group {
             let (channel, batch, reply) = match pending {
                 Pending::Append {
@@ -340,7 +345,7 @@ impl Committer {
                     batch,
                     reply,
                 } => (channel, batch, reply),
-                Pending::Subscriber {
+                Pending::Save {
                     change,
                     frame,
                     reply,
@@ -348,8 +353,11 @@ impl Committer {
                     let start = buffer.len();
                     buffer.extend_from_slice(&frame);
                     seal_standalone_record(&mut buffer[start..], base_offset);
-                    subscriber_changes += 1;
-                    outcomes.push(Outcome::Subscriber(reply, change));
+                    match *change {
+                        KeyedChange::Subscriber(_) => subscriber_changes += 1,
+                        KeyedChange::State(_) => state_changes += 1,
+                    }
+                    outcomes.push(Outcome::Save(reply, change));
                     continue;
                 }
             };
@@ -427,6 +435,9 @@ impl Committer {
                 counters
                     .subscriber_saves
                     .fetch_add(subscriber_changes, Ordering::Relaxed);
+                counters
+                    .state_saves
+                    .fetch_add(state_changes, Ordering::Relaxed);
                 let mut append_replies = Vec::with_capacity(outcomes.len());
                 let mut save_replies = Vec::new();
                 {
@@ -438,13 +449,20 @@ impl Committer {
                             .expect("sequenced channel exists")
                             .mark_durable(*top);
                     }
-                    // In queue order, so the last change queued for a subscriber wins, as it
-                    // does on recovery.
+                    // In queue order, so the last change queued for a key wins, as it does on
+                    // recovery.
                     for outcome in outcomes {
                         match outcome {
                             Outcome::Append(reply, result) => append_replies.push((reply, result)),
-                            Outcome::Subscriber(reply, change) => {
-                                state.subscribers.apply(*change, segment);
+                            Outcome::Save(reply, change) => {
+                                match *change {
+                                    KeyedChange::Subscriber(change) => {
+                                        state.subscribers.apply(change, segment)
+                                    }
+                                    KeyedChange::State(change) => {
+                                        state.states.apply(change, segment)
+                                    }
+                                }
                                 save_replies.push(reply);
                             }
                         }
@@ -471,7 +489,7 @@ impl Committer {
                             let answer = result.and(Err(AppendError::Poisoned(reason.clone())));
                             let _ = reply.send(answer);
                         }
-                        Outcome::Subscriber(reply, _) => {
+                        Outcome::Save(reply, _) => {
                             let _ = reply.send(Err(AppendError::Poisoned(reason.clone())));
                         }
                     }
@@ -589,7 +607,8 @@ impl Committer {
             return Err(StoreError::Poisoned(reason));
         }
         let now = self.shared.clock.now();
-        let (keep_from, tips, snapshots) = {
+        let group_bytes_max = self.options.group_bytes_max;
+        let (keep_from, tips, live) = {
             let state = self.shared.read_state();
             let Some(oldest) = state.segments.keys().next().copied() else {
                 return Ok(0);
@@ -613,6 +632,21 @@ impl Committer {
                     next = Some(serial.next());
                 }
             }
+            // A live state record that no longer fits one group (saved before group_bytes_max
+            // was lowered) cannot be copied forward: its segment has to stay.
+            for (key, stored) in state.states.iter() {
+                let bytes = record::state_value_record_bytes(key, &stored.value);
+                if stored.locator < keep_from && bytes > group_bytes_max {
+                    tracing::warn!(
+                        key = %key,
+                        bytes,
+                        group_bytes_max,
+                        segment = stored.locator,
+                        "a state record is larger than one commit; its segment is not reclaimed"
+                    );
+                    keep_from = stored.locator;
+                }
+            }
             if keep_from <= oldest {
                 return Ok(0);
             }
@@ -628,20 +662,38 @@ impl Committer {
             }
             // Deterministic record order regardless of the table's hashing.
             tips.sort_by(|a, b| a.channel.cmp(&b.channel));
-            // Live snapshots in doomed segments are written again before those go (tombstones
-            // never need to be: whatever they removed is older, so it is doomed too).
-            let snapshots: Vec<herald_core::SubscriberState> = state
+            // Live snapshots and state records in doomed segments are written again before
+            // those go (tombstones never need to be: whatever they removed is older, so it is
+            // doomed too). Values are cheap `Bytes` handles; copies are encoded one group at a
+            // time.
+            let snapshots = state
                 .subscribers
                 .iter()
                 .filter(|stored| stored.locator < keep_from)
-                .map(|stored| stored.state.clone())
-                .collect();
-            (keep_from, tips, snapshots)
+                .map(|stored| {
+                    KeyedChange::Subscriber(SubscriberChange::Save(stored.state.clone()))
+                });
+            let values = state
+                .states
+                .iter()
+                .filter(|(_, stored)| stored.locator < keep_from)
+                .map(|(key, stored)| {
+                    KeyedChange::State(StateChange::Save {
+                        key: key.clone(),
+                        value: stored.value.clone(),
+                    })
+                });
+            let live: Vec<KeyedChange> = snapshots.chain(values).collect();
+            (keep_from, tips, live)
         };
-        let rewritten = snapshots.len();
+        let rewritten_snapshots = live
+            .iter()
+            .filter(|change| matches!(change, KeyedChange::Subscriber(_)))
+            .count();
+        let rewritten_states = live.len() - rewritten_snapshots;
         let written = self
             .write_tips(&tips)
-            .and_then(|()| self.rewrite_snapshots(snapshots));
+            .and_then(|()| self.rewrite_live(live));
         if let Err(reason) = written {
             self.poison(reason.clone());
             return Err(StoreError::Poisoned(reason));
@@ -673,59 +725,78 @@ impl Committer {
             segments = doomed.len(),
             messages = dropped,
             tips = tips.len(),
-            subscriber_snapshots = rewritten,
+            subscriber_snapshots = rewritten_snapshots,
+            state_records = rewritten_states,
             "reclaimed log segments"
         );
         Ok(dropped)
     }
 
-    /// Writes fresh copies of live subscriber snapshots (reclaim is about to delete the
-    /// segments holding them) in as many groups as they need, and points the table at them.
-    fn rewrite_snapshots(
-        &mut self,
-        snapshots: Vec<herald_core::SubscriberState>,
-    ) -> Result<(), String> {
-        let mut frames: Vec<(SubscriberChange, Vec<u8>)> = snapshots
-            .into_iter()
-            .map(|state| {
-                let change = SubscriberChange::Save(state);
-                let mut frame = Vec::new();
-                encode_subscriber_change(&mut frame, &change);
-                (change, frame)
-            })
-            .collect();
-        while !frames.is_empty() {
-            let mut count = 0;
-            let mut bytes = 0;
-            for (_, frame) in &frames {
-                if bytes + frame.len() > self.options.group_bytes_max {
-                    break;
-                }
-                bytes += frame.len();
-                count += 1;
-            }
+    /// Writes fresh copies of live subscriber snapshots and state records (reclaim is about
+    /// to delete the segments holding them) in as many groups as they need, and points the
+    /// tables at them. Encodes one group at a time, so memory stays within one group.
+    fn rewrite_live(&mut self, live: Vec<KeyedChange>) -> Result<(), String> {
+        let group_bytes_max = self.options.group_bytes_max;
+        let mut buffer = Vec::new();
+        let mut starts = Vec::new();
+        let mut changes = Vec::new();
+        for change in live {
+            let start = buffer.len();
+            let len = match &change {
+                KeyedChange::Subscriber(change) => encode_subscriber_change(&mut buffer, change),
+                KeyedChange::State(change) => encode_state_change(&mut buffer, change),
+            };
             assert!(
-                count > 0,
-                "a stored snapshot fits a group (checked when it was saved)"
+                len <= group_bytes_max,
+                "a live record fits a group (checked when it was saved, and for state records \
+                 by reclaim before it copies them)"
             );
-            if self.active.write_offset + bytes as u64 > self.active.capacity_bytes {
-                self.roll_over()?;
+            if buffer.len() > group_bytes_max {
+                // This record opens the next group.
+                let next = buffer.split_off(start);
+                self.write_rewritten(&mut buffer, &starts, std::mem::take(&mut changes))?;
+                buffer = next;
+                starts.clear();
+                starts.push(0);
+            } else {
+                starts.push(start);
             }
-            let synced_through = self.active.write_offset;
-            let mut buffer = Vec::with_capacity(bytes);
-            for (_, frame) in &frames[..count] {
-                let start = buffer.len();
-                buffer.extend_from_slice(frame);
-                seal_standalone_record(&mut buffer[start..], synced_through);
-            }
-            self.write_and_sync(&buffer, self.active.write_offset)?;
-            self.active.write_offset += buffer.len() as u64;
-            self.start_spare_if_due();
-            let segment = self.active.number;
-            let mut state = self.shared.write_state();
-            for (change, _) in frames.drain(..count) {
-                let (channel, id) = change.key();
-                state.subscribers.relocate(channel, id, segment);
+            changes.push(change);
+        }
+        if !changes.is_empty() {
+            self.write_rewritten(&mut buffer, &starts, changes)?;
+        }
+        Ok(())
+    }
+
+    /// Seals, writes and syncs one group of rewritten keyed records (frames at `starts` of
+    /// `buffer`), then relocates them in their tables.
+    fn write_rewritten(
+        &mut self,
+        buffer: &mut [u8],
+        starts: &[usize],
+        changes: Vec<KeyedChange>,
+    ) -> Result<(), String> {
+        if self.active.write_offset + buffer.len() as u64 > self.active.capacity_bytes {
+            self.roll_over()?;
+        }
+        let synced_through = self.active.write_offset;
+        for (index, start) in starts.iter().enumerate() {
+            let end = starts.get(index + 1).copied().unwrap_or(buffer.len());
+            seal_standalone_record(&mut buffer[*start..end], synced_through);
+        }
+        self.write_and_sync(buffer, self.active.write_offset)?;
+        self.active.write_offset += buffer.len() as u64;
+        self.start_spare_if_due();
+        let segment = self.active.number;
+        let mut state = self.shared.write_state();
+        for change in changes {
+            match change {
+                KeyedChange::Subscriber(change) => {
+                    let (channel, id) = change.key();
+                    state.subscribers.relocate(channel, id, segment);
+                }
+                KeyedChange::State(change) => state.states.relocate(change.key(), segment),
             }
         }
         Ok(())

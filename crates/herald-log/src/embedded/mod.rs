@@ -12,7 +12,7 @@
 //! One committer thread owns the active segment and is the only writer of records; a helper
 //! thread it starts prepares the next segment file ahead of each rollover. Everything readers
 //! need (the [`ChannelTable`] index, the [`SubscriberTable`] of durable subscriber snapshots,
-//! the open segment files) sits behind one
+//! the [`StateTable`] of durable state records, the open segment files) sits behind one
 //! `RwLock`; the committer takes the write lock only to sequence a group, to mark it durable
 //! and to drop reclaimed entries, never across I/O. Readers plan under the read lock, clone
 //! the handles of the segments they need, release the lock and then `pread`.
@@ -22,8 +22,8 @@
 //! - Readers only see durable records (`ChannelStream::mark_durable` after the sync).
 //! - After a failed write or sync the store is poisoned: no later append is acknowledged.
 //! - A batch's records are written together in one group write, in one segment.
-//! - Subscriber snapshots ride the same queue and group writes as appends (no second sync
-//!   path), and become visible only after the sync covering them.
+//! - Subscriber snapshots and state records ride the same queue and group writes as appends
+//!   (no second sync path), and become visible only after the sync covering them.
 
 pub mod committer;
 pub mod record;
@@ -37,6 +37,7 @@ use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use herald_core::{
     ChannelName, ErrorCode, InvalidInput, Message, MessageId, NewMessage, Policies, StreamStatus,
     SubscriberId, SubscriberState,
@@ -45,6 +46,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::fs::{Filesystem, FsFile, StdFs};
+use crate::states::{StateChange, StateTable};
 use crate::store::{
     AppendError, AppendTicket, Appended, LogStore, ReadError, ReadPage, ReadQuery, SaveTicket,
     StoreError, StoreHealth,
@@ -138,6 +140,7 @@ pub(crate) struct Counters {
     pub(crate) bytes: AtomicU64,
     pub(crate) rollovers: AtomicU64,
     pub(crate) subscriber_saves: AtomicU64,
+    pub(crate) state_saves: AtomicU64,
 }
 
 /// What readers and the committer share.
@@ -162,6 +165,9 @@ pub(crate) struct State {
     /// The newest durable snapshot of each subscriber, with the number of the segment holding
     /// its record (reclaim rewrites snapshots that live in segments it deletes).
     pub(crate) subscribers: SubscriberTable<u64>,
+    /// The newest durable value of each state record, with the number of the segment holding
+    /// its record (reclaim rewrites records that live in segments it deletes).
+    pub(crate) states: StateTable<u64>,
     /// Every segment file still on disk, by number; readers clone handles out of it.
     pub(crate) segments: BTreeMap<u64, Arc<dyn FsFile>>,
 }
@@ -195,11 +201,11 @@ pub(crate) enum Command {
         bound_bytes: usize,
         reply: oneshot::Sender<Result<Vec<Appended>, AppendError>>,
     },
-    /// A subscriber snapshot or tombstone, already encoded by the caller (the committer only
-    /// sets `synced_through` and the CRC). Boxed: the queue preallocates `queue_depth` slots
-    /// of the largest variant.
-    Subscriber {
-        change: Box<SubscriberChange>,
+    /// A subscriber snapshot, a state record or a tombstone of either, already encoded by the
+    /// caller (the committer only sets `synced_through` and the CRC). Boxed: the queue
+    /// preallocates `queue_depth` slots of the largest variant.
+    Save {
+        change: Box<KeyedChange>,
         frame: Vec<u8>,
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
@@ -208,6 +214,13 @@ pub(crate) enum Command {
     },
     /// Finish what was queued before, refuse what was queued after, and exit.
     Shutdown,
+}
+
+/// A change to a keyed record (one standalone record, never part of a batch): what a
+/// [`Command::Save`] carries and the committer applies once it is durable.
+pub(crate) enum KeyedChange {
+    Subscriber(SubscriberChange),
+    State(StateChange),
 }
 
 /// The embedded segmented log. See the module docs.
@@ -256,6 +269,7 @@ impl EmbeddedLog {
             state: RwLock::new(State {
                 table: recovered.table,
                 subscribers: recovered.subscribers,
+                states: recovered.states,
                 segments: recovered.segments,
             }),
             policies,
@@ -314,6 +328,7 @@ impl EmbeddedLog {
             bytes: counters.bytes.load(Ordering::Relaxed),
             rollovers: counters.rollovers.load(Ordering::Relaxed),
             subscriber_saves: counters.subscriber_saves.load(Ordering::Relaxed),
+            state_saves: counters.state_saves.load(Ordering::Relaxed),
         }
     }
 
@@ -339,9 +354,9 @@ impl EmbeddedLog {
             })?;
         match record::decode_frame(&frame) {
             Ok(Record::Message { message, .. }) => Ok(message),
-            Ok(Record::Tip { .. } | Record::Subscriber { .. }) => Err(corrupt(
-                "index points at a record that is not a message".into(),
-            )),
+            Ok(Record::Tip { .. } | Record::Subscriber { .. } | Record::State { .. }) => Err(
+                corrupt("index points at a record that is not a message".into()),
+            ),
             Err(DecodeError::Torn(detail) | DecodeError::Invalid(detail)) => Err(corrupt(detail)),
         }
     }
@@ -393,8 +408,37 @@ impl EmbeddedLog {
                 ),
             ))));
         }
+        self.enqueue_save(KeyedChange::Subscriber(change), frame)
+    }
+
+    /// Checks a state-record change, encodes it here, on the caller's thread, and queues it
+    /// for the next group commit.
+    fn change_state(&self, change: StateChange) -> SaveTicket {
+        if let Err(invalid) = change.check() {
+            return SaveTicket::ready(Err(AppendError::Invalid(invalid)));
+        }
+        let bound_bytes = record::state_record_bytes(&change);
+        if bound_bytes > self.group_bytes_max {
+            return SaveTicket::ready(Err(AppendError::Invalid(InvalidInput::new(
+                ErrorCode::BatchTooLarge,
+                format!(
+                    "the state record {} needs {bound_bytes} bytes of log, one commit holds at \
+                     most {} (storage.group_bytes_max)",
+                    change.key(),
+                    self.group_bytes_max
+                ),
+            ))));
+        }
+        let mut frame = Vec::with_capacity(bound_bytes);
+        record::encode_state_change(&mut frame, &change);
+        self.enqueue_save(KeyedChange::State(change), frame)
+    }
+
+    /// Queues an encoded keyed change (its frame fits a group: checked by the caller).
+    fn enqueue_save(&self, change: KeyedChange, frame: Vec<u8>) -> SaveTicket {
+        let bound_bytes = frame.len();
         let (reply, ticket) = SaveTicket::channel();
-        let command = Command::Subscriber {
+        let command = Command::Save {
             change: Box::new(change),
             frame,
             reply,
@@ -475,6 +519,31 @@ impl LogStore for EmbeddedLog {
 
     fn subscribers(&self) -> Vec<SubscriberState> {
         self.shared.read_state().subscribers.states()
+    }
+
+    fn save_state(&self, key: &str, value: Bytes) -> SaveTicket {
+        self.change_state(StateChange::Save {
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    fn remove_state(&self, key: &str) -> SaveTicket {
+        self.change_state(StateChange::Remove {
+            key: key.to_owned(),
+        })
+    }
+
+    fn state(&self, key: &str) -> Option<Bytes> {
+        self.shared
+            .read_state()
+            .states
+            .get(key)
+            .map(|stored| stored.value.clone())
+    }
+
+    fn states(&self, prefix: &str) -> Vec<(String, Bytes)> {
+        self.shared.read_state().states.with_prefix(prefix)
     }
 
     fn channels(&self) -> Vec<ChannelName> {

@@ -23,6 +23,7 @@ use herald_core::{
     SubscriberOptions, SubscriberState, Timestamp,
 };
 
+use crate::states::{STATE_RECORD_OVERHEAD_BYTES, StateChange, check_state_key, check_state_value};
 use crate::subscribers::SubscriberChange;
 use crate::table::ChannelTip;
 
@@ -36,6 +37,10 @@ pub const KIND_TIP: u8 = 2;
 pub const KIND_SUBSCRIBER: u8 = 3;
 /// A durable subscriber was removed.
 pub const KIND_SUBSCRIBER_REMOVED: u8 = 4;
+/// A state record's value under its key; the newest per key wins on recovery.
+pub const KIND_STATE: u8 = 5;
+/// A state record was removed.
+pub const KIND_STATE_REMOVED: u8 = 6;
 
 /// Largest epoch the encoding reserves room for when bounding a batch before it has one.
 const EPOCH_BYTES_BOUND: usize = herald_core::names::EPOCH_BYTES_MAX;
@@ -57,6 +62,11 @@ pub enum Record {
         change: SubscriberChange,
         synced_through: u64,
     },
+    /// A state record's value (kind 5) or tombstone (kind 6).
+    State {
+        change: StateChange,
+        synced_through: u64,
+    },
 }
 
 impl Record {
@@ -64,7 +74,8 @@ impl Record {
         match self {
             Record::Message { synced_through, .. }
             | Record::Tip { synced_through, .. }
-            | Record::Subscriber { synced_through, .. } => *synced_through,
+            | Record::Subscriber { synced_through, .. }
+            | Record::State { synced_through, .. } => *synced_through,
         }
     }
 }
@@ -227,6 +238,55 @@ pub fn encode_subscriber_change(out: &mut Vec<u8>, change: &SubscriberChange) ->
     let body_len = out.len() - start - FRAME_HEADER_BYTES;
     out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
     out.len() - start
+}
+
+/// Appends a state record or tombstone to `out`, with `synced_through` 0; the committer sets it
+/// and the CRC with [`seal_standalone_record`]. Returns its length, which is
+/// [`state_record_bytes`].
+///
+/// The caller checked the key and value ([`StateChange::check`]); a bad one here is a bug.
+pub fn encode_state_change(out: &mut Vec<u8>, change: &StateChange) -> usize {
+    assert!(
+        change.check().is_ok(),
+        "state change for key {:?} was not checked before encoding",
+        change.key()
+    );
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    out.push(match change {
+        StateChange::Save { .. } => KIND_STATE,
+        StateChange::Remove { .. } => KIND_STATE_REMOVED,
+    });
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let key = change.key().as_bytes();
+    // Keys reach 256 bytes, one more than a u8 length holds.
+    out.extend_from_slice(
+        &u16::try_from(key.len())
+            .expect("key fits u16")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(key);
+    if let StateChange::Save { value, .. } = change {
+        put_long(out, value);
+    }
+    let body_len = out.len() - start - FRAME_HEADER_BYTES;
+    out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+    out.len() - start
+}
+
+/// The encoded size of a state record or tombstone (exact).
+pub fn state_record_bytes(change: &StateChange) -> usize {
+    match change {
+        StateChange::Save { key, value } => state_value_record_bytes(key, value),
+        // No value length field.
+        StateChange::Remove { key } => STATE_RECORD_OVERHEAD_BYTES - 4 + key.len(),
+    }
+}
+
+/// The encoded size of the record saving `value` under `key` (exact).
+pub fn state_value_record_bytes(key: &str, value: &[u8]) -> usize {
+    STATE_RECORD_OVERHEAD_BYTES + key.len() + value.len()
 }
 
 /// Sets `synced_through` of an encoded record that is not part of a batch and computes its CRC.
@@ -430,6 +490,30 @@ fn decode_body(body: &[u8]) -> Result<Record, String> {
                 })
             };
             Record::Subscriber {
+                change,
+                synced_through,
+            }
+        }
+        KIND_STATE | KIND_STATE_REMOVED => {
+            if batch_following != 0 {
+                return Err("state record claims batch members".into());
+            }
+            let key_len = usize::from(reader.u16()?);
+            let key = std::str::from_utf8(reader.take(key_len)?)
+                .map_err(|_| "state key is not UTF-8".to_string())?;
+            check_state_key(key).map_err(|invalid| invalid.message)?;
+            let key = key.to_owned();
+            let change = if kind == KIND_STATE_REMOVED {
+                StateChange::Remove { key }
+            } else {
+                let value = reader.long_bytes()?;
+                check_state_value(value).map_err(|invalid| invalid.message)?;
+                StateChange::Save {
+                    key,
+                    value: Bytes::copy_from_slice(value),
+                }
+            };
+            Record::State {
                 change,
                 synced_through,
             }
@@ -715,6 +799,50 @@ mod tests {
     }
 
     #[test]
+    fn state_records_round_trip_with_their_exact_size() {
+        let changes = [
+            StateChange::Save {
+                key: "mqtt/session:client-1".into(),
+                value: Bytes::from_static(b"\x00opaque\xff"),
+            },
+            StateChange::Save {
+                key: "k".repeat(crate::states::STATE_KEY_BYTES_MAX),
+                value: Bytes::new(),
+            },
+            StateChange::Remove {
+                key: "mqtt/session:client-1".into(),
+            },
+        ];
+        for change in changes {
+            let mut out = Vec::new();
+            let len = encode_state_change(&mut out, &change);
+            seal_standalone_record(&mut out, 4096);
+            assert_eq!(len, out.len());
+            assert_eq!(len, state_record_bytes(&change));
+            assert_eq!(
+                decode_frame(&out),
+                Ok(Record::State {
+                    change,
+                    synced_through: 4096
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_record_with_a_bad_key_is_invalid() {
+        let mut out = Vec::new();
+        encode_state_change(&mut out, &StateChange::Remove { key: "ab".into() });
+        // The key's last byte becomes a space: well framed, but not a key.
+        let last = out.len() - 1;
+        out[last] = b' ';
+        seal_standalone_record(&mut out, 64);
+        assert!(
+            matches!(decode_frame(&out), Err(DecodeError::Invalid(detail)) if detail.contains("state key"))
+        );
+    }
+
+    #[test]
     fn flipped_bit_is_torn_and_unknown_kind_is_invalid() {
         let mut out = Vec::new();
         encode_message(&mut out, &sample());
@@ -724,7 +852,7 @@ mod tests {
         flipped[last] ^= 1;
         assert!(matches!(decode_frame(&flipped), Err(DecodeError::Torn(_))));
         let mut unknown = out;
-        unknown[FRAME_HEADER_BYTES] = 99;
+        unknown[FRAME_HEADER_BYTES] = KIND_STATE_REMOVED + 1;
         seal(&mut unknown);
         assert!(matches!(
             decode_frame(&unknown),

@@ -15,7 +15,8 @@
 //! continue its channel's stream (serial, epoch or chain).
 //!
 //! Subscriber records rebuild the [`SubscriberTable`]: in log order, the newest snapshot of a
-//! (channel, id) wins and a tombstone drops it.
+//! (channel, id) wins and a tombstone drops it. State records rebuild the [`StateTable`] the
+//! same way, per key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,6 +32,7 @@ use super::segment::{
 };
 use super::{EmbeddedOptions, RecordLocator};
 use crate::fs::{Filesystem, FsFile};
+use crate::states::StateTable;
 use crate::store::StoreError;
 use crate::subscribers::{SubscriberChange, SubscriberTable};
 use crate::table::ChannelTable;
@@ -38,6 +40,7 @@ use crate::table::ChannelTable;
 pub(crate) struct Recovered {
     pub(crate) table: ChannelTable<RecordLocator>,
     pub(crate) subscribers: SubscriberTable<u64>,
+    pub(crate) states: StateTable<u64>,
     pub(crate) segments: BTreeMap<u64, Arc<dyn FsFile>>,
     pub(crate) active: ActiveSegment,
     pub(crate) tip_segments: HashMap<ChannelName, u64>,
@@ -108,6 +111,7 @@ pub(crate) fn recover(
     let mut scan = Scan {
         table: ChannelTable::default(),
         subscribers: SubscriberTable::default(),
+        states: StateTable::default(),
         tip_segments: HashMap::new(),
         messages: 0,
     };
@@ -154,12 +158,14 @@ pub(crate) fn recover(
         segments = segments.len(),
         messages = scan.messages,
         subscribers = scan.subscribers.len(),
+        states = scan.states.len(),
         dir = %segments_dir.display(),
         "log recovered"
     );
     Ok(Recovered {
         table: scan.table,
         subscribers: scan.subscribers,
+        states: scan.states,
         segments,
         active,
         tip_segments: scan.tip_segments,
@@ -199,6 +205,7 @@ fn later_sync_proof(bytes: &[u8], damaged: usize) -> Option<(usize, u64)> {
 struct Scan {
     table: ChannelTable<RecordLocator>,
     subscribers: SubscriberTable<u64>,
+    states: StateTable<u64>,
     tip_segments: HashMap<ChannelName, u64>,
     messages: u64,
 }
@@ -345,6 +352,13 @@ impl Scan {
                             self.subscribers.recover_removal(channel, id)
                         }
                     }
+                }
+                Record::State { change, .. } => {
+                    if !batch.is_empty() {
+                        return Err(corrupt(path, offset as u64, "state record inside a batch"));
+                    }
+                    // In log order: a later value replaces, a tombstone drops.
+                    self.states.apply(change, number);
                 }
             }
             offset = end;
