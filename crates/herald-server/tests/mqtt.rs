@@ -6,109 +6,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine as _;
-use herald_server::config::{ApiKeyConfig, CapabilityConfig, Config};
-use herald_server::{Server, ServerError};
+use herald_server::config::{ApiKeyConfig, CapabilityConfig};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
+use common::mqtt::{MqttServer, mosquitto_available};
 use common::{WAIT, WsClient};
-
-struct MqttServer {
-    http_addr: SocketAddr,
-    mqtt_addr: SocketAddr,
-    http: reqwest::Client,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl MqttServer {
-    /// A dev-mode server (anonymous access) with MQTT on a free port.
-    async fn start() -> MqttServer {
-        Self::start_with(|_| {}).await
-    }
-
-    async fn start_with(adjust: impl FnOnce(&mut Config)) -> MqttServer {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Self::start_at(dir.path(), adjust).await;
-        server._dir = Some(dir);
-        server
-    }
-
-    /// A server on an existing data directory (to restart on the same log).
-    async fn start_at(data_dir: &std::path::Path, adjust: impl FnOnce(&mut Config)) -> MqttServer {
-        let mut config = Config {
-            data_dir: data_dir.to_owned(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            dev: true,
-            ..Config::default()
-        };
-        config.mqtt.enabled = true;
-        config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-        adjust(&mut config);
-        let server = Server::bind(config).await.expect("server starts");
-        let http_addr = server.local_addr();
-        let mqtt_addr = server.mqtt_local_addr().expect("MQTT is enabled");
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(async {
-            let _ = stopped.await;
-        }));
-        MqttServer {
-            http_addr,
-            mqtt_addr,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-            shutdown: Some(shutdown),
-            task: Some(task),
-            _dir: None,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(15), self.task.take().unwrap())
-            .await
-            .expect("server stops in time")
-            .unwrap()
-            .unwrap();
-    }
-
-    /// The channel's messages over HTTP, oldest first.
-    async fn history(&self, channel: &str, key: Option<&str>) -> Vec<Value> {
-        let mut request = self.http.get(format!(
-            "http://{}/v1/channels/{channel}/messages",
-            self.http_addr
-        ));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.unwrap();
-        if response.status() == 404 {
-            return Vec::new();
-        }
-        let body: Value = response.json().await.unwrap();
-        body["messages"].as_array().cloned().unwrap_or_default()
-    }
-
-    async fn publish_http(&self, channel: &str, data: Value) {
-        let response = self
-            .http
-            .post(format!(
-                "http://{}/v1/channels/{channel}/messages",
-                self.http_addr
-            ))
-            .json(&json!({ "data": data }))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success(), "{}", response.status());
-    }
-}
 
 fn decoded(message: &Value) -> Vec<u8> {
     assert_eq!(message["encoding"], "base64", "{message}");
@@ -811,28 +718,6 @@ async fn silent_connections_time_out_and_shutdown_says_so() {
 }
 
 // ---------- mosquitto_pub / mosquitto_sub ----------
-
-fn mosquitto_available() -> bool {
-    let found = ["mosquitto_pub", "mosquitto_sub"].iter().all(|tool| {
-        std::process::Command::new(tool)
-            .arg("--help")
-            .output()
-            .is_ok()
-    });
-    if !found {
-        let required = std::env::var("HERALD_REQUIRE_MOSQUITTO").is_ok_and(|value| value == "1");
-        assert!(
-            !required,
-            "HERALD_REQUIRE_MOSQUITTO=1 but mosquitto_pub/mosquitto_sub are missing: \
-             install the `mosquitto-clients` package"
-        );
-        eprintln!(
-            "\n## SKIPPED mosquitto test: no mosquitto_pub/mosquitto_sub on PATH; install\n\
-             ## mosquitto-clients or set HERALD_REQUIRE_MOSQUITTO=1 to make this a failure.\n"
-        );
-    }
-    found
-}
 
 /// mosquitto_sub (v5 and 3.1.1) receives what mosquitto_pub publishes (both versions, QoS
 /// 0/1/2), through a wildcard filter.

@@ -53,16 +53,30 @@ mod v3 {
         .expect("the packet arrives in time")
     }
 
-    /// The next `count` PUBLISH packets (acknowledged by rumqttc unless manual).
+    /// The next `count` PUBLISH packets, acknowledged by rumqttc; returns once the QoS 2 ones
+    /// are complete too (PUBCOMP sent), so that a disconnect leaves no exchange half done.
     pub async fn publishes(events: &mut EventLoop, count: usize) -> Vec<rumqttc::Publish> {
         let mut received = Vec::new();
-        while received.len() < count {
-            if let Packet::Publish(publish) =
-                next_packet(events, |packet| matches!(packet, Packet::Publish(_))).await
-            {
-                received.push(publish);
+        let mut releasing = std::collections::BTreeSet::new();
+        tokio::time::timeout(WAIT, async {
+            while received.len() < count || !releasing.is_empty() {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if publish.qos == QoS::ExactlyOnce {
+                            releasing.insert(publish.pkid);
+                        }
+                        received.push(publish);
+                    }
+                    Ok(Event::Outgoing(Outgoing::PubComp(pkid))) => {
+                        releasing.remove(&pkid);
+                    }
+                    Ok(_) => {}
+                    Err(error) => panic!("MQTT connection failed: {error}"),
+                }
             }
-        }
+        })
+        .await
+        .expect("the deliveries arrive in time");
         received
     }
 
@@ -84,9 +98,9 @@ mod v3 {
 }
 
 mod v5 {
+    use rumqttc::Outgoing;
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
-    use rumqttc::Outgoing;
 
     use super::*;
 
@@ -126,18 +140,32 @@ mod v5 {
         .expect("the packet arrives in time")
     }
 
+    /// As `v3::publishes`: returns once the QoS 2 exchanges are complete too.
     pub async fn publishes(
         events: &mut EventLoop,
         count: usize,
     ) -> Vec<rumqttc::v5::mqttbytes::v5::Publish> {
         let mut received = Vec::new();
-        while received.len() < count {
-            if let Packet::Publish(publish) =
-                next_packet(events, |packet| matches!(packet, Packet::Publish(_))).await
-            {
-                received.push(publish);
+        let mut releasing = std::collections::BTreeSet::new();
+        tokio::time::timeout(WAIT, async {
+            while received.len() < count || !releasing.is_empty() {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if publish.qos == rumqttc::v5::mqttbytes::QoS::ExactlyOnce {
+                            releasing.insert(publish.pkid);
+                        }
+                        received.push(publish);
+                    }
+                    Ok(Event::Outgoing(Outgoing::PubComp(pkid))) => {
+                        releasing.remove(&pkid);
+                    }
+                    Ok(_) => {}
+                    Err(error) => panic!("MQTT connection failed: {error}"),
+                }
             }
-        }
+        })
+        .await
+        .expect("the deliveries arrive in time");
         received
     }
 
@@ -228,7 +256,11 @@ async fn v3_persistent_sessions_get_what_they_missed_across_a_reconnect_and_a_re
         // Nothing more: no duplicates behind them.
         server.publish_http(&a, json!(41)).await;
         let next = v3::publishes(&mut events, 1).await;
-        assert_eq!(&next[0].payload[..], b"41", "the next delivery is the next message");
+        assert_eq!(
+            &next[0].payload[..],
+            b"41",
+            "the next delivery is the next message"
+        );
         v3::disconnect(client, events).await;
     }
     server.stop().await;
@@ -326,7 +358,11 @@ async fn unacknowledged_deliveries_are_sent_again_with_their_packet_id() {
     assert!(present);
     server.publish_http("jobs:a", json!(3)).await;
     let next = v5::publishes(&mut events, 1).await.remove(0);
-    assert_eq!(&next.payload[..], b"3", "acknowledged deliveries are not sent again");
+    assert_eq!(
+        &next.payload[..],
+        b"3",
+        "acknowledged deliveries are not sent again"
+    );
     assert!(!next.dup);
     client.ack(&next).await.unwrap();
     v5::disconnect(client, events).await;
@@ -338,7 +374,7 @@ async fn unacknowledged_deliveries_are_sent_again_with_their_packet_id() {
 #[tokio::test]
 async fn a_second_connection_takes_the_client_id_over() {
     use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet};
+    use rumqttc::v5::mqttbytes::v5::Packet;
     let server = MqttServer::start().await;
     let (first, mut first_events, _) = v5::persistent(&server, "twin", true, 3600, false).await;
     first.subscribe("twin/x", QoS::AtLeastOnce).await.unwrap();
@@ -358,18 +394,27 @@ async fn a_second_connection_takes_the_client_id_over() {
             (client, events, connack.session_present)
         }
     });
-    let disconnect = v5::next_packet(&mut first_events, |p| matches!(p, Packet::Disconnect(_))).await;
-    let Packet::Disconnect(disconnect) = disconnect else {
-        unreachable!()
-    };
-    assert_eq!(disconnect.reason_code, DisconnectReasonCode::SessionTakenOver);
+    // rumqttc reports the server's DISCONNECT as the end of the connection, with its reason.
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Err(error) = first_events.poll().await {
+                return error.to_string();
+            }
+        }
+    })
+    .await
+    .expect("the first connection ends");
+    assert!(ended.contains("SessionTakenOver"), "{ended}");
     let (_client, mut events, present) = second.await.unwrap();
     assert!(present, "the second connection resumed the session");
     server.publish_http("twin:x", json!(1)).await;
     let delivered = v5::publishes(&mut events, 1).await;
     assert_eq!(&delivered[0].payload[..], b"1");
     let metrics = server.metrics().await;
-    assert!(metrics.contains("herald_mqtt_sessions_taken_over_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("herald_mqtt_sessions_taken_over_total 1"),
+        "{metrics}"
+    );
     server.stop().await;
 }
 
@@ -388,7 +433,10 @@ async fn sessions_expire_after_their_interval() {
     v5::disconnect(client, events).await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let metrics = server.metrics().await;
-    assert!(metrics.contains("herald_mqtt_sessions_expired_total 1"), "{metrics}");
+    assert!(
+        metrics.contains("herald_mqtt_sessions_expired_total 1"),
+        "{metrics}"
+    );
     let (_client, _events, present) = v5::persistent(&server, "brief", false, 1, false).await;
     assert!(!present, "the expired session is gone");
     server.stop().await;
@@ -408,8 +456,23 @@ async fn mosquitto_sub_persistent_sessions_get_what_they_missed() {
         let sub = |count: &str| {
             let mut command = std::process::Command::new("mosquitto_sub");
             command.args([
-                "-h", "127.0.0.1", "-p", &port, "-V", version, "-c", "-i", &id, "-q", "1",
-                "-t", "away/#", "-C", count, "-W", "10",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-c",
+                "-i",
+                &id,
+                "-q",
+                "1",
+                "-t",
+                "away/#",
+                "-C",
+                count,
+                "-W",
+                "10",
             ]);
             if version == "mqttv5" {
                 command.args(["-x", "3600"]);

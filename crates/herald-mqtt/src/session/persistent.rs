@@ -363,10 +363,13 @@ impl Session {
             None => true,
         };
         let behind = persistence.behind.contains_key(&message.channel);
-        if persistence.synced && !behind && follows && self.has_room_for(message) {
-            if self.hand_out(message) {
-                return;
-            }
+        if persistence.synced
+            && !behind
+            && follows
+            && self.has_room_for(message)
+            && self.hand_out(message)
+        {
+            return;
         }
         let persistence = self.persistence.as_mut().expect("persistent");
         let entry = persistence

@@ -110,7 +110,12 @@ impl Registry<SubscriberKey> {
 impl<K: Eq + Hash + Clone> Registry<K> {
     /// Takes `key`, evicting the current holder with `reason` and waiting (at most `timeout`)
     /// for it to release.
-    pub async fn claim_key(self: &Arc<Self>, key: K, reason: Eviction, timeout: Duration) -> Claim<K> {
+    pub async fn claim_key(
+        self: &Arc<Self>,
+        key: K,
+        reason: Eviction,
+        timeout: Duration,
+    ) -> Claim<K> {
         let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
         let (evict, evicted) = oneshot::channel();
         let (released, released_receiver) = watch::channel(false);

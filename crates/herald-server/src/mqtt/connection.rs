@@ -359,8 +359,11 @@ impl Connection {
                         .iter()
                         .map(|filter| self.may_subscribe(filter))
                         .collect();
-                    self.session
-                        .handle_subscribe_authorized(packet_id, allowed, sessions::now_ms());
+                    self.session.handle_subscribe_authorized(
+                        packet_id,
+                        allowed,
+                        sessions::now_ms(),
+                    );
                 }
                 Action::Append {
                     token,
@@ -395,10 +398,17 @@ impl Connection {
                     let mut claim = self
                         .context
                         .sessions
-                        .claim_key(client_id.clone(), Eviction::TakenOver, sessions::TAKEOVER_WAIT)
+                        .claim_key(
+                            client_id.clone(),
+                            Eviction::TakenOver,
+                            sessions::TAKEOVER_WAIT,
+                        )
                         .await;
                     if !claim.fenced {
-                        tracing::warn!(client_id, "the previous connection of this client id did not save its session in time");
+                        tracing::warn!(
+                            client_id,
+                            "the previous connection of this client id did not save its session in time"
+                        );
                     }
                     self.evicted = Some(claim.take_evicted());
                     self.claim = Some(claim);
@@ -410,7 +420,11 @@ impl Connection {
                 }
                 Action::SaveSession { generation, state } => {
                     let key = session_key(&state.client_id);
-                    let ticket = self.context.state.store.save_state(&key, state.encode().into());
+                    let ticket = self
+                        .context
+                        .state
+                        .store
+                        .save_state(&key, state.encode().into());
                     let saved = self.saved.clone();
                     tokio::spawn(async move {
                         let result = ticket.await.map_err(|error| error.to_string());

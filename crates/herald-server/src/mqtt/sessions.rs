@@ -83,7 +83,10 @@ pub async fn open(
 }
 
 /// Every stored channel matching one of `filters` (no order).
-pub async fn list_channels(store: &Arc<dyn LogStore>, filters: Vec<TopicFilter>) -> Vec<ChannelName> {
+pub async fn list_channels(
+    store: &Arc<dyn LogStore>,
+    filters: Vec<TopicFilter>,
+) -> Vec<ChannelName> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || {
         store
@@ -135,7 +138,9 @@ pub async fn read_channel(
     let store = store.clone();
     let channel = channel.clone();
     tokio::task::spawn_blocking(move || match from {
-        ReadStart::After(after) => read_after(store.as_ref(), &channel, ReadFrom::After(after), limit, 0),
+        ReadStart::After(after) => {
+            read_after(store.as_ref(), &channel, ReadFrom::After(after), limit, 0)
+        }
         ReadStart::Since(since_ms) => read_since(store.as_ref(), &channel, since_ms, limit),
     })
     .await
@@ -179,7 +184,12 @@ fn read_after(
 
 /// The first page of messages stored at or after `since_ms`: the channel's timestamps never
 /// decrease, so the start is found walking back from the newest message.
-fn read_since(store: &dyn LogStore, channel: &ChannelName, since_ms: u64, limit: usize) -> ChannelRead {
+fn read_since(
+    store: &dyn LogStore,
+    channel: &ChannelName,
+    since_ms: u64,
+    limit: usize,
+) -> ChannelRead {
     let newest = match store.read(channel, &ReadQuery::Newest { limit: 1 }) {
         Ok(page) => page.messages.into_iter().next(),
         Err(ReadError::ContinuityLost(_)) => None,
@@ -212,7 +222,11 @@ fn read_since(store: &dyn LogStore, channel: &ChannelName, since_ms: u64, limit:
             Err(ReadError::ContinuityLost(_)) => break,
             Err(ReadError::Store(error)) => return ChannelRead::Failed(error.to_string()),
         };
-        if let Some(older) = page.messages.iter().find(|message| message.time.0 < since_ms) {
+        if let Some(older) = page
+            .messages
+            .iter()
+            .find(|message| message.time.0 < since_ms)
+        {
             start = ReadFrom::After(older.position());
             break;
         }
@@ -271,7 +285,11 @@ pub async fn sweep(context: &Arc<MqttContext>, started_ms: u64) -> usize {
         }
         let claim = context
             .sessions
-            .claim_key(stored.client_id.clone(), Eviction::Expired, Duration::from_secs(1))
+            .claim_key(
+                stored.client_id.clone(),
+                Eviction::Expired,
+                Duration::from_secs(1),
+            )
             .await;
         // A connection may have resumed it between the listing and the claim.
         let current = context

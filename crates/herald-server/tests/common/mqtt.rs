@@ -31,7 +31,10 @@ impl MqttServer {
     }
 
     /// A server on an existing data directory (to restart on the same log).
-    pub async fn start_at(data_dir: &std::path::Path, adjust: impl FnOnce(&mut Config)) -> MqttServer {
+    pub async fn start_at(
+        data_dir: &std::path::Path,
+        adjust: impl FnOnce(&mut Config),
+    ) -> MqttServer {
         let mut config = Config {
             data_dir: data_dir.to_owned(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -87,7 +90,14 @@ impl MqttServer {
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         let url = format!("http://{}/metrics", self.http_addr);
-        self.http.get(url).send().await.unwrap().text().await.unwrap()
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn publish_http(&self, channel: &str, data: Value) {
@@ -128,4 +138,3 @@ pub fn mosquitto_available() -> bool {
     }
     found
 }
-
