@@ -503,3 +503,66 @@ async fn mosquitto_sub_persistent_sessions_get_what_they_missed() {
     }
     server.stop().await;
 }
+
+/// v5 Will Delay: a vanished client's will waits out its delay; resuming the session within
+/// it drops the will, staying away past it publishes the will.
+#[tokio::test]
+async fn a_delayed_will_waits_and_a_resumed_session_cancels_it() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet};
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let server = MqttServer::start().await;
+    let port = server.mqtt_addr.port();
+    let connect = |id: &str, topic: &str, clean_start: bool| {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_clean_start(clean_start);
+        options.set_session_expiry_interval(Some(3600));
+        let properties = LastWillProperties {
+            delay_interval: Some(1),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        };
+        options.set_last_will(LastWill::new(
+            topic,
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+            Some(properties),
+        ));
+        AsyncClient::new(options, 16)
+    };
+    // Vanishes, then comes back within the delay: no will.
+    let (_client, mut events) = connect("blinking", "status/blinking", true);
+    v5::next_packet(&mut events, |p| matches!(p, Packet::ConnAck(_))).await;
+    drop(events);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_client, mut events) = connect("blinking", "status/blinking", false);
+    let Packet::ConnAck(connack) =
+        v5::next_packet(&mut events, |p| matches!(p, Packet::ConnAck(_))).await
+    else {
+        unreachable!()
+    };
+    assert!(connack.session_present);
+    // Vanishes for good: the will comes after its delay, not before.
+    let (_gone, mut gone_events) = connect("gone", "status/gone", true);
+    v5::next_packet(&mut gone_events, |p| matches!(p, Packet::ConnAck(_))).await;
+    drop(gone_events);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        server.history("status:gone", None).await.is_empty(),
+        "the will waits out its delay"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let history = server.history("status:gone", None).await;
+    assert_eq!(history.len(), 1, "published after the delay: {history:?}");
+    assert!(
+        server.history("status:blinking", None).await.is_empty(),
+        "the resumed session's will was dropped"
+    );
+    drop(events);
+    server.stop().await;
+}

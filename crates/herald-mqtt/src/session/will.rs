@@ -7,9 +7,11 @@
 //!   DISCONNECT with reason 0x04 (*Disconnect with Will Message*).
 //! - Discarded on a v3 DISCONNECT or a v5 DISCONNECT with any other reason, and when the
 //!   CONNECT is refused.
-//! - Will Delay (v5) is bounded by the session's lifetime, and sessions end with their
-//!   connection in this version (Session Expiry 0), so the will goes out at once (MQTT-3.1.3-9:
-//!   the delay ends when the session does).
+//! - Will Delay (v5): the will goes out after min(Will Delay Interval, Session Expiry
+//!   Interval) (MQTT-3.1.3-9: the delay ends when the session does), so a clean session's will
+//!   goes out at once. The driver waits out the delay ([`Will::delay_secs`]) and drops the will
+//!   when a new connection resumes the session in time; a clean start ends the session and
+//!   sends it at once.
 //! - It is published like a PUBLISH of the connection (the same permission check, `mqtt-qos`
 //!   and `mqtt-retain` headers, Message Expiry as TTL), with the id `<prefix>will`.
 
@@ -26,6 +28,11 @@ use crate::topic::{TopicError, publish_channel};
 pub struct Will {
     pub channel: ChannelName,
     pub message: NewMessage,
+    /// Seconds to wait before publishing: min(Will Delay Interval, Session Expiry Interval),
+    /// set when the connection ends (0 until then).
+    pub delay_secs: u32,
+    /// The Will Delay Interval the client asked for (v5; 0 in v3).
+    requested_delay_secs: u32,
 }
 
 /// What a CONNECT's will says, whatever the version.
@@ -35,6 +42,7 @@ pub(super) struct WillRequest {
     pub qos: QoS,
     pub retain: bool,
     pub expiry_secs: Option<u32>,
+    pub delay_secs: u32,
 }
 
 impl WillRequest {
@@ -45,6 +53,7 @@ impl WillRequest {
             qos: will.qos,
             retain: will.retain,
             expiry_secs: None,
+            delay_secs: 0,
         }
     }
 
@@ -55,6 +64,7 @@ impl WillRequest {
             qos: will.qos,
             retain: will.retain,
             expiry_secs: will.message_expiry_interval.map(|secs| secs.get()),
+            delay_secs: will.will_delay_interval_sec.unwrap_or(0),
         }
     }
 }
@@ -79,12 +89,19 @@ impl Session {
                 data: Data::Binary(request.payload),
                 ttl_ms: request.expiry_secs.map(|secs| u64::from(secs) * 1000),
             },
+            delay_secs: 0,
+            requested_delay_secs: request.delay_secs,
         })
     }
 
     /// The connection ends without a clean DISCONNECT: its will, if any, goes out (once).
     pub(super) fn publish_will(&mut self) {
-        if let Some(will) = self.will.take() {
+        if let Some(mut will) = self.will.take() {
+            let session_expiry_secs = self
+                .persistence
+                .as_ref()
+                .map_or(0, |persistence| persistence.expiry_secs);
+            will.delay_secs = will.requested_delay_secs.min(session_expiry_secs);
             self.actions.push_back(Action::PublishWill(will));
         }
     }

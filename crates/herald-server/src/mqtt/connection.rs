@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Encoder as _;
 
-use super::{MqttContext, sessions};
+use super::{MqttContext, publish, sessions};
 use crate::auth::{Operation, Principal};
 use crate::durable::Eviction;
 use crate::durable::registry::Claim;
@@ -412,6 +412,7 @@ impl Connection {
                     }
                     self.evicted = Some(claim.take_evicted());
                     self.claim = Some(claim);
+                    publish::session_reopened(&self.context, &client_id, clean).await;
                     let opened = sessions::open(&self.context, &client_id, clean).await;
                     if let Err(error) = &opened {
                         tracing::warn!(client_id, error, "MQTT session cannot be opened");
@@ -569,83 +570,23 @@ impl Connection {
         }
     }
 
-    /// Why this connection may not publish `message` to `channel` (permission, limits, TTL
-    /// bounds), if it may not.
+    /// Why this connection may not publish `message` to `channel`, if it may not.
     fn refusal(
         &self,
         channel: &ChannelName,
         message: &herald_core::NewMessage,
     ) -> Option<AppendOutcome> {
-        let state = &self.context.state;
-        match self.principal {
-            None => Some(AppendOutcome::NotAuthorized),
-            Some(principal) => state
-                .auth
-                .authorize(principal, channel, Operation::Publish)
-                .err()
-                .map(|_| AppendOutcome::NotAuthorized),
-        }
-        .or_else(|| {
-            let checked = message
-                .validate(&state.limits)
-                .and_then(|()| match message.ttl_ms {
-                    Some(ttl_ms) => state
-                        .store
-                        .policies()
-                        .for_channel(channel)
-                        .check_ttl(ttl_ms),
-                    None => Ok(()),
-                });
-            checked
-                .err()
-                .map(|error| AppendOutcome::Invalid(error.to_string()))
-        })
+        publish::refusal(&self.context, self.principal, channel, message)
     }
 
-    /// Publishes the connection's will while the connection ends: checked like a PUBLISH,
-    /// awaited (bounded) so it is durable, or logged as lost, before the task finishes.
+    /// The connection's will, as it ends: published now (awaited, bounded), or after its
+    /// delay unless the session is resumed first.
     async fn publish_will(&mut self, will: herald_mqtt::Will) {
-        let counters = &self.context.state.metrics.mqtt;
         let client_id = self.session.client_id().to_owned();
-        if let Some(refused) = self.refusal(&will.channel, &will.message) {
-            counters
-                .publishes_refused_total
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(client_id, channel = %will.channel, ?refused, "MQTT will not published");
-            return;
-        }
-        let retained = will
-            .message
-            .headers
-            .contains_key(herald_mqtt::HEADER_RETAIN)
-            .then(|| (will.channel.clone(), will.message.id.clone()));
-        let ticket = self
-            .context
-            .state
-            .store
-            .append(will.channel.clone(), vec![will.message]);
-        match tokio::time::timeout(SEND_TIMEOUT, ticket).await {
-            Ok(Ok(_)) => {
-                if let Some((channel, id)) = retained {
-                    index_retained(&self.context, channel, id).await;
-                }
-                counters
-                    .publishes_durable_total
-                    .fetch_add(1, Ordering::Relaxed);
-                counters
-                    .wills_published_total
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client_id, channel = %will.channel, "MQTT will published");
-            }
-            Ok(Err(error)) => {
-                counters
-                    .publishes_refused_total
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client_id, channel = %will.channel, %error, "MQTT will not stored");
-            }
-            Err(_) => {
-                tracing::warn!(client_id, channel = %will.channel, "MQTT will not confirmed in time");
-            }
+        if will.delay_secs == 0 {
+            publish::publish_will(&self.context, self.principal, &client_id, will).await;
+        } else {
+            publish::delay_will(&self.context, self.principal, client_id, will);
         }
     }
 
@@ -696,7 +637,7 @@ impl Connection {
                     if let Some((channel, id)) = retained {
                         // Indexed before the acknowledgement: a subscriber that comes after
                         // the PUBACK gets it.
-                        index_retained(&context, channel, id).await;
+                        publish::index_retained(&context, channel, id).await;
                     }
                     AppendOutcome::Durable
                 }
@@ -720,23 +661,6 @@ impl Connection {
             // Never waits: the channel holds as many completions as there are slots.
             let _ = appended.send((token, outcome, slot)).await;
         });
-    }
-}
-
-/// Reads the stored retained message back (its position and time are the store's) and offers
-/// it to the index.
-async fn index_retained(
-    context: &Arc<MqttContext>,
-    channel: ChannelName,
-    id: herald_core::MessageId,
-) {
-    let store = context.state.store.clone();
-    let read = tokio::task::spawn_blocking(move || store.message_by_id(&channel, &id)).await;
-    match read {
-        Ok(Ok(Some(message))) => context.retained.offer(&message),
-        Ok(Ok(None)) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "cannot read a retained message back"),
-        Err(error) => tracing::warn!(%error, "cannot read a retained message back"),
     }
 }
 

@@ -34,9 +34,12 @@
 //! - `connection`: one connection: reader loop, writer task, action execution.
 //! - [`retained`]: the retained message of each topic, rebuilt from the log at start.
 //! - [`sessions`]: persistent sessions in the store, their reads and their expiry.
+//! - [`publish`]: the checks of every publish, wills (delayed or not), the retained index
+//!   update.
 //! - [`websocket`]: MQTT over WebSocket: the binary messages are the same byte stream.
 
 mod connection;
+pub mod publish;
 pub mod retained;
 pub mod sessions;
 pub mod websocket;
@@ -254,6 +257,8 @@ pub struct MqttContext {
     pub retained: retained::RetainedIndex,
     /// The connection holding each client id.
     pub sessions: Arc<sessions::SessionRegistry>,
+    /// Wills waiting out their Will Delay Interval.
+    pub pending_wills: publish::PendingWills,
     pub stopping: watch::Receiver<bool>,
 }
 
@@ -287,6 +292,7 @@ pub async fn serve(
         session_config: config.session_config(),
         retained: index,
         sessions: Arc::default(),
+        pending_wills: publish::PendingWills::default(),
         state,
         config,
         stopping: stopping.clone(),

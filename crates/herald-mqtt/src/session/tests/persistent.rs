@@ -501,3 +501,43 @@ fn a_disconnect_may_shorten_the_expiry_but_not_add_one() {
         Some(DisconnectReasonCode::ProtocolError)
     );
 }
+
+#[test]
+fn a_will_waits_for_min_of_its_delay_and_the_session_expiry() {
+    let will = |delay: u32| v5::LastWill {
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "status/dev-1".into(),
+        message: Bytes::from_static(b"offline"),
+        will_delay_interval_sec: Some(delay),
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: Vec::new(),
+        is_utf8_payload: None,
+        response_topic: None,
+    };
+    for (expiry_secs, delay_secs, expected) in [(3600, 30, 30), (10, 30, 10), (0, 30, 0)] {
+        let mut session = v5_connecting(v5::Connect {
+            clean_start: true,
+            session_expiry_interval_secs: expiry_secs,
+            keep_alive: 30,
+            client_id: "dev-1".into(),
+            last_will: Some(will(delay_secs)),
+            ..v5::Connect::default()
+        });
+        let actions = open(&mut session, None);
+        if expiry_secs > 0 {
+            saved(&mut session, &actions);
+        }
+        session.handle_connection_lost();
+        let published = drain(&mut session)
+            .into_iter()
+            .find_map(|action| match action {
+                Action::PublishWill(will) => Some(will),
+                _ => None,
+            })
+            .expect("the will");
+        assert_eq!(published.delay_secs, expected, "expiry {expiry_secs}");
+    }
+}
