@@ -39,8 +39,27 @@ use std::fmt;
 
 use herald_core::ChannelName;
 
-/// Prefix of a shared subscription filter (`$share/group/filter`, MQTT 5), not supported yet.
+/// Prefix of a shared subscription filter (`$share/group/filter`, MQTT 5 section 4.8.2).
 pub const SHARED_SUBSCRIPTION_PREFIX: &str = "$share/";
+
+/// A `$share/{name}/{filter}` subscription: `Ok(None)` for a filter that is not shared,
+/// `Ok(Some((name, filter)))` for a valid one. The name is non-empty, without `/`, `+` or
+/// `#` (MQTT-4.8.2-1/2); the filter is checked like any other.
+pub fn parse_shared(text: &str) -> Result<Option<(String, TopicFilter)>, TopicError> {
+    let Some(rest) = text.strip_prefix(SHARED_SUBSCRIPTION_PREFIX) else {
+        return Ok(None);
+    };
+    let Some((name, filter)) = rest.split_once('/') else {
+        return Err(TopicError::Empty);
+    };
+    if name.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if name.contains(['+', '#']) {
+        return Err(TopicError::BadWildcard);
+    }
+    Ok(Some((name.to_owned(), TopicFilter::parse(filter)?)))
+}
 
 /// Why a topic name or filter was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,8 +171,8 @@ pub struct TopicFilter {
 }
 
 impl TopicFilter {
-    /// Validates a SUBSCRIBE/UNSUBSCRIBE filter. Shared subscriptions (`$share/...`) are
-    /// refused by the session before this is called.
+    /// Validates a SUBSCRIBE/UNSUBSCRIBE filter (the filter part of a shared subscription:
+    /// see [`parse_shared`]).
     pub fn parse(filter: &str) -> Result<TopicFilter, TopicError> {
         if filter.is_empty() {
             return Err(TopicError::Empty);
@@ -248,6 +267,23 @@ mod tests {
 
     fn channel(name: &str) -> ChannelName {
         ChannelName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn shared_subscriptions_parse_their_name_and_filter() {
+        assert_eq!(parse_shared("a/b").unwrap(), None);
+        let (name, filter) = parse_shared("$share/workers/jobs/+").unwrap().unwrap();
+        assert_eq!((name.as_str(), filter.as_str()), ("workers", "jobs/+"));
+        for bad in [
+            "$share/",
+            "$share/x",
+            "$share//a",
+            "$share/a+/b",
+            "$share/#/b",
+            "$share/g/a/#/b",
+        ] {
+            assert!(parse_shared(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1068,3 +1068,118 @@ async fn a_v5_client_accepting_topic_aliases_gets_every_message_with_its_topic()
     assert_eq!(aliased_only, aliased_topic_count - 1);
     server.stop().await;
 }
+
+/// Shared subscriptions: three v5 workers in `$share/workers/jobs/+` split the messages
+/// between them (each exactly once, in turn), a plain subscriber gets all of them, a v3
+/// member works too, and a member that leaves gets no more.
+#[tokio::test]
+async fn shared_subscriptions_spread_messages_over_their_members() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let server = MqttServer::start().await;
+    let mut workers = Vec::new();
+    for n in 0..2 {
+        let (client, mut events) = v5::client(&server, &format!("worker-{n}"), None).await;
+        client
+            .subscribe("$share/workers/jobs/+", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let Packet::SubAck(suback) =
+            v5::next_packet(&mut events, |p| matches!(p, Packet::SubAck(_))).await
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            suback.return_codes,
+            [rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(
+                QoS::AtLeastOnce
+            )]
+        );
+        workers.push((client, events));
+    }
+    let (v3_worker, mut v3_events) = v3::client(&server, "worker-v3", None).await;
+    v3_worker
+        .subscribe("$share/workers/jobs/+", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    v3::next_packet(&mut v3_events, |p| matches!(p, rumqttc::Packet::SubAck(_))).await;
+    let (watcher, mut watcher_events) = v5::client(&server, "watcher", None).await;
+    watcher.subscribe("jobs/+", QoS::AtLeastOnce).await.unwrap();
+    v5::next_packet(&mut watcher_events, |p| matches!(p, Packet::SubAck(_))).await;
+
+    for n in 0..30 {
+        server
+            .publish_http(&format!("jobs:q{}", n % 3), json!(n))
+            .await;
+    }
+    let mut taken = Vec::new();
+    for (_, events) in &mut workers {
+        let got = take_publishes_v5(events, 10).await;
+        assert_eq!(got.len(), 10, "round robin: a third each");
+        taken.extend(got);
+    }
+    let got_v3 = take_publishes_v3(&mut v3_events, 10).await;
+    assert_eq!(got_v3.len(), 10);
+    taken.extend(got_v3);
+    taken.sort_unstable();
+    assert_eq!(
+        taken,
+        (0..30).collect::<Vec<u64>>(),
+        "each message exactly once"
+    );
+    assert_eq!(
+        take_publishes_v5(&mut watcher_events, 30).await.len(),
+        30,
+        "a plain subscription gets every message"
+    );
+
+    // One member leaves: the other two get everything from now on.
+    let (leaving, mut leaving_events) = workers.remove(0);
+    leaving.unsubscribe("$share/workers/jobs/+").await.unwrap();
+    v5::next_packet(&mut leaving_events, |p| matches!(p, Packet::UnsubAck(_))).await;
+    for n in 30..40 {
+        server.publish_http("jobs:q0", json!(n)).await;
+    }
+    let mut rest = take_publishes_v5(&mut workers[0].1, 5).await;
+    rest.extend(take_publishes_v3(&mut v3_events, 5).await);
+    rest.sort_unstable();
+    assert_eq!(rest, (30..40).collect::<Vec<u64>>());
+    server.stop().await;
+}
+
+/// The next `count` PUBLISH payloads (JSON numbers) of a v5 client.
+async fn take_publishes_v5(events: &mut rumqttc::v5::EventLoop, count: usize) -> Vec<u64> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let mut numbers = Vec::new();
+    while numbers.len() < count {
+        if let Packet::Publish(publish) =
+            v5::next_packet(events, |p| matches!(p, Packet::Publish(_))).await
+        {
+            numbers.push(
+                std::str::from_utf8(&publish.payload)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            );
+        }
+    }
+    numbers
+}
+
+/// The next `count` PUBLISH payloads (JSON numbers) of a v3 client.
+async fn take_publishes_v3(events: &mut rumqttc::EventLoop, count: usize) -> Vec<u64> {
+    let mut numbers = Vec::new();
+    while numbers.len() < count {
+        if let rumqttc::Packet::Publish(publish) =
+            v3::next_packet(events, |p| matches!(p, rumqttc::Packet::Publish(_))).await
+        {
+            numbers.push(
+                std::str::from_utf8(&publish.payload)
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+            );
+        }
+    }
+    numbers
+}

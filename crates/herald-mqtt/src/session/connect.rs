@@ -156,7 +156,7 @@ impl Session {
                 retain_available: true,
                 wildcard_subscription_available: true,
                 subscription_identifiers_available: true,
-                shared_subscription_available: false,
+                shared_subscription_available: true,
                 server_keepalive_sec: connecting
                     .server_keep_alive
                     .then_some(connecting.keep_alive_secs),

@@ -70,8 +70,8 @@
 //! - `stored`: the stored record and its encoding.
 //!
 //! # Limits
-//! No shared subscriptions (advertised as unavailable in CONNACK). A will is published when
-//! the connection ends, without its Will Delay Interval.
+//! A shared subscription's deliveries are not part of a persistent session's stored state:
+//! one in flight when the connection ends is not sent again.
 
 mod aliases;
 mod connect;
@@ -249,6 +249,19 @@ pub enum Action {
     /// Stop feeding messages for `filter`.
     Unsubscribe {
         filter: TopicFilter,
+    },
+    /// Join the shared subscription group (`share`, `filter`): the group's messages are
+    /// spread over its members, and this connection's share comes to
+    /// [`Session::handle_shared_delivery`] under `key` (the subscription's full text).
+    /// Replaces an equal subscription.
+    SubscribeShared {
+        key: String,
+        share: String,
+        filter: TopicFilter,
+    },
+    /// Leave the shared subscription group of `key`.
+    UnsubscribeShared {
+        key: String,
     },
     /// Hand every retained message whose channel matches `filter` (and that the connection may
     /// read) to [`Session::handle_retained`] with this filter.

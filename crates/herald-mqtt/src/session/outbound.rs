@@ -111,6 +111,28 @@ impl Session {
         }
     }
 
+    /// A message its shared subscription group picked this connection for (the answer to
+    /// [`Action::SubscribeShared`](super::Action::SubscribeShared)); `key` is the
+    /// subscription's full text. Ignored when it is no longer subscribed or does not match.
+    /// Not part of a persistent session's cursors (the group owns the position).
+    pub fn handle_shared_delivery(&mut self, key: &str, message: &Message) {
+        if !self.is_connected() {
+            return;
+        }
+        let Some(subscription) = self.subscriptions.get(key) else {
+            return;
+        };
+        if subscription.share.is_none() || !subscription.filter.matches_channel(&message.channel) {
+            return;
+        }
+        let qos = published_qos(message).min(subscription.qos);
+        let retain =
+            subscription.options.retain_as_published && message.headers.contains_key(HEADER_RETAIN);
+        let ids = subscription.options.subscription_id.into_iter().collect();
+        let delivery = self.delivery_of(message, qos, retain, ids);
+        self.queue_delivery(delivery);
+    }
+
     /// Whether and how `message` goes to this client: the QoS (min of the publisher's and
     /// the highest matching subscription's), the RETAIN flag and the subscription ids.
     /// `None` when no subscription wants it (none matches, or No Local).
@@ -119,6 +141,7 @@ impl Session {
         let mut matched = self
             .subscriptions
             .values()
+            .filter(|subscription| subscription.share.is_none())
             .filter(|subscription| !(own && subscription.options.no_local))
             .filter(|subscription| subscription.filter.matches_channel(&message.channel))
             .peekable();

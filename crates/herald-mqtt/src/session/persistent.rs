@@ -222,8 +222,7 @@ impl Session {
             && persistence.synced
         {
             persistence.synced = false;
-            let filters = self.subscriptions.values().map(|s| s.filter.clone());
-            let filters = filters.collect();
+            let filters = self.cursor_filters();
             self.actions.push_back(Action::ListChannels { filters });
         }
     }
@@ -521,8 +520,10 @@ impl Session {
         &'a self,
         channel: &'a ChannelName,
     ) -> impl Iterator<Item = &'a Subscription> + 'a {
+        // Shared subscriptions are served by their group, not by the session's cursors.
         self.subscriptions
             .values()
+            .filter(|subscription| subscription.share.is_none())
             .filter(move |subscription| subscription.filter.matches_channel(channel))
     }
 
@@ -584,18 +585,33 @@ impl Session {
             return;
         };
         for subscription in stored.subscriptions {
-            let Ok(filter) = TopicFilter::parse(&subscription.filter) else {
+            let parsed = match crate::topic::parse_shared(&subscription.filter) {
+                Ok(Some((share, filter))) => Some((Some(share), filter)),
+                Ok(None) => TopicFilter::parse(&subscription.filter)
+                    .ok()
+                    .map(|filter| (None, filter)),
+                Err(_) => None,
+            };
+            let Some((share, filter)) = parsed else {
                 continue;
             };
             let qos = QoS::try_from(subscription.qos).unwrap_or(QoS::AtMostOnce);
-            self.actions.push_back(Action::Subscribe {
-                filter: filter.clone(),
-                qos,
+            self.actions.push_back(match &share {
+                None => Action::Subscribe {
+                    filter: filter.clone(),
+                    qos,
+                },
+                Some(share) => Action::SubscribeShared {
+                    key: subscription.filter.clone(),
+                    share: share.clone(),
+                    filter: filter.clone(),
+                },
             });
             self.subscriptions.insert(
                 subscription.filter,
                 Subscription {
                     filter,
+                    share,
                     qos,
                     options: Options {
                         no_local: subscription.no_local,
@@ -693,9 +709,17 @@ impl Session {
                 position,
             });
         }
-        let filters = self.subscriptions.values().map(|s| s.filter.clone());
-        let filters = filters.collect();
+        let filters = self.cursor_filters();
         self.actions.push_back(Action::ListChannels { filters });
+    }
+
+    /// The filters served by the session's cursors (not the shared ones).
+    fn cursor_filters(&self) -> Vec<TopicFilter> {
+        self.subscriptions
+            .values()
+            .filter(|subscription| subscription.share.is_none())
+            .map(|subscription| subscription.filter.clone())
+            .collect()
     }
 
     /// The state to store, as of now.
@@ -732,9 +756,9 @@ impl Session {
             disconnected_ms: None,
             subscriptions: self
                 .subscriptions
-                .values()
-                .map(|subscription| StoredSubscription {
-                    filter: subscription.filter.as_str().to_owned(),
+                .iter()
+                .map(|(key, subscription)| StoredSubscription {
+                    filter: key.clone(),
                     qos: subscription.qos.value(),
                     no_local: subscription.options.no_local,
                     retain_as_published: subscription.options.retain_as_published,

@@ -92,7 +92,6 @@ pub(super) fn v5_suback(result: &Result<QoS, Refusal>) -> v5::SubscribeAckReason
         Ok(QoS::ExactlyOnce) => v5::SubscribeAckReason::GrantedQos2,
         Err(Refusal::NotAuthorized) => v5::SubscribeAckReason::NotAuthorized,
         Err(Refusal::TopicFilterInvalid) => v5::SubscribeAckReason::TopicFilterInvalid,
-        Err(Refusal::SharedNotSupported) => v5::SubscribeAckReason::SharedSubscriptionNotSupported,
         Err(Refusal::QuotaExceeded) => v5::SubscribeAckReason::QuotaExceeded,
     }
 }

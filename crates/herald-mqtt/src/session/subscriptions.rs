@@ -7,8 +7,11 @@
 //!   `subscriptions_max` filters; re-subscribing to a filter replaces it (not counted twice).
 //! - At most `PENDING_SUBSCRIBES_MAX` SUBSCRIBE packets await authorization, each under its
 //!   own packet id; the SUBACK has one verdict per filter, in the packet's order.
-//! - Only valid, non-shared filters are sent for authorization; a filter is subscribed only
-//!   when the driver allowed it.
+//! - Only valid filters are sent for authorization (of a shared subscription, its filter
+//!   part); a filter is subscribed only when the driver allowed it.
+//! - A shared subscription (`$share/{name}/{filter}`) is kept under its full text; its
+//!   messages come from its group ([`Action::SubscribeShared`]), it gets no retained messages,
+//!   and No Local on it is a protocol error (MQTT-3.8.3-4).
 //! - [`Action::SendRetained`] follows the SUBACK (MQTT-3.8.4), as v5 Retain Handling allows.
 
 use std::num::{NonZeroU16, NonZeroU32};
@@ -18,12 +21,16 @@ use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode};
 
 use super::{Action, PENDING_SUBSCRIBES_MAX, Packet, Session, Version, reasons};
-use crate::topic::{SHARED_SUBSCRIPTION_PREFIX, TopicFilter};
+use crate::topic::{self, SHARED_SUBSCRIPTION_PREFIX, TopicFilter};
 
 /// One granted subscription.
 #[derive(Clone, Debug)]
 pub(super) struct Subscription {
+    /// The filter (of a shared subscription: the part after `$share/{name}/`).
     pub(super) filter: TopicFilter,
+    /// The share name of a shared subscription (`$share/{name}/{filter}`): its messages come
+    /// from the group ([`Session::handle_shared_delivery`]), never from the connection's feed.
+    pub(super) share: Option<String>,
     pub(super) qos: QoS,
     pub(super) options: Options,
     /// When the filter was first granted (ms since the Unix epoch, the driver's clock): a
@@ -63,7 +70,10 @@ pub(super) struct PendingSubscribe {
 enum SubscribeEntry {
     Refused(Refusal),
     Authorizing {
+        /// The filter text as subscribed (the key of the subscription).
+        key: String,
         filter: TopicFilter,
+        share: Option<String>,
         qos: QoS,
         options: Options,
     },
@@ -74,7 +84,6 @@ enum SubscribeEntry {
 pub(super) enum Refusal {
     NotAuthorized,
     TopicFilterInvalid,
-    SharedNotSupported,
     QuotaExceeded,
 }
 
@@ -133,14 +142,16 @@ impl Session {
             let result = match entry {
                 SubscribeEntry::Refused(refusal) => Err(refusal),
                 SubscribeEntry::Authorizing {
+                    key,
                     filter,
+                    share,
                     qos,
                     options,
                 } => {
                     let allowed = verdicts.next().expect("one verdict per filter");
                     let since_ms = self
                         .subscriptions
-                        .get(filter.as_str())
+                        .get(&key)
                         .map(|existing| existing.since_ms);
                     let existed = since_ms.is_some();
                     if !allowed {
@@ -149,18 +160,21 @@ impl Session {
                     {
                         Err(Refusal::QuotaExceeded)
                     } else {
-                        let send_retained = match options.retain_handling {
-                            0 => true,
-                            1 => !existed,
-                            _ => false,
-                        };
+                        // Shared subscriptions never get retained messages (MQTT 4.8.2).
+                        let send_retained = share.is_none()
+                            && match options.retain_handling {
+                                0 => true,
+                                1 => !existed,
+                                _ => false,
+                            };
                         if send_retained {
                             retained.push(filter.clone());
                         }
                         self.subscriptions.insert(
-                            filter.as_str().to_owned(),
+                            key.clone(),
                             Subscription {
                                 filter: filter.clone(),
+                                share: share.clone(),
                                 qos,
                                 options,
                                 since_ms: since_ms.unwrap_or(now_ms),
@@ -168,7 +182,10 @@ impl Session {
                         );
                         // A persistent session's SUBACK waits until the subscription is saved.
                         self.mark_dirty();
-                        self.actions.push_back(Action::Subscribe { filter, qos });
+                        self.actions.push_back(match share {
+                            None => Action::Subscribe { filter, qos },
+                            Some(share) => Action::SubscribeShared { key, share, filter },
+                        });
                         Ok(qos)
                     }
                 }
@@ -204,18 +221,27 @@ impl Session {
                 "too many SUBSCRIBE packets awaiting an answer",
             );
         }
+        if requests.iter().any(|request| {
+            request.options.no_local && request.filter.starts_with(SHARED_SUBSCRIPTION_PREFIX)
+        }) {
+            return self.protocol_error("No Local on a shared subscription (MQTT-3.8.3-4)");
+        }
         let mut to_authorize = Vec::new();
         let entries = requests
             .into_iter()
             .map(|request| {
-                if request.filter.starts_with(SHARED_SUBSCRIPTION_PREFIX) {
-                    return SubscribeEntry::Refused(Refusal::SharedNotSupported);
-                }
-                match TopicFilter::parse(&request.filter) {
-                    Ok(filter) => {
+                let parsed = match topic::parse_shared(&request.filter) {
+                    Ok(Some((share, filter))) => Ok((Some(share), filter)),
+                    Ok(None) => TopicFilter::parse(&request.filter).map(|filter| (None, filter)),
+                    Err(error) => Err(error),
+                };
+                match parsed {
+                    Ok((share, filter)) => {
                         to_authorize.push(filter.clone());
                         SubscribeEntry::Authorizing {
+                            key: request.filter,
                             filter,
+                            share,
                             qos: request.qos,
                             options: request.options,
                         }
@@ -238,8 +264,13 @@ impl Session {
             match self.subscriptions.remove(text.as_ref()) {
                 Some(subscription) => {
                     self.mark_dirty();
-                    self.actions.push_back(Action::Unsubscribe {
-                        filter: subscription.filter,
+                    self.actions.push_back(match subscription.share {
+                        None => Action::Unsubscribe {
+                            filter: subscription.filter,
+                        },
+                        Some(_) => Action::UnsubscribeShared {
+                            key: text.as_ref().to_owned(),
+                        },
                     });
                     statuses.push(v5::UnsubscribeAckReason::Success);
                 }

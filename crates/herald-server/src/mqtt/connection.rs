@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::codec::Encoder as _;
 
+use super::shared::{Membership, SharedDelivery};
 use super::{MqttContext, publish, sessions};
 use crate::auth::{Operation, Principal};
 use crate::durable::Eviction;
@@ -76,6 +77,11 @@ struct Connection {
     evicted: Option<oneshot::Receiver<Eviction>>,
     /// Feed drops already handed to a persistent session as a gap.
     feed_gaps_seen: u64,
+    /// The connection's shared subscriptions, by full text; dropping one leaves its group.
+    memberships: BTreeMap<String, Membership>,
+    /// Where the groups send this connection's share of their messages.
+    shared_sender: mpsc::Sender<SharedDelivery>,
+    shared_deliveries: mpsc::Receiver<SharedDelivery>,
     closing: bool,
     /// Drops already added to `deliveries_dropped_total`.
     drops_reported: u64,
@@ -96,6 +102,7 @@ where
     let (appended, completions) = mpsc::channel(context.config.publishes_in_flight_max);
     let connection_id = crate::auth::random_base62(16);
     let (saved, saves) = mpsc::unbounded_channel();
+    let (shared_sender, shared_deliveries) = mpsc::channel(context.config.outbound_queue_messages);
     let mut connection = Connection {
         session: Session::new(context.session_config.clone(), &connection_id),
         append_slots: Arc::new(Semaphore::new(context.config.publishes_in_flight_max)),
@@ -111,6 +118,9 @@ where
         claim: None,
         evicted: None,
         feed_gaps_seen: 0,
+        memberships: BTreeMap::new(),
+        shared_sender,
+        shared_deliveries,
         closing: false,
         drops_reported: 0,
     };
@@ -144,6 +154,11 @@ where
             }
             Some(live) = recv_feed(&mut connection.feed) => {
                 connection.deliver(&live.message).await;
+            }
+            Some((key, live)) = connection.shared_deliveries.recv() => {
+                connection.session.handle_shared_delivery(&key, &live.message);
+                connection.run_actions().await;
+                connection.report_drops();
             }
             Some((generation, result)) = connection.saves.recv() => {
                 connection.session.handle_session_saved(generation, result);
@@ -386,6 +401,22 @@ impl Connection {
                             self.session.handle_retained(&filter, &message);
                         }
                     }
+                }
+                Action::SubscribeShared { key, share, filter } => {
+                    if let Some(principal) = self.principal {
+                        let membership = self.context.shared.join(
+                            &share,
+                            filter,
+                            key.clone(),
+                            principal,
+                            self.shared_sender.clone(),
+                        );
+                        // Replacing an equal subscription leaves the old membership.
+                        self.memberships.insert(key, membership);
+                    }
+                }
+                Action::UnsubscribeShared { key } => {
+                    self.memberships.remove(&key);
                 }
                 Action::Unsubscribe { filter } => {
                     self.filters

@@ -36,12 +36,14 @@
 //! - [`sessions`]: persistent sessions in the store, their reads and their expiry.
 //! - [`publish`]: the checks of every publish, wills (delayed or not), the retained index
 //!   update.
+//! - [`shared`]: shared subscription groups (`$share/name/filter`).
 //! - [`websocket`]: MQTT over WebSocket: the binary messages are the same byte stream.
 
 mod connection;
 pub mod publish;
 pub mod retained;
 pub mod sessions;
+pub mod shared;
 pub mod websocket;
 
 use std::net::SocketAddr;
@@ -259,6 +261,8 @@ pub struct MqttContext {
     pub sessions: Arc<sessions::SessionRegistry>,
     /// Wills waiting out their Will Delay Interval.
     pub pending_wills: publish::PendingWills,
+    /// Shared subscription groups.
+    pub shared: Arc<shared::SharedGroups>,
     pub stopping: watch::Receiver<bool>,
 }
 
@@ -293,6 +297,11 @@ pub async fn serve(
         retained: index,
         sessions: Arc::default(),
         pending_wills: publish::PendingWills::default(),
+        shared: Arc::new(shared::SharedGroups::new(
+            state.realtime.live.hub.clone(),
+            state.auth.clone(),
+            config.outbound_queue_messages,
+        )),
         state,
         config,
         stopping: stopping.clone(),

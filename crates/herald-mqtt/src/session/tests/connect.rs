@@ -66,7 +66,7 @@ fn an_empty_client_id_is_assigned_in_v5() {
     assert_eq!(connack.server_keepalive_sec, Some(60));
     assert_eq!(session.keep_alive_timeout_ms(), Some(90_000));
     assert_eq!(connack.receive_max.get(), 2);
-    assert!(connack.retain_available && !connack.shared_subscription_available);
+    assert!(connack.retain_available && connack.shared_subscription_available);
     assert_eq!(
         connack.topic_alias_max, 2,
         "the configured Topic Alias Maximum"
