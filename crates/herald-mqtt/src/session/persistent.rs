@@ -108,6 +108,8 @@ pub(super) struct Persistence {
     pub(super) inbound_ids: BTreeMap<NonZeroU16, MessageId>,
     /// The channel being read.
     reading: Option<ChannelName>,
+    /// The channel read last (reads take the channels behind in turn).
+    last_read: Option<ChannelName>,
     /// False until the channels owed after a resume or a feed gap are known.
     synced: bool,
     /// Re-sent PUBLISH packets waiting for their message.
@@ -131,6 +133,7 @@ impl Persistence {
             behind: BTreeMap::new(),
             inbound_ids: BTreeMap::new(),
             reading: None,
+            last_read: None,
             synced: true,
             resends_pending: 0,
             generation: 0,
@@ -473,18 +476,33 @@ impl Session {
             return;
         }
         let window_room = usize::from(self.outbound_window).saturating_sub(self.outbound.len());
-        let next = persistence.behind.keys().find_map(|channel| {
-            let max_qos = self
-                .matching_subscriptions(channel)
-                .map(|subscription| subscription.qos)
-                .max()?;
-            let limit = if max_qos == QoS::AtMostOnce {
-                READ_PAGE_MAX
-            } else {
-                window_room.min(READ_PAGE_MAX)
-            };
-            (limit > 0).then(|| (channel.clone(), limit))
-        });
+        // In turn, starting after the channel read last: a busy channel does not starve the
+        // others.
+        let after_last = persistence.last_read.as_ref().map_or_else(
+            || persistence.behind.range::<ChannelName, _>(..),
+            |last| {
+                persistence.behind.range::<ChannelName, _>((
+                    std::ops::Bound::Excluded(last),
+                    std::ops::Bound::Unbounded,
+                ))
+            },
+        );
+        let wrapped = persistence.behind.range::<ChannelName, _>(..);
+        let next = after_last
+            .chain(wrapped)
+            .map(|(channel, _)| channel)
+            .find_map(|channel| {
+                let max_qos = self
+                    .matching_subscriptions(channel)
+                    .map(|subscription| subscription.qos)
+                    .max()?;
+                let limit = if max_qos == QoS::AtMostOnce {
+                    READ_PAGE_MAX
+                } else {
+                    window_room.min(READ_PAGE_MAX)
+                };
+                (limit > 0).then(|| (channel.clone(), limit))
+            });
         // Channels no subscription matches any more are forgotten.
         let unmatched: Vec<ChannelName> = persistence
             .behind
@@ -509,6 +527,7 @@ impl Session {
             None => ReadStart::Since(since.unwrap_or(0)),
         };
         persistence.reading = Some(channel.clone());
+        persistence.last_read = Some(channel.clone());
         self.actions.push_back(Action::ReadChannel {
             channel,
             from,

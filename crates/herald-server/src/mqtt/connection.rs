@@ -38,6 +38,10 @@ use crate::hub::{ChannelMatcher, PatternReceiver};
 const WRITER_QUEUE_PACKETS: usize = 256;
 /// Bytes read from the socket at most per read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// A session save refused because the store's commit queue is full is tried again this many
+/// times, this far apart, before the connection gives up.
+const SAVE_RETRIES_WHEN_OVERLOADED: usize = 50;
+const SAVE_RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// A client whose writer queue stays full this long has stopped reading: it is closed rather
 /// than holding its connection task (and its feed) forever.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -452,15 +456,23 @@ impl Connection {
                 }
                 Action::SaveSession { generation, state } => {
                     let key = session_key(&state.client_id);
-                    let ticket = self
-                        .context
-                        .state
-                        .store
-                        .save_state(&key, state.encode().into());
+                    let value = bytes::Bytes::from(state.encode());
+                    // Queued now, in order with the appends that follow it.
+                    let ticket = self.context.state.store.save_state(&key, value.clone());
+                    let store = self.context.state.store.clone();
                     let saved = self.saved.clone();
                     tokio::spawn(async move {
-                        let result = ticket.await.map_err(|error| error.to_string());
-                        let _ = saved.send((generation, result));
+                        let mut result = ticket.await;
+                        // A full commit queue is transient: try again for a while rather
+                        // than end the session's connection.
+                        for _ in 0..SAVE_RETRIES_WHEN_OVERLOADED {
+                            if result != Err(AppendError::Overloaded) {
+                                break;
+                            }
+                            tokio::time::sleep(SAVE_RETRY_PAUSE).await;
+                            result = store.save_state(&key, value.clone()).await;
+                        }
+                        let _ = saved.send((generation, result.map_err(|error| error.to_string())));
                     });
                 }
                 Action::ListChannels { filters } => {

@@ -541,3 +541,37 @@ fn a_will_waits_for_min_of_its_delay_and_the_session_expiry() {
         assert_eq!(published.delay_secs, expected, "expiry {expiry_secs}");
     }
 }
+
+#[test]
+fn channels_behind_are_read_in_turn() {
+    let mut session = subscribed(QoS::AtMostOnce);
+    let reads = |actions: &[Action]| -> Vec<String> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                Action::ReadChannel { channel, .. } => Some(channel.to_string()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut seen = Vec::new();
+    // Both channels lose messages in the feed: both fall behind; a:x is read first.
+    for name in ["a:x", "a:y"] {
+        session.handle_delivery(&message(name, 1, None, "m1"));
+        let actions = drain(&mut session);
+        seen.extend(reads(&actions));
+        seen.extend(reads(&saved(&mut session, &actions)));
+        session.handle_delivery(&message(name, 5, None, "m5"));
+        seen.extend(reads(&drain(&mut session)));
+    }
+    assert_eq!(seen, ["a:x"], "one read at a time");
+    // a:x has more to read, but a:y goes next.
+    session.handle_channel_read(
+        &channel("a:x"),
+        page(vec![message("a:x", 2, None, "m2")], true),
+    );
+    let actions = drain(&mut session);
+    let mut next = reads(&actions);
+    next.extend(reads(&saved(&mut session, &actions)));
+    assert_eq!(next, ["a:y"]);
+}
