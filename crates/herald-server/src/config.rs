@@ -962,4 +962,40 @@ mod tests {
             vec![Operation::Publish]
         );
     }
+
+    #[test]
+    fn mqtt_listens_on_loopback_1883_by_default_and_every_layer_can_turn_it_off() {
+        let config = load(None, env(&[]), &Overrides::default()).unwrap();
+        assert!(config.mqtt.enabled, "MQTT is on without any setting");
+        assert_eq!(config.mqtt.listen, SocketAddr::from(([127, 0, 0, 1], 1883)));
+        assert_eq!(config.mqtt, Config::default().mqtt);
+
+        let off_in_file = parse_str("[mqtt]\nenabled = false\n").unwrap();
+        assert!(!off_in_file.mqtt.enabled);
+        let off_in_env = load(
+            None,
+            env(&[("HERALD_MQTT__ENABLED", "false")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!off_in_env.mqtt.enabled);
+        let no_mqtt = Overrides {
+            no_mqtt: true,
+            ..Overrides::default()
+        };
+        assert!(!load(None, env(&[]), &no_mqtt).unwrap().mqtt.enabled);
+
+        // `--mqtt ADDR` moves the listener and turns it back on over the environment.
+        let moved = load(
+            None,
+            env(&[("HERALD_MQTT__ENABLED", "false")]),
+            &Overrides {
+                mqtt_listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert!(moved.mqtt.enabled);
+        assert_eq!(moved.mqtt.listen.port(), 0);
+    }
 }

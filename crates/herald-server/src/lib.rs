@@ -15,7 +15,7 @@
 //! [`run`] prints to stdout, in this order: `herald: generated admin key KEY, saved to PATH`
 //! (only on the start that creates the key), then exactly one line
 //! `herald: listening on http://ADDR` with the real bound address, once the store is open and
-//! the socket accepts connections; then, when the MQTT listener is enabled,
+//! the socket accepts connections; then, when the MQTT listener is enabled (the default),
 //! `herald: mqtt listening on mqtt://ADDR`. Logs go to stderr through `tracing`.
 //!
 //! # Invariants
@@ -72,6 +72,18 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The MQTT listener (on by default at 127.0.0.1:1883) cannot bind: most often another
+    /// MQTT broker holds the port. The message says how to move it or turn it off.
+    #[error(
+        "MQTT listener cannot bind {addr}: {}; pick another address with --mqtt ADDR \
+         ([mqtt] listen) or turn MQTT off with --no-mqtt ([mqtt] enabled = false)",
+        mqtt_bind_reason(error)
+    )]
+    MqttBind {
+        addr: SocketAddr,
+        /// Not a `source`: the message already says it in words.
+        error: std::io::Error,
+    },
     #[error("cannot open the message log: {0}")]
     Store(#[from] StoreError),
     #[error("HTTP server failed: {0}")]
@@ -83,6 +95,20 @@ pub enum ServerError {
          stop that process or use another --data directory"
     )]
     DataDirInUse(PathBuf),
+}
+
+/// Why the MQTT listener cannot bind, in words a user can act on.
+fn mqtt_bind_reason(error: &std::io::Error) -> String {
+    match error.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "address already in use (another MQTT broker or herald server?)".to_owned()
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "permission denied (ports below 1024 need privileges)".to_owned()
+        }
+        std::io::ErrorKind::AddrNotAvailable => "no such address on this machine".to_owned(),
+        _ => error.to_string(),
+    }
 }
 
 /// Name of the lock file that keeps two servers from writing one data directory.
@@ -190,10 +216,10 @@ impl Server {
             let addr = config.mqtt.listen;
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServerError::Bind { addr, source })?;
+                .map_err(|error| ServerError::MqttBind { addr, error })?;
             let local = listener
                 .local_addr()
-                .map_err(|source| ServerError::Bind { addr, source })?;
+                .map_err(|error| ServerError::MqttBind { addr, error })?;
             Some((listener, local))
         } else {
             None

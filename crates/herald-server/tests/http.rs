@@ -45,6 +45,8 @@ impl TestServer {
             http_addr: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
+        // The default MQTT address 127.0.0.1:1883 is shared by every test: off here.
+        config.mqtt.enabled = false;
         config.storage.backend = StorageBackend::Memory;
         config.api_keys = vec![
             api_key("admin", ADMIN, &["*"], &[Operation::Admin]),
@@ -811,12 +813,13 @@ async fn dev_mode_is_anonymous_on_loopback_and_refused_elsewhere() {
 
     // 192.0.2.1 is TEST-NET-1: never an address of this machine, so nothing can be bound even
     // if the check were missing; the error must be the dev check, not a bind failure.
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_owned(),
         http_addr: "192.0.2.1:0".parse().unwrap(),
         dev: true,
         ..Config::default()
     };
+    config.mqtt.enabled = false;
     match Server::bind(config).await {
         Err(ServerError::DevNotLoopback(message)) => assert!(message.contains("loopback")),
         Err(other) => panic!("expected the dev check to refuse, got {other}"),

@@ -92,11 +92,11 @@ struct ServeArgs {
     /// Allow anonymous access with every capability (loopback addresses only).
     #[arg(long)]
     dev: bool,
-    /// Enable the MQTT 3.1.1/5.0 listener on ADDR [config: mqtt.enabled, mqtt.listen,
-    /// default off, 127.0.0.1:1883]; port 0 picks one.
+    /// MQTT 3.1.1/5.0 listen address [config: mqtt.listen, default 127.0.0.1:1883]; turns the
+    /// listener on even when the config turns it off. Port 0 picks one.
     #[arg(long = "mqtt", value_name = "ADDR", conflicts_with = "no_mqtt")]
     mqtt_listen: Option<SocketAddr>,
-    /// Disable the MQTT listener even when the config enables it.
+    /// Turn the MQTT listener off [config: mqtt.enabled, default on].
     #[arg(long = "no-mqtt")]
     no_mqtt: bool,
 }

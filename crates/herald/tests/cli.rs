@@ -31,6 +31,8 @@ struct Served {
     child: Child,
     url: String,
     stdout_lines: Vec<String>,
+    /// The rest of stdout, line by line, after the listening line.
+    lines: mpsc::Receiver<String>,
 }
 
 impl Served {
@@ -40,6 +42,8 @@ impl Served {
             .arg("--data")
             .arg(data_dir)
             .args(["--http", "127.0.0.1:0"])
+            // The default MQTT address 127.0.0.1:1883 is shared by every test: off unless asked.
+            .args((!extra.contains(&"--mqtt")).then_some("--no-mqtt"))
             .args(extra)
             .env("HERALD_STORAGE__RECLAIM_INTERVAL", "1s")
             .stdout(Stdio::piped())
@@ -61,10 +65,12 @@ impl Served {
             child,
             url: String::new(),
             stdout_lines: Vec::new(),
+            lines,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            let line = lines
+            let line = served
+                .lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("herald serve prints its listening line");
             served.stdout_lines.push(line.clone());
@@ -320,7 +326,14 @@ fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
     let dir = tempfile::tempdir().unwrap();
     // TEST-NET-1 is never local, so nothing could be bound here even without the check.
     let (code, _, stderr) = run(herald()
-        .args(["serve", "--dev", "--http", "192.0.2.1:7600", "--data"])
+        .args([
+            "serve",
+            "--dev",
+            "--no-mqtt",
+            "--http",
+            "192.0.2.1:7600",
+            "--data",
+        ])
         .arg(dir.path()));
     assert_eq!(code, 1);
     assert!(
@@ -329,7 +342,7 @@ fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
     );
 
     let (code, _, stderr) = run(herald()
-        .args(["serve", "--http", "127.0.0.1:0", "--data"])
+        .args(["serve", "--no-mqtt", "--http", "127.0.0.1:0", "--data"])
         .arg(dir.path())
         .env("HERALD_LIMITS__MESSAGE_BYTES_MAX", "0"));
     assert_eq!(code, 1);
@@ -340,6 +353,73 @@ fn serve_refuses_dev_on_a_non_loopback_address_and_bad_env() {
 }
 
 #[test]
+fn serve_prints_the_mqtt_address_it_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 0, not the default 1883: tests run in parallel, and 1883 may be a real broker's.
+    let server = Served::start(dir.path(), &["--dev", "--mqtt", "127.0.0.1:0"]);
+    let line = server
+        .lines
+        .recv_timeout(STARTUP_TIMEOUT)
+        .expect("a second start-up line");
+    let addr: std::net::SocketAddr = line
+        .strip_prefix("herald: mqtt listening on mqtt://")
+        .unwrap_or_else(|| panic!("expected the MQTT listening line, got {line:?}"))
+        .parse()
+        .expect("a socket address");
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    // Something accepts MQTT connections there.
+    std::net::TcpStream::connect(addr).expect("the MQTT listener accepts connections");
+    assert!(server.terminate().success());
+}
+
+#[test]
+fn serve_with_the_mqtt_port_taken_exits_with_an_actionable_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // The test holds the port, as another MQTT broker on 1883 would.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = herald()
+        .args([
+            "serve",
+            "--dev",
+            "--http",
+            "127.0.0.1:0",
+            "--mqtt",
+            &addr,
+            "--data",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald serve");
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("herald serve kept running without its MQTT listener");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    for expected in [
+        format!("MQTT listener cannot bind {addr}"),
+        "address already in use".to_owned(),
+        "--mqtt ADDR".to_owned(),
+        "--no-mqtt".to_owned(),
+    ] {
+        assert!(stderr.contains(&expected), "{expected:?} not in {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    drop(taken);
+}
+
+#[test]
 fn a_second_server_on_the_same_data_dir_refuses_to_start() {
     let data = tempfile::tempdir().unwrap();
     let first = Served::start(data.path(), &["--dev"]);
@@ -347,7 +427,7 @@ fn a_second_server_on_the_same_data_dir_refuses_to_start() {
         .arg("serve")
         .arg("--data")
         .arg(data.path())
-        .args(["--http", "127.0.0.1:0", "--dev"])
+        .args(["--http", "127.0.0.1:0", "--dev", "--no-mqtt"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

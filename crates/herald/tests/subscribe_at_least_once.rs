@@ -55,7 +55,7 @@ impl Served {
             .arg("serve")
             .arg("--data")
             .arg(data)
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--no-mqtt"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

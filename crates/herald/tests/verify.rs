@@ -40,7 +40,7 @@ impl Served {
             r#"[{{ name = "verify", key = "{KEY}", capabilities = [{{ namespaces = ["verify"], operations = ["publish", "subscribe", "history"] }}] }}, {{ name = "reader", key = "{READ_ONLY_KEY}", capabilities = [{{ namespaces = ["verify"], operations = ["subscribe"] }}] }}]"#
         );
         let mut child = herald()
-            .args(["serve", "--http", "127.0.0.1:0", "--data"])
+            .args(["serve", "--no-mqtt", "--http", "127.0.0.1:0", "--data"])
             .arg(data_dir)
             .env("HERALD_API_KEYS", keys)
             .env("HERALD_REALTIME__HEARTBEAT_INTERVAL", "1s")

@@ -42,6 +42,8 @@ impl TestServer {
             dev: true,
             ..Config::default()
         };
+        // The default MQTT address 127.0.0.1:1883 is shared by every test: off here.
+        config.mqtt.enabled = false;
         config.realtime.heartbeat_interval = Duration::from_millis(200);
         config.http.shutdown_grace = Duration::from_millis(500);
         adjust(&mut config);

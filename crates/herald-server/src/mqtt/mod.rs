@@ -63,7 +63,8 @@ use crate::http::AppState;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
-    /// Whether the MQTT listener runs (`herald serve --mqtt ADDR` turns it on).
+    /// Whether the MQTT listener runs: on by default (`herald serve --no-mqtt` or
+    /// `enabled = false` turns it off; `--mqtt ADDR` turns it on at ADDR).
     pub enabled: bool,
     /// TCP address of the listener; port 0 picks a free port (the real one is printed).
     pub listen: SocketAddr,
@@ -104,7 +105,7 @@ pub struct MqttConfig {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             receive_maximum: 64,
             outbound_inflight_max: 64,

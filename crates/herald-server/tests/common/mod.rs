@@ -43,6 +43,8 @@ impl TestServer {
             dev: true,
             ..Config::default()
         };
+        // Off unless a test turns it on: the default 127.0.0.1:1883 is shared by every test.
+        config.mqtt.enabled = false;
         adjust(&mut config);
         let server = Server::bind(config).await.expect("server starts");
         let addr = server.local_addr();

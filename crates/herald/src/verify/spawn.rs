@@ -144,8 +144,9 @@ impl Drop for SpawnedServer {
     }
 }
 
-/// Starts `herald serve --dev` on `addr` and waits (at most `startup_timeout`) for its
-/// listening line.
+/// Starts `herald serve --dev --no-mqtt` on `addr` and waits (at most `startup_timeout`) for
+/// its listening line. MQTT is off: verify does not use it, and its default address
+/// 127.0.0.1:1883 may be taken.
 async fn launch(
     data_dir: &Path,
     log_path: &Path,
@@ -161,7 +162,14 @@ async fn launch(
     let heartbeat = format!("{}ms", HEARTBEAT.as_millis());
     let mut command = tokio::process::Command::new(&exe);
     command
-        .args(["serve", "--dev", "--http", &addr.to_string(), "--data"])
+        .args([
+            "serve",
+            "--dev",
+            "--no-mqtt",
+            "--http",
+            &addr.to_string(),
+            "--data",
+        ])
         .arg(data_dir)
         .env("HERALD_REALTIME__HEARTBEAT_INTERVAL", &heartbeat)
         .env("HERALD_REALTIME__SSE_KEEPALIVE_INTERVAL", &heartbeat)

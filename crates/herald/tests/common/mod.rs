@@ -33,7 +33,7 @@ impl SpawnedServer {
             .arg("serve")
             .arg("--data")
             .arg(data_dir)
-            .args(["--http", "127.0.0.1:0", "--dev"])
+            .args(["--http", "127.0.0.1:0", "--dev", "--no-mqtt"])
             .env_remove("HERALD_URL")
             .env_remove("HERALD_KEY")
             .stdin(Stdio::null())

@@ -26,7 +26,8 @@ pub(crate) struct ChildServer {
 }
 
 impl ChildServer {
-    /// Starts this same executable as `herald serve --dev --http 127.0.0.1:0` and waits for
+    /// Starts this same executable as `herald serve --dev --no-mqtt --http 127.0.0.1:0` (MQTT
+    /// off: the bench does not use it, and 127.0.0.1:1883 may be taken) and waits for
     /// its `herald: listening on http://ADDR` line. `HERALD_*` variables in the environment
     /// (for example `HERALD_STORAGE__BACKEND=memory`) configure it as usual.
     pub(crate) async fn start(tag: &str) -> anyhow::Result<ChildServer> {
@@ -38,7 +39,14 @@ impl ChildServer {
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let mut command = tokio::process::Command::new(&exe);
         command
-            .args(["serve", "--dev", "--http", "127.0.0.1:0", "--data"])
+            .args([
+                "serve",
+                "--dev",
+                "--no-mqtt",
+                "--http",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(&data_dir);
         let mut process = BenchProcess::spawn(command, dir, "server.log")?;
         let stdout = process.child.stdout.take().expect("stdout is piped");
