@@ -18,12 +18,36 @@ pub struct SpawnedServer {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base_url: String,
+    /// The MQTT listener's address, when started with [`SpawnedServer::start_with_mqtt`].
+    pub mqtt_addr: Option<std::net::SocketAddr>,
 }
 
 impl SpawnedServer {
     /// Starts the server on `data_dir`, its stderr appended to `log_path`, and waits for its
     /// listening line.
     pub fn start(data_dir: &Path, log_path: &Path) -> SpawnedServer {
+        Self::spawn(data_dir, log_path, None)
+    }
+
+    /// [`SpawnedServer::start`] with the MQTT listener on `mqtt` (a fixed address, so that
+    /// clients find it again after a restart).
+    pub fn start_with_mqtt(
+        data_dir: &Path,
+        log_path: &Path,
+        mqtt: std::net::SocketAddr,
+    ) -> SpawnedServer {
+        Self::spawn(data_dir, log_path, Some(mqtt))
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        log_path: &Path,
+        mqtt: Option<std::net::SocketAddr>,
+    ) -> SpawnedServer {
+        let mqtt_args = match mqtt {
+            Some(addr) => vec!["--mqtt".to_owned(), addr.to_string()],
+            None => vec!["--no-mqtt".to_owned()],
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -33,7 +57,8 @@ impl SpawnedServer {
             .arg("serve")
             .arg("--data")
             .arg(data_dir)
-            .args(["--http", "127.0.0.1:0", "--dev", "--no-mqtt"])
+            .args(["--http", "127.0.0.1:0", "--dev"])
+            .args(&mqtt_args)
             .env_remove("HERALD_URL")
             .env_remove("HERALD_KEY")
             .stdin(Stdio::null())
@@ -54,6 +79,7 @@ impl SpawnedServer {
         let mut server = SpawnedServer {
             child,
             base_url: String::new(),
+            mqtt_addr: None,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
@@ -62,6 +88,13 @@ impl SpawnedServer {
                 Ok(line) => {
                     if let Some(address) = line.strip_prefix("herald: listening on ") {
                         server.base_url = address.trim().trim_end_matches('/').to_owned();
+                    } else if let Some(address) =
+                        line.strip_prefix("herald: mqtt listening on mqtt://")
+                    {
+                        server.mqtt_addr = address.trim().parse().ok();
+                    }
+                    if !server.base_url.is_empty() && (mqtt.is_none() || server.mqtt_addr.is_some())
+                    {
                         return server;
                     }
                 }
