@@ -65,6 +65,18 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// A stable name for who a principal is (the key's configured name, or `anonymous`), for
+    /// records that must stay with their creator (MQTT sessions).
+    pub fn principal_name(&self, principal: Principal) -> String {
+        match principal {
+            Principal::Anonymous => "anonymous".to_owned(),
+            Principal::Key(index) => self
+                .keys
+                .get(index)
+                .map_or_else(|| format!("key-{index}"), |key| format!("key:{}", key.name)),
+        }
+    }
+
     pub fn new(keys: &[ApiKeyConfig], anonymous_allowed: bool) -> Self {
         Self {
             keys: keys

@@ -566,3 +566,86 @@ async fn a_delayed_will_waits_and_a_resumed_session_cancels_it() {
     drop(events);
     server.stop().await;
 }
+
+/// A stored session stays with the key that created it: another key connecting with the same
+/// client id is refused (CONNACK 0x87), and neither takes the session over nor discards it.
+#[tokio::test]
+async fn a_session_belongs_to_the_key_that_created_it() {
+    use herald_server::config::{ApiKeyConfig, CapabilityConfig};
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let key = |name: &str| ApiKeyConfig {
+        name: name.into(),
+        key: format!("{name}-key-0123456789"),
+        capabilities: vec![CapabilityConfig {
+            namespaces: vec!["fleet".into()],
+            operations: serde_json::from_value(json!(["publish", "subscribe", "history"])).unwrap(),
+        }],
+    };
+    let server = MqttServer::start_with(|config| {
+        config.dev = false;
+        config.api_keys = vec![key("owner"), key("other")];
+    })
+    .await;
+    let connect = |key_name: &str, clean_start: bool| {
+        let mut options = MqttOptions::new("shared-id", "127.0.0.1", server.mqtt_addr.port());
+        options.set_clean_start(clean_start);
+        options.set_session_expiry_interval(Some(3600));
+        options.set_credentials("any", format!("{key_name}-key-0123456789"));
+        AsyncClient::new(options, 16)
+    };
+    let (owner, mut owner_events) = connect("owner", true);
+    v5::next_packet(&mut owner_events, |p| matches!(p, Packet::ConnAck(_))).await;
+    owner.subscribe("fleet/+", QoS::AtLeastOnce).await.unwrap();
+    v5::next_packet(&mut owner_events, |p| matches!(p, Packet::SubAck(_))).await;
+    v5::disconnect(owner, owner_events).await;
+
+    for clean_start in [false, true] {
+        let (_other, mut events) = connect("other", clean_start);
+        let refused = tokio::time::timeout(WAIT, async {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(connack))) => return Some(connack.code),
+                    Ok(_) => {}
+                    Err(error) => {
+                        let text = error.to_string();
+                        assert!(text.contains("NotAuthorized"), "{text}");
+                        return None;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("an answer in time");
+        assert!(
+            refused.is_none_or(|code| code == ConnectReturnCode::NotAuthorized),
+            "{refused:?}"
+        );
+    }
+    let published = server
+        .http
+        .post(format!(
+            "http://{}/v1/channels/fleet:a/messages",
+            server.http_addr
+        ))
+        .bearer_auth("owner-key-0123456789")
+        .json(&json!({ "data": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(published.status().is_success());
+    let (_owner, mut owner_events) = connect("owner", false);
+    let Packet::ConnAck(connack) =
+        v5::next_packet(&mut owner_events, |p| matches!(p, Packet::ConnAck(_))).await
+    else {
+        unreachable!()
+    };
+    assert!(
+        connack.session_present,
+        "the other key neither took nor discarded it"
+    );
+    let delivered = v5::publishes(&mut owner_events, 1).await;
+    assert_eq!(&delivered[0].payload[..], b"1");
+    server.stop().await;
+}

@@ -32,6 +32,16 @@ use super::{
     Version,
 };
 
+/// Why [`Action::OpenSession`] failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionOpenError {
+    /// The store failed (CONNACK: Server Unavailable).
+    Unavailable(String),
+    /// The client id's stored session belongs to other credentials: neither resumed nor
+    /// discarded (CONNACK: Not Authorized).
+    OwnedByAnotherKey,
+}
+
 /// A CONNECT accepted so far, awaiting the driver's [`Action::Authenticate`] answer.
 #[derive(Clone, Debug)]
 pub(super) struct Connecting {
@@ -79,9 +89,11 @@ impl Session {
     }
 
     /// The answer to [`Action::OpenSession`]: the client id's stored session (`None`: there
-    /// is none, or it was discarded), or why it could not be opened (CONNACK refuses with
-    /// Server Unavailable).
-    pub fn handle_session_opened(&mut self, stored: Result<Option<StoredSession>, String>) {
+    /// is none, or it was discarded), or why it could not be opened (the CONNACK refuses).
+    pub fn handle_session_opened(
+        &mut self,
+        stored: Result<Option<StoredSession>, SessionOpenError>,
+    ) {
         if self.is_closed() {
             return;
         }
@@ -93,12 +105,20 @@ impl Session {
         };
         let stored = match stored {
             Ok(stored) => stored.filter(|_| !connecting.clean_start),
-            Err(error) => {
+            Err(SessionOpenError::Unavailable(error)) => {
                 self.phase = Phase::Closed;
                 return self.refuse_connect(
                     v3::ConnectAckReason::ServiceUnavailable,
                     v5::ConnectAckReason::ServerUnavailable,
                     &format!("the session cannot be opened: {error}"),
+                );
+            }
+            Err(SessionOpenError::OwnedByAnotherKey) => {
+                self.phase = Phase::Closed;
+                return self.refuse_connect(
+                    v3::ConnectAckReason::NotAuthorized,
+                    v5::ConnectAckReason::NotAuthorized,
+                    "this client id has a session that other credentials created",
                 );
             }
         };

@@ -97,6 +97,7 @@ use crate::topic::TopicFilter;
 
 use aliases::OutboundAliases;
 use connect::Connecting;
+pub use connect::SessionOpenError;
 use inbound::Inbound;
 use outbound::{Delivery, Outbound};
 use persistent::Persistence;

@@ -771,6 +771,7 @@ impl Session {
         StoredSession {
             format: STORED_SESSION_FORMAT,
             client_id: self.client_id.clone(),
+            owner: None,
             expiry_secs: persistence.expiry_secs,
             disconnected_ms: None,
             subscriptions: self

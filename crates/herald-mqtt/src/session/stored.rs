@@ -27,6 +27,10 @@ pub const STORED_SESSION_FORMAT: u32 = 1;
 pub struct StoredSession {
     pub format: u32,
     pub client_id: String,
+    /// Who may resume or discard it: the name of the credentials that created it (set by the
+    /// driver, which knows them). Another key using the same client id is refused.
+    #[serde(default)]
+    pub owner: Option<String>,
     /// How long the session outlives its connection, in seconds (`u32::MAX`: forever).
     pub expiry_secs: u32,
     /// When the last connection ended, in ms since the Unix epoch (`None` while connected).
@@ -147,6 +151,7 @@ mod tests {
         let mut session = StoredSession {
             format: STORED_SESSION_FORMAT,
             client_id: "sensor-1".into(),
+            owner: Some("devices".into()),
             expiry_secs: 3600,
             disconnected_ms: Some(5),
             subscriptions: vec![StoredSubscription {

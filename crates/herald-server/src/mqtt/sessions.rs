@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use herald_core::{ChannelName, Message, Position, ReadFrom};
 use herald_log::{LogStore, ReadError, ReadQuery};
-use herald_mqtt::session::{ChannelRead, ReadStart, StoredSession, session_key};
+use herald_mqtt::session::{ChannelRead, ReadStart, SessionOpenError, StoredSession, session_key};
 use herald_mqtt::topic::TopicFilter;
 use tokio::sync::watch;
 
@@ -39,13 +39,32 @@ pub fn now_ms() -> u64 {
     crate::durable::now().0
 }
 
-/// The stored session of `client_id`, for a connection that holds its claim. A clean start
-/// removes it (and returns `None`); so does an expired or unreadable record.
+/// Whether `client_id` has a stored, unexpired session that credentials other than `owner`
+/// created (such a session is neither resumed nor discarded by them).
+pub fn owned_by_another(context: &MqttContext, client_id: &str, owner: &str) -> bool {
+    context
+        .state
+        .store
+        .state(&session_key(client_id))
+        .and_then(|bytes| StoredSession::decode(&bytes).ok())
+        .filter(|stored| stored.client_id == client_id && !stored.expired_at(now_ms()))
+        .and_then(|stored| stored.owner)
+        .is_some_and(|stored_owner| stored_owner != owner)
+}
+
+/// The stored session of `client_id`, for a connection of `owner` that holds its claim. A
+/// clean start removes it (and returns `None`); so does an expired or unreadable record. One
+/// that other credentials created is refused.
 pub async fn open(
     context: &MqttContext,
     client_id: &str,
     clean_start: bool,
-) -> Result<Option<StoredSession>, String> {
+    owner: &str,
+) -> Result<Option<StoredSession>, SessionOpenError> {
+    // Checked again under the claim: the record may have changed since the first look.
+    if owned_by_another(context, client_id, owner) {
+        return Err(SessionOpenError::OwnedByAnotherKey);
+    }
     let store = &context.state.store;
     let key = session_key(client_id);
     let Some(bytes) = store.state(&key) else {
@@ -64,10 +83,9 @@ pub async fn open(
         .as_ref()
         .is_some_and(|stored| stored.expired_at(now_ms()));
     if clean_start || expired || stored.is_none() {
-        store
-            .remove_state(&key)
-            .await
-            .map_err(|error| format!("cannot remove the stored session: {error}"))?;
+        store.remove_state(&key).await.map_err(|error| {
+            SessionOpenError::Unavailable(format!("cannot remove the stored session: {error}"))
+        })?;
         if expired {
             counters
                 .sessions_expired_total

@@ -248,6 +248,7 @@ fn stored_session() -> StoredSession {
     StoredSession {
         format: crate::session::STORED_SESSION_FORMAT,
         client_id: "dev-1".into(),
+        owner: None,
         expiry_secs: 3600,
         disconnected_ms: Some(1),
         subscriptions: vec![crate::session::StoredSubscription {
