@@ -94,7 +94,7 @@ mod v3 {
         .await;
     }
 
-    pub const QOS: [QoS; 2] = [QoS::AtLeastOnce, QoS::ExactlyOnce];
+    pub const QOS: [QoS; 3] = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
 }
 
 mod v5 {
@@ -209,7 +209,7 @@ fn expected(topics: &[&str], first: u64, last: u64) -> BTreeMap<String, Vec<u64>
         .collect()
 }
 
-/// v3 `clean_session = 0` at QoS 1 and 2: messages published while the client is away —
+/// v3 `clean_session = 0` at QoS 0, 1 and 2: messages published while the client is away —
 /// before and after a server restart, on a channel that existed and on one created meanwhile
 /// — all arrive when it reconnects, in order per topic, each exactly once.
 #[tokio::test]
@@ -266,7 +266,7 @@ async fn v3_persistent_sessions_get_what_they_missed_across_a_reconnect_and_a_re
     server.stop().await;
 }
 
-/// v5 Session Expiry Interval at QoS 1 and 2, the same journey; a clean start afterwards
+/// v5 Session Expiry Interval at QoS 0, 1 and 2, the same journey; a clean start afterwards
 /// discards the session.
 #[tokio::test]
 async fn v5_persistent_sessions_get_what_they_missed_and_clean_start_discards_them() {
@@ -274,7 +274,7 @@ async fn v5_persistent_sessions_get_what_they_missed_and_clean_start_discards_th
     use rumqttc::v5::mqttbytes::v5::Packet;
     let dir = tempfile::tempdir().unwrap();
     let mut server = MqttServer::start_at(dir.path(), |_| {}).await;
-    for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
         let id = format!("fleet-v5-{}", qos as u8);
         let (a, b) = (format!("r{}:a", qos as u8), format!("r{}:b", qos as u8));
         let (topic_a, topic_b) = (format!("r{}/a", qos as u8), format!("r{}/b", qos as u8));
