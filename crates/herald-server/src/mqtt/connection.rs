@@ -20,7 +20,7 @@ use herald_mqtt::codec::error::DecodeError;
 use herald_mqtt::codec::{v3, v5};
 use herald_mqtt::session::{
     Action, AppendOutcome, AppendToken, AuthRefusal, ChannelRead, Packet, Session, SessionEnd,
-    session_key,
+    SessionOpenError, session_key,
 };
 use herald_mqtt::topic::TopicFilter;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -306,6 +306,14 @@ impl Connection {
         self.report_drops();
     }
 
+    /// The name of the connection's credentials (the owner of its stored session).
+    fn owner(&self) -> String {
+        self.principal.map_or_else(
+            || "anonymous".to_owned(),
+            |principal| self.context.state.auth.principal_name(principal),
+        )
+    }
+
     /// Whether the connection's key may read `channel` (every delivery is checked).
     fn may_read(&self, channel: &ChannelName) -> bool {
         self.principal.is_some_and(|principal| {
@@ -331,6 +339,7 @@ impl Connection {
             SessionEnd::Remove => Some(store.remove_state(&key)),
             SessionEnd::Keep(mut state) => {
                 state.disconnected_ms = Some(sessions::now_ms());
+                state.owner = Some(self.owner());
                 Some(store.save_state(&key, state.encode().into()))
             }
         };
@@ -430,6 +439,16 @@ impl Connection {
                 }
                 Action::PublishWill(will) => self.publish_will(will).await,
                 Action::OpenSession { client_id, clean } => {
+                    // Before the claim: another key must not even take the connection over.
+                    if sessions::owned_by_another(&self.context, &client_id, &self.owner()) {
+                        tracing::warn!(
+                            client_id,
+                            "MQTT CONNECT refused: the client id's session belongs to other credentials"
+                        );
+                        self.session
+                            .handle_session_opened(Err(SessionOpenError::OwnedByAnotherKey));
+                        continue;
+                    }
                     let mut claim = self
                         .context
                         .sessions
@@ -448,13 +467,18 @@ impl Connection {
                     self.evicted = Some(claim.take_evicted());
                     self.claim = Some(claim);
                     publish::session_reopened(&self.context, &client_id, clean).await;
-                    let opened = sessions::open(&self.context, &client_id, clean).await;
+                    let opened =
+                        sessions::open(&self.context, &client_id, clean, &self.owner()).await;
                     if let Err(error) = &opened {
-                        tracing::warn!(client_id, error, "MQTT session cannot be opened");
+                        tracing::warn!(client_id, ?error, "MQTT session cannot be opened");
                     }
                     self.session.handle_session_opened(opened);
                 }
-                Action::SaveSession { generation, state } => {
+                Action::SaveSession {
+                    generation,
+                    mut state,
+                } => {
+                    state.owner = Some(self.owner());
                     let key = session_key(&state.client_id);
                     let value = bytes::Bytes::from(state.encode());
                     // Queued now, in order with the appends that follow it.
