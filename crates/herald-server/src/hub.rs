@@ -16,9 +16,14 @@
 //! - Pattern feeds ([`Hub::subscribe_matching`], MQTT wildcard filters) get every durable
 //!   message whose channel their predicate accepts, in commit order, through a bounded queue;
 //!   a message that finds the queue full is dropped and counted in [`PatternReceiver::dropped`],
-//!   never silently. The predicate runs on the commit path, once per message and feed.
+//!   never silently. The predicate runs on the commit path, once per message and feed whose
+//!   [`FeedScope`] may hold the message's channel: feeds are indexed by exact channel and by
+//!   first topic level, so a message is tested only against the feeds that can want it, not
+//!   against every connection. A feed's scope always covers every channel its predicate
+//!   accepts (a feed narrows it with [`PatternReceiver::set_scope`] before its predicate
+//!   accepts less, and widens it before its predicate accepts more).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
@@ -82,11 +87,115 @@ pub trait ChannelObserver: Send + Sync + 'static {
 /// be quick and must not block (a short `std::sync::RwLock` read is fine).
 pub type ChannelMatcher = Arc<dyn Fn(&ChannelName) -> bool + Send + Sync>;
 
+/// The channels a pattern feed may receive: a superset of what its predicate accepts, used
+/// to find the feeds a message must be tested against.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeedScope {
+    /// Channels named exactly.
+    pub channels: BTreeSet<ChannelName>,
+    /// First topic levels: every channel whose name up to the first `:` (or whole name, for
+    /// a bare channel) is one of these.
+    pub first_levels: BTreeSet<String>,
+    /// Any channel at all (a filter starting with a wildcard).
+    pub everything: bool,
+}
+
+impl FeedScope {
+    /// Every channel: what a feed's scope is until it is narrowed.
+    pub fn everything() -> FeedScope {
+        FeedScope {
+            everything: true,
+            ..FeedScope::default()
+        }
+    }
+}
+
+/// The first topic level of a channel: its namespace, or the whole name of a bare channel
+/// (`chat/#` matches both `chat:a` and the bare `chat`).
+pub fn first_level(channel: &ChannelName) -> &str {
+    let name = channel.as_str();
+    name.split_once(':').map_or(name, |(first, _)| first)
+}
+
 struct PatternFeed {
-    id: u64,
     matcher: ChannelMatcher,
     sender: mpsc::Sender<Arc<LiveMessage>>,
     dropped: Arc<AtomicU64>,
+}
+
+/// A feed as the index holds it.
+type Indexed = (u64, Arc<PatternFeed>);
+
+/// The pattern feeds, with their scopes, and their index by scope.
+#[derive(Default)]
+struct Patterns {
+    feeds: HashMap<u64, (Arc<PatternFeed>, FeedScope)>,
+    by_channel: HashMap<ChannelName, Vec<Indexed>>,
+    by_first_level: HashMap<String, Vec<Indexed>>,
+    everywhere: Vec<Indexed>,
+}
+
+impl Patterns {
+    fn index(&mut self, id: u64, feed: &Arc<PatternFeed>, scope: &FeedScope) {
+        for channel in &scope.channels {
+            self.by_channel
+                .entry(channel.clone())
+                .or_default()
+                .push((id, feed.clone()));
+        }
+        for level in &scope.first_levels {
+            self.by_first_level
+                .entry(level.clone())
+                .or_default()
+                .push((id, feed.clone()));
+        }
+        if scope.everything {
+            self.everywhere.push((id, feed.clone()));
+        }
+    }
+
+    fn unindex(&mut self, id: u64, scope: &FeedScope) {
+        fn remove<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<Indexed>>, key: &K, id: u64) {
+            if let Some(feeds) = map.get_mut(key) {
+                feeds.retain(|(other, _)| *other != id);
+                if feeds.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        for channel in &scope.channels {
+            remove(&mut self.by_channel, channel, id);
+        }
+        for level in &scope.first_levels {
+            remove(&mut self.by_first_level, level, id);
+        }
+        if scope.everything {
+            self.everywhere.retain(|(other, _)| *other != id);
+        }
+    }
+
+    /// The feeds whose scope holds `channel`, each once, into `candidates`.
+    fn candidates<'a>(
+        &'a self,
+        channel: &ChannelName,
+        candidates: &mut Vec<(u64, &'a PatternFeed)>,
+    ) {
+        candidates.clear();
+        let by_channel = self.by_channel.get(channel).map(Vec::as_slice);
+        let by_level = self
+            .by_first_level
+            .get(first_level(channel))
+            .map(Vec::as_slice);
+        for indexed in [by_channel, by_level, Some(self.everywhere.as_slice())]
+            .into_iter()
+            .flatten()
+        {
+            candidates.extend(indexed.iter().map(|(id, feed)| (*id, feed.as_ref())));
+        }
+        // A feed in several parts of the index (`chat:a` and `chat/#`) gets the message once.
+        candidates.sort_unstable_by_key(|(id, _)| *id);
+        candidates.dedup_by_key(|(id, _)| *id);
+    }
 }
 
 /// The per-channel live rings.
@@ -94,7 +203,7 @@ pub struct Hub {
     feeds: RwLock<HashMap<ChannelName, broadcast::Sender<Arc<LiveMessage>>>>,
     ring_messages: usize,
     observer: OnceLock<Arc<dyn ChannelObserver>>,
-    patterns: RwLock<Vec<PatternFeed>>,
+    patterns: RwLock<Patterns>,
     next_pattern_id: AtomicU64,
 }
 
@@ -105,14 +214,15 @@ impl Hub {
             feeds: RwLock::new(HashMap::new()),
             ring_messages: ring_messages.max(1),
             observer: OnceLock::new(),
-            patterns: RwLock::new(Vec::new()),
+            patterns: RwLock::new(Patterns::default()),
             next_pattern_id: AtomicU64::new(0),
         }
     }
 
     /// Registers a feed of every message made durable from now on whose channel `matcher`
     /// accepts, through a queue of `capacity` messages (full: dropped and counted). The feed
-    /// is removed when the receiver is dropped.
+    /// is removed when the receiver is dropped. Its scope is every channel until
+    /// [`PatternReceiver::set_scope`] narrows it.
     pub fn subscribe_matching(
         self: &Arc<Self>,
         matcher: ChannelMatcher,
@@ -121,15 +231,19 @@ impl Hub {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         let id = self.next_pattern_id.fetch_add(1, Ordering::Relaxed);
         let dropped = Arc::new(AtomicU64::new(0));
-        self.patterns
+        let feed = Arc::new(PatternFeed {
+            matcher,
+            sender,
+            dropped: dropped.clone(),
+        });
+        let scope = FeedScope::everything();
+        let mut patterns = self
+            .patterns
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(PatternFeed {
-                id,
-                matcher,
-                sender,
-                dropped: dropped.clone(),
-            });
+            .unwrap_or_else(PoisonError::into_inner);
+        patterns.index(id, &feed, &scope);
+        patterns.feeds.insert(id, (feed, scope));
+        drop(patterns);
         PatternReceiver {
             hub: self.clone(),
             id,
@@ -143,6 +257,7 @@ impl Hub {
         self.patterns
             .read()
             .unwrap_or_else(PoisonError::into_inner)
+            .feeds
             .len()
     }
 
@@ -234,15 +349,37 @@ impl PatternReceiver {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// Replaces the feed's scope: only messages of channels in it are offered to its
+    /// predicate from now on. It must cover every channel the predicate accepts.
+    pub fn set_scope(&self, scope: FeedScope) {
+        let mut patterns = self
+            .hub
+            .patterns
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some((feed, old)) = patterns.feeds.get(&self.id).cloned() else {
+            return;
+        };
+        if old == scope {
+            return;
+        }
+        patterns.unindex(self.id, &old);
+        patterns.index(self.id, &feed, &scope);
+        patterns.feeds.insert(self.id, (feed, scope));
+    }
 }
 
 impl Drop for PatternReceiver {
     fn drop(&mut self) {
-        self.hub
+        let mut patterns = self
+            .hub
             .patterns
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|feed| feed.id != self.id);
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, scope)) = patterns.feeds.remove(&self.id) {
+            patterns.unindex(self.id, &scope);
+        }
     }
 }
 
@@ -253,9 +390,10 @@ impl DurableListener for Hub {
         }
         let feeds = self.feeds.read().unwrap_or_else(PoisonError::into_inner);
         let patterns = self.patterns.read().unwrap_or_else(PoisonError::into_inner);
-        if feeds.is_empty() && patterns.is_empty() {
+        if feeds.is_empty() && patterns.feeds.is_empty() {
             return;
         }
+        let mut candidates = Vec::new();
         for message in messages {
             let mut live = None;
             if let Some(sender) = feeds.get(&message.channel) {
@@ -264,7 +402,8 @@ impl DurableListener for Hub {
                 let _ = sender.send(shared.clone());
                 live = Some(shared);
             }
-            for feed in patterns.iter() {
+            patterns.candidates(&message.channel, &mut candidates);
+            for (_, feed) in &candidates {
                 if !(feed.matcher)(&message.channel) {
                     continue;
                 }
@@ -345,6 +484,62 @@ mod tests {
         assert_eq!(hub.pattern_feeds(), 1);
         drop(feed);
         assert_eq!(hub.pattern_feeds(), 0);
+    }
+
+    /// A feed narrowed to a scope is offered only its scope's messages (exact channels, first
+    /// levels, bare channels of a level), each once even when several parts of the scope hold
+    /// its channel; feeds in no part of the index are not tested at all.
+    #[test]
+    fn pattern_feeds_are_offered_only_what_their_scope_holds() {
+        let hub = Arc::new(Hub::new(8));
+        let tested = Arc::new(AtomicU64::new(0));
+        let counting = |tested: &Arc<AtomicU64>| -> ChannelMatcher {
+            let tested = tested.clone();
+            Arc::new(move |_: &ChannelName| {
+                tested.fetch_add(1, Ordering::Relaxed);
+                true
+            })
+        };
+        let chat_a = ChannelName::parse("chat:a").unwrap();
+        let chat_bare = ChannelName::parse("chat").unwrap();
+        let news_a = ChannelName::parse("news:a").unwrap();
+        let mut both = hub.subscribe_matching(counting(&tested), 16);
+        both.set_scope(FeedScope {
+            channels: BTreeSet::from([chat_a.clone()]),
+            first_levels: BTreeSet::from(["chat".to_owned()]),
+            everything: false,
+        });
+        let mut exact = hub.subscribe_matching(counting(&tested), 16);
+        exact.set_scope(FeedScope {
+            channels: BTreeSet::from([news_a.clone()]),
+            ..FeedScope::default()
+        });
+        hub.on_durable(&[
+            message(&chat_a, 1),
+            message(&chat_bare, 1),
+            message(&news_a, 1),
+        ]);
+        let received = |feed: &mut PatternReceiver| {
+            let mut channels = Vec::new();
+            while let Ok(live) = feed.receiver().try_recv() {
+                channels.push(live.message.channel.to_string());
+            }
+            channels
+        };
+        assert_eq!(received(&mut both), ["chat:a", "chat"]);
+        assert_eq!(received(&mut exact), ["news:a"]);
+        // Three offers: each message to the one feed whose scope holds it.
+        assert_eq!(tested.load(Ordering::Relaxed), 3);
+        // Widened to everything, the exact feed sees every channel again.
+        exact.set_scope(FeedScope::everything());
+        hub.on_durable(&[message(&chat_a, 2)]);
+        assert_eq!(received(&mut exact), ["chat:a"]);
+        drop(both);
+        drop(exact);
+        assert_eq!(hub.pattern_feeds(), 0);
+        let patterns = hub.patterns.read().unwrap();
+        assert!(patterns.by_channel.is_empty() && patterns.by_first_level.is_empty());
+        assert!(patterns.everywhere.is_empty());
     }
 
     #[test]

@@ -363,7 +363,7 @@ impl Committer {
             };
             let mut frames: Vec<(usize, usize)> = Vec::new();
             // Locked per batch, not per group, so readers wait for one batch at most.
-            let result = {
+            let mut result = {
                 let mut state = self.shared.write_state();
                 state
                     .table
@@ -391,9 +391,10 @@ impl Committer {
                 tops.push((channel.clone(), last.serial));
             }
             if listener.is_some()
-                && let Ok(sequenced) = &result
+                && let Ok(sequenced) = &mut result
             {
-                made_durable.extend(sequenced.new_messages.iter().cloned());
+                // Moved, not cloned: the reply needs only `replies`.
+                made_durable.append(&mut sequenced.new_messages);
             }
             outcomes.push(Outcome::Append(
                 reply,

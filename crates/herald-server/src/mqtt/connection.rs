@@ -3,18 +3,29 @@
 //! per burst. Append and session-save completions, the hub feed and a takeover of the client
 //! id come back into the same `select!`, so the session is only ever touched by this task.
 //!
+//! Appends in flight are polled by this task itself ([`Connection::appends`], at most
+//! `publishes_in_flight_max`): no task per PUBLISH, and one group commit's answers are
+//! handled as one burst (one wake-up, one write of their PUBACKs). Only a retained publish
+//! leaves through a task, which indexes it before its answer comes back through
+//! `completions`. Appends still in flight when the connection ends are settled (counted,
+//! retained ones indexed) by a task of their own.
+//!
 //! Past CONNECT the connection holds the claim on its client id (see [`super::sessions`]);
 //! when it ends, a persistent session's final state is saved before the claim is released,
 //! so the next connection of the client id resumes exactly where this one stopped.
 
 use std::collections::BTreeMap;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use herald_core::ChannelName;
-use herald_log::AppendError;
+use futures_util::FutureExt as _;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use herald_core::{ChannelName, MessageId};
+use herald_log::{AppendError, AppendTicket, Appended};
 use herald_mqtt::PacketDecoder;
 use herald_mqtt::codec::error::DecodeError;
 use herald_mqtt::codec::{v3, v5};
@@ -32,12 +43,17 @@ use super::{MqttContext, publish, sessions};
 use crate::auth::{Operation, Principal};
 use crate::durable::Eviction;
 use crate::durable::registry::Claim;
-use crate::hub::{ChannelMatcher, PatternReceiver};
+use crate::hub::{ChannelMatcher, FeedScope, PatternReceiver};
 
 /// Packets queued for the writer.
 const WRITER_QUEUE_PACKETS: usize = 256;
 /// Bytes read from the socket at most per read.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Feed messages handed to the session at most before its actions run: a burst goes out as
+/// one write, and a persistent session saves once for the burst instead of once per message.
+const FEED_BURST_MAX: usize = 64;
+/// Acknowledgements from the client handed to the session at most before its actions run.
+const ACK_BURST_MAX: usize = 256;
 /// A session save refused because the store's commit queue is full is tried again this many
 /// times, this far apart, before the connection gives up.
 const SAVE_RETRIES_WHEN_OVERLOADED: usize = 50;
@@ -54,6 +70,40 @@ enum Outgoing {
 
 /// An append's answer, with the slot it held.
 type Completion = (AppendToken, AppendOutcome, OwnedSemaphorePermit);
+
+/// One append in flight: its ticket, with what its answer needs once the ticket completes.
+struct InFlight {
+    ticket: AppendTicket,
+    /// Taken when the ticket completes.
+    pending: Option<PendingAnswer>,
+}
+
+/// What an append's answer needs besides the store's result.
+struct PendingAnswer {
+    token: AppendToken,
+    /// A retained publish: indexed once durable, before it is acknowledged.
+    retained: Option<(ChannelName, MessageId)>,
+    /// The append's slot of `append_slots`, released once the answer is handled.
+    slot: OwnedSemaphorePermit,
+}
+
+/// A completed append.
+struct Settled {
+    answer: PendingAnswer,
+    result: Result<Vec<Appended>, AppendError>,
+}
+
+impl Future for InFlight {
+    type Output = Settled;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Settled> {
+        let this = &mut *self;
+        Pin::new(&mut this.ticket).poll(cx).map(|result| Settled {
+            answer: this.pending.take().expect("an append completes once"),
+            result,
+        })
+    }
+}
 /// A session save's answer: its generation and outcome.
 type Saved = (u64, Result<(), String>);
 
@@ -67,10 +117,12 @@ struct Connection {
     principal: Option<Principal>,
     filters: Filters,
     feed: Option<PatternReceiver>,
+    /// Appends in flight, polled by this task (each holds a slot of `append_slots`).
+    appends: FuturesUnordered<InFlight>,
     appended: mpsc::Sender<Completion>,
-    /// Completed appends. Each carries its slot of `append_slots`, released only once the
-    /// completion is handled: at most `publishes_in_flight_max` are ever queued, so a
-    /// completing append never waits for the connection.
+    /// Completed retained appends, once indexed. Each carries its slot of `append_slots`,
+    /// released only once the completion is handled: at most `publishes_in_flight_max` are
+    /// ever queued, so a completing append never waits for the connection.
     completions: mpsc::Receiver<Completion>,
     append_slots: Arc<Semaphore>,
     /// Session saves in flight report here (at most one per burst of session input).
@@ -115,6 +167,7 @@ where
         principal: None,
         filters: Arc::default(),
         feed: None,
+        appends: FuturesUnordered::new(),
         appended,
         completions,
         saved,
@@ -151,13 +204,22 @@ where
                     None => deadline,
                 };
             }
+            Some(settled) = connection.appends.next(), if !connection.appends.is_empty() => {
+                connection.settle(settled);
+                // The rest of the same group commit is usually complete too: answered
+                // together, their acknowledgements leave in one write.
+                while let Some(Some(settled)) = connection.appends.next().now_or_never() {
+                    connection.settle(settled);
+                }
+                connection.run_actions().await;
+            }
             Some((token, outcome, slot)) = connection.completions.recv() => {
                 drop(slot);
                 connection.session.handle_appended(token, outcome);
                 connection.run_actions().await;
             }
             Some(live) = recv_feed(&mut connection.feed) => {
-                connection.deliver(&live.message).await;
+                connection.deliver_burst(&live.message).await;
             }
             Some((key, live)) = connection.shared_deliveries.recv() => {
                 connection.session.handle_shared_delivery(&key, &live.message);
@@ -193,6 +255,7 @@ where
     }
     connection.finish_session().await;
     connection.report_drops();
+    settle_abandoned(&context, std::mem::take(&mut connection.appends));
     if connection.drops_reported > 0 {
         tracing::warn!(
             %peer,
@@ -220,6 +283,41 @@ async fn read_some(
     reader.read_buf(buffer).await
 }
 
+/// The channels `filters` can match, for the hub's index of feeds: exact channels, the
+/// literal first levels of wildcard filters, or everything for a filter starting with one.
+fn scope_of<'a>(filters: impl Iterator<Item = &'a TopicFilter>) -> FeedScope {
+    let mut scope = FeedScope::default();
+    for filter in filters {
+        if let Some(channel) = filter.exact_channel() {
+            scope.channels.insert(channel.clone());
+            continue;
+        }
+        match filter.as_str().split('/').next() {
+            Some(level) if level != "+" && level != "#" => {
+                scope.first_levels.insert(level.to_owned());
+            }
+            _ => scope.everything = true,
+        }
+    }
+    scope
+}
+
+/// A client's acknowledgement of a delivery: handled in bursts (see `decode_all`).
+fn is_delivery_ack(packet: &Packet) -> bool {
+    matches!(
+        packet,
+        Packet::V3(
+            v3::Packet::PublishAck { .. }
+                | v3::Packet::PublishReceived { .. }
+                | v3::Packet::PublishComplete { .. }
+        ) | Packet::V5(
+            v5::Packet::PublishAck(_)
+                | v5::Packet::PublishReceived(_)
+                | v5::Packet::PublishComplete(_)
+        )
+    )
+}
+
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600)
 }
@@ -241,14 +339,37 @@ async fn recv_feed(feed: &mut Option<PatternReceiver>) -> Option<Arc<crate::hub:
 }
 
 impl Connection {
-    /// Decodes and handles every complete packet in `buffer`.
+    /// Decodes and handles every complete packet in `buffer`. The client's acknowledgements
+    /// of deliveries (PUBACK, PUBREC, PUBCOMP) that arrive together are handed to the session
+    /// together before their actions run, so a persistent session saves once for the burst
+    /// rather than once per acknowledgement. Every other packet's actions run before the
+    /// next packet is handled.
     async fn decode_all(&mut self, buffer: &mut BytesMut, decoder: &mut PacketDecoder) {
+        let mut acks_pending = 0;
         while !self.closing {
             match decoder.decode(buffer) {
-                Ok(None) => return,
-                Ok(Some(packet)) => self.session.handle_packet(packet),
+                Ok(None) => break,
+                Ok(Some(packet)) => {
+                    let ack = is_delivery_ack(&packet);
+                    if !ack && acks_pending > 0 {
+                        acks_pending = 0;
+                        self.run_actions().await;
+                        if self.closing {
+                            return;
+                        }
+                    }
+                    self.session.handle_packet(packet);
+                    if ack && acks_pending + 1 < ACK_BURST_MAX {
+                        acks_pending += 1;
+                        continue;
+                    }
+                }
                 Err(error) => self.session.handle_decode_error(&error),
             }
+            acks_pending = 0;
+            self.run_actions().await;
+        }
+        if acks_pending > 0 {
             self.run_actions().await;
         }
     }
@@ -280,7 +401,26 @@ impl Connection {
         }
     }
 
-    async fn deliver(&mut self, message: &herald_core::Message) {
+    /// Hands `first` and what else the feed already holds (at most [`FEED_BURST_MAX`]) to the
+    /// session, then runs the actions once for the burst.
+    async fn deliver_burst(&mut self, first: &herald_core::Message) {
+        self.deliver(first);
+        for _ in 1..FEED_BURST_MAX {
+            let next = self
+                .feed
+                .as_mut()
+                .and_then(|feed| feed.receiver().try_recv().ok());
+            let Some(live) = next else {
+                break;
+            };
+            self.deliver(&live.message);
+        }
+        self.run_actions().await;
+        self.report_drops();
+    }
+
+    /// Hands one feed message to the session (see [`Connection::deliver_burst`]).
+    fn deliver(&mut self, message: &herald_core::Message) {
         // Wildcard filters were authorized on their namespace at most: each channel is checked.
         let Some(principal) = self.principal else {
             return;
@@ -302,8 +442,6 @@ impl Connection {
                 self.session.handle_feed_gap();
             }
         }
-        self.run_actions().await;
-        self.report_drops();
     }
 
     /// The name of the connection's credentials (the owner of its stored session).
@@ -431,12 +569,7 @@ impl Connection {
                 Action::UnsubscribeShared { key } => {
                     self.memberships.remove(&key);
                 }
-                Action::Unsubscribe { filter } => {
-                    self.filters
-                        .write()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(filter.as_str());
-                }
+                Action::Unsubscribe { filter } => self.unsubscribe(&filter),
                 Action::PublishWill(will) => self.publish_will(will).await,
                 Action::OpenSession { client_id, clean } => {
                     // Before the claim: another key must not even take the connection over.
@@ -617,11 +750,18 @@ impl Connection {
         }
     }
 
+    /// Adds `filter` to the connection's feed. The feed's scope is widened before the
+    /// matcher accepts the new filter's channels, so no message in between is passed over.
     fn subscribe(&mut self, filter: TopicFilter) {
-        self.filters
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(filter.as_str().to_owned(), filter);
+        if let Some(feed) = &self.feed {
+            let filters = self.filters.read().unwrap_or_else(PoisonError::into_inner);
+            feed.set_scope(scope_of(filters.values().chain([&filter])));
+        }
+        let scope = {
+            let mut filters = self.filters.write().unwrap_or_else(PoisonError::into_inner);
+            filters.insert(filter.as_str().to_owned(), filter);
+            scope_of(filters.values())
+        };
         if self.feed.is_none() {
             let filters = self.filters.clone();
             let matcher: ChannelMatcher = Arc::new(move |channel: &ChannelName| {
@@ -632,8 +772,22 @@ impl Connection {
                     .any(|filter| filter.matches_channel(channel))
             });
             let hub = &self.context.state.realtime.live.hub;
-            self.feed =
-                Some(hub.subscribe_matching(matcher, self.context.config.outbound_queue_messages));
+            let feed = hub.subscribe_matching(matcher, self.context.config.outbound_queue_messages);
+            // Registered with every channel in scope, narrowed once the matcher is in place.
+            feed.set_scope(scope);
+            self.feed = Some(feed);
+        }
+    }
+
+    /// Removes `filter` from the connection's feed: the matcher first, then the scope.
+    fn unsubscribe(&mut self, filter: &TopicFilter) {
+        let scope = {
+            let mut filters = self.filters.write().unwrap_or_else(PoisonError::into_inner);
+            filters.remove(filter.as_str());
+            scope_of(filters.values())
+        };
+        if let Some(feed) = &self.feed {
+            feed.set_scope(scope);
         }
     }
 
@@ -663,10 +817,10 @@ impl Connection {
         channel: ChannelName,
         message: herald_core::NewMessage,
     ) {
-        let state = &self.context.state;
         let refused = self.refusal(&channel, &message);
         if let Some(outcome) = refused {
-            state
+            self.context
+                .state
                 .metrics
                 .mqtt
                 .publishes_refused_total
@@ -680,12 +834,20 @@ impl Connection {
             if let Ok(slot) = self.append_slots.clone().try_acquire_owned() {
                 break slot;
             }
-            let Some((token, outcome, slot)) = self.completions.recv().await else {
-                return;
-            };
-            drop(slot);
-            // Its actions join the queue `run_actions` is draining.
-            self.session.handle_appended(token, outcome);
+            // Every slot is held by an append in `appends` or by a retained one being indexed.
+            // Their actions join the queue `run_actions` is draining.
+            tokio::select! {
+                Some(settled) = self.appends.next(), if !self.appends.is_empty() => {
+                    self.settle(settled);
+                }
+                completion = self.completions.recv() => {
+                    let Some((token, outcome, slot)) = completion else {
+                        return;
+                    };
+                    drop(slot);
+                    self.session.handle_appended(token, outcome);
+                }
+            }
         };
         if self.session.is_closed() {
             // That answer ended the connection: this message is not stored, nor acknowledged.
@@ -695,40 +857,85 @@ impl Connection {
             .headers
             .contains_key(herald_mqtt::HEADER_RETAIN)
             .then(|| (channel.clone(), message.id.clone()));
-        let ticket = state.store.append(channel, vec![message]);
-        let appended = self.appended.clone();
-        let context = self.context.clone();
-        tokio::spawn(async move {
-            let outcome = match ticket.await {
-                Ok(_) => {
-                    if let Some((channel, id)) = retained {
-                        // Indexed before the acknowledgement: a subscriber that comes after
-                        // the PUBACK gets it.
-                        publish::index_retained(&context, channel, id).await;
-                    }
-                    AppendOutcome::Durable
-                }
-                Err(AppendError::Overloaded) => AppendOutcome::Overloaded,
-                Err(AppendError::Invalid(invalid)) => AppendOutcome::Invalid(invalid.to_string()),
-                Err(error) => AppendOutcome::Failed(error.to_string()),
-            };
-            // Counted here: the connection may be gone (a QoS 0 publisher disconnecting right
-            // after its last PUBLISH), the append still completes.
-            let counters = &context.state.metrics.mqtt;
-            if outcome == AppendOutcome::Durable {
-                counters
-                    .publishes_durable_total
-                    .fetch_add(1, Ordering::Relaxed);
-            } else {
-                counters
-                    .publishes_refused_total
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(?outcome, "MQTT publish not stored");
-            }
-            // Never waits: the channel holds as many completions as there are slots.
-            let _ = appended.send((token, outcome, slot)).await;
+        let ticket = self.context.state.store.append(channel, vec![message]);
+        self.appends.push(InFlight {
+            ticket,
+            pending: Some(PendingAnswer {
+                token,
+                retained,
+                slot,
+            }),
         });
     }
+
+    /// Answers a completed append; a retained one is indexed first, on a task of its own,
+    /// and answered through `completions`.
+    fn settle(&mut self, settled: Settled) {
+        let Settled { answer, result } = settled;
+        let outcome = count_outcome(&self.context, result);
+        match answer.retained {
+            Some((channel, id)) if outcome == AppendOutcome::Durable => {
+                let context = self.context.clone();
+                let appended = self.appended.clone();
+                tokio::spawn(async move {
+                    // Indexed before the acknowledgement: a subscriber that comes after the
+                    // PUBACK gets it.
+                    publish::index_retained(&context, channel, id).await;
+                    // Never waits: the channel holds as many completions as there are slots.
+                    let _ = appended.send((answer.token, outcome, answer.slot)).await;
+                });
+            }
+            _ => {
+                drop(answer.slot);
+                self.session.handle_appended(answer.token, outcome);
+            }
+        }
+    }
+}
+
+/// The outcome of an append's result, counted in the MQTT metrics.
+fn count_outcome(
+    context: &MqttContext,
+    result: Result<Vec<Appended>, AppendError>,
+) -> AppendOutcome {
+    let outcome = match result {
+        Ok(_) => AppendOutcome::Durable,
+        Err(AppendError::Overloaded) => AppendOutcome::Overloaded,
+        Err(AppendError::Invalid(invalid)) => AppendOutcome::Invalid(invalid.to_string()),
+        Err(error) => AppendOutcome::Failed(error.to_string()),
+    };
+    let counters = &context.state.metrics.mqtt;
+    if outcome == AppendOutcome::Durable {
+        counters
+            .publishes_durable_total
+            .fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters
+            .publishes_refused_total
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(?outcome, "MQTT publish not stored");
+    }
+    outcome
+}
+
+/// Appends still in flight when their connection ends (a QoS 0 publisher disconnecting right
+/// after its last PUBLISH): they still complete, and are counted, and a retained one indexed.
+/// Bounded: at most `publishes_in_flight_max` of them.
+fn settle_abandoned(context: &Arc<MqttContext>, mut appends: FuturesUnordered<InFlight>) {
+    if appends.is_empty() {
+        return;
+    }
+    let context = context.clone();
+    tokio::spawn(async move {
+        while let Some(Settled { answer, result }) = appends.next().await {
+            let outcome = count_outcome(&context, result);
+            if let Some((channel, id)) = answer.retained
+                && outcome == AppendOutcome::Durable
+            {
+                publish::index_retained(&context, channel, id).await;
+            }
+        }
+    });
 }
 
 /// Encodes queued packets into the socket; one write per burst of ready packets.

@@ -28,6 +28,11 @@
 //!   p50, p99, max (and delivered/s, which falls short of the rate if the broker held the
 //!   publisher back).
 //!
+//! `--sessions clean,persistent` runs every case a second time with subscribers on a
+//! persistent session (`clean_session = 0`): Herald saves such a session's state to its log
+//! before each batch of deliveries it sends, so the row shows what those saves cost; Mosquitto
+//! keeps sessions in memory. The publisher's session is always clean.
+//!
 //! After each phase the bench waits (at most `--drain-timeout`) for the publisher's acks and
 //! for every subscriber to reach the phase's last message, then counts expected deliveries
 //! that never arrived and messages received twice or out of order.
@@ -52,7 +57,7 @@ mod clients;
 mod report;
 
 use self::broker::{Broker, BrokerProcess, HeraldCounters};
-use self::clients::{Endpoint, Publisher, PublisherEvents, Sampling, SubscriberGroup};
+use self::clients::{Endpoint, Publisher, PublisherEvents, Sampling, SessionKind, SubscriberGroup};
 use self::clients::{clock_us, qos_of};
 use self::report::{BrokerInfo, DeliveryCheck, LatencyRow, MqttReport, Settings};
 use self::report::{ThroughputRow, Window};
@@ -93,6 +98,11 @@ pub struct MqttArgs {
     /// Subscriber counts, one case each (comma separated); every case has one publisher.
     #[arg(long, value_delimiter = ',', default_value = "1,100", value_parser = parse_subscribers)]
     pub subscribers: Vec<usize>,
+
+    /// The subscribers' sessions, one run of every case each (comma separated): clean,
+    /// persistent (`clean_session = 0`; Herald saves the session before each delivery batch).
+    #[arg(long, value_delimiter = ',', default_value = "clean", value_parser = SessionKind::parse)]
+    pub(crate) sessions: Vec<SessionKind>,
 
     /// Measured time of each phase (after the warm-up), e.g. `5s`.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -258,25 +268,31 @@ async fn run_cases(
     let mut throughput = Vec::new();
     let mut latency = Vec::new();
     let mut case_errors = Vec::new();
+    let mut sessions = args.sessions.clone();
+    sessions.sort();
+    sessions.dedup();
     for &qos in &args.qos {
         for &subscribers in &args.subscribers {
-            for process in brokers {
-                let case = Case {
-                    args,
-                    process,
-                    qos,
-                    subscribers,
-                    metrics_client: &metrics_client,
-                };
-                match case.run(tag).await {
-                    Ok((throughput_row, latency_row)) => {
-                        throughput.push(throughput_row);
-                        latency.push(latency_row);
-                    }
-                    Err(error) => {
-                        let message = format!("{}: {error:#}", case.label());
-                        eprintln!("{message}");
-                        case_errors.push(message);
+            for &session in &sessions {
+                for process in brokers {
+                    let case = Case {
+                        args,
+                        process,
+                        qos,
+                        subscribers,
+                        session,
+                        metrics_client: &metrics_client,
+                    };
+                    match case.run(tag).await {
+                        Ok((throughput_row, latency_row)) => {
+                            throughput.push(throughput_row);
+                            latency.push(latency_row);
+                        }
+                        Err(error) => {
+                            let message = format!("{}: {error:#}", case.label());
+                            eprintln!("{message}");
+                            case_errors.push(message);
+                        }
                     }
                 }
             }
@@ -285,19 +301,21 @@ async fn run_cases(
     Ok((throughput, latency, case_errors))
 }
 
-/// One broker, QoS and subscriber count.
+/// One broker, QoS, subscriber count and subscriber session.
 struct Case<'a> {
     args: &'a MqttArgs,
     process: &'a BrokerProcess,
     qos: u8,
     subscribers: usize,
+    session: SessionKind,
     metrics_client: &'a reqwest::Client,
 }
 
 impl Case<'_> {
     fn label(&self) -> String {
+        let session = self.session.label_suffix();
         format!(
-            "{:<9} qos {} 1->{:<4}",
+            "{:<9} qos {} 1->{:<4}{session}",
             self.process.broker.as_str(),
             self.qos,
             self.subscribers
@@ -310,12 +328,14 @@ impl Case<'_> {
             password: None,
             message_bytes: self.args.message_bytes as usize,
             inflight: self.args.inflight,
+            subscriber_session: self.session,
         };
         let name = format!(
-            "{tag}-{}-q{}-n{}",
+            "{tag}-{}-q{}-n{}-{}",
             self.process.broker.as_str(),
             self.qos,
-            self.subscribers
+            self.subscribers,
+            self.session.as_str()
         );
         let topic = format!("bench/mqtt-{name}");
         let qos = qos_of(self.qos);
@@ -401,6 +421,7 @@ impl Phases<'_> {
             broker: self.case.process.broker,
             qos: self.case.qos,
             subscribers: self.group.len(),
+            session: self.case.session,
             window,
             check,
         }
@@ -439,6 +460,7 @@ impl Phases<'_> {
             broker: self.case.process.broker,
             qos: self.case.qos,
             subscribers: self.group.len(),
+            session: self.case.session,
             rate: args.rate,
             latency: PhaseResult::from_samples(window.delivered, window.seconds, latencies_us),
             window,
@@ -686,6 +708,7 @@ mod tests {
                     herald_store_group_commits_total 120\n\
                     herald_mqtt_publishes_durable_total 5000\n\
                     herald_mqtt_deliveries_dropped_total 3\n\
+                    herald_store_state_saves_total 40\n\
                     herald_other 9\n";
         let counters = HeraldCounters::parse(text);
         assert_eq!(
@@ -693,15 +716,18 @@ mod tests {
             HeraldCounters {
                 group_commits: 120,
                 publishes_durable: 5000,
-                deliveries_dropped: 3
+                deliveries_dropped: 3,
+                state_saves: 40,
             }
         );
         let before = HeraldCounters {
             group_commits: 20,
             publishes_durable: 1000,
             deliveries_dropped: 3,
+            state_saves: 10,
         };
         assert_eq!(counters.since(before).group_commits, 100);
+        assert_eq!(counters.since(before).state_saves, 30);
         assert_eq!(HeraldCounters::parse(""), HeraldCounters::default());
     }
 
@@ -715,6 +741,7 @@ mod tests {
             broker,
             qos,
             subscribers: 100,
+            session: SessionKind::Clean,
             window: Window {
                 seconds: 2.0,
                 published: delivered / 100,
@@ -764,6 +791,36 @@ mod tests {
         assert_eq!(json["comparison"][1]["met"], false);
         assert_eq!(json["throughput"][0]["delivered_per_second"], 150_000.0);
         assert!(report.problems().is_empty());
+    }
+
+    /// A persistent-session row is compared with Mosquitto's persistent-session row of the
+    /// same case, never with the clean one.
+    #[test]
+    fn sessions_are_compared_separately() {
+        let persistent = |broker, delivered| ThroughputRow {
+            session: SessionKind::Persistent,
+            ..throughput_row(broker, 1, delivered, DeliveryCheck::default())
+        };
+        let report = report(vec![
+            throughput_row(Broker::Herald, 1, 300_000, DeliveryCheck::default()),
+            throughput_row(Broker::Mosquitto, 1, 200_000, DeliveryCheck::default()),
+            persistent(Broker::Herald, 100_000),
+            persistent(Broker::Mosquitto, 400_000),
+        ]);
+        let comparisons = report.comparisons();
+        assert_eq!(comparisons.len(), 2);
+        assert_eq!(comparisons[0].session, SessionKind::Clean);
+        assert!((comparisons[0].ratio - 1.5).abs() < 1e-9);
+        assert_eq!(comparisons[1].session, SessionKind::Persistent);
+        assert!((comparisons[1].ratio - 0.25).abs() < 1e-9);
+        let table = report.to_table();
+        assert!(table.contains("qos 1 1->100  persistent"), "{table}");
+        assert_eq!(report.to_json()["throughput"][2]["session"], "persistent");
+        assert_eq!(
+            SessionKind::parse("persistent"),
+            Ok(SessionKind::Persistent)
+        );
+        assert!(SessionKind::parse("dirty").is_err());
     }
 
     #[test]

@@ -303,6 +303,8 @@ pub(crate) struct HeraldCounters {
     pub(crate) publishes_durable: u64,
     /// MQTT deliveries dropped (full feed or window).
     pub(crate) deliveries_dropped: u64,
+    /// State records saved (MQTT persistent sessions save theirs before each delivery batch).
+    pub(crate) state_saves: u64,
 }
 
 impl HeraldCounters {
@@ -317,6 +319,7 @@ impl HeraldCounters {
                 "herald_store_group_commits_total" => &mut counters.group_commits,
                 "herald_mqtt_publishes_durable_total" => &mut counters.publishes_durable,
                 "herald_mqtt_deliveries_dropped_total" => &mut counters.deliveries_dropped,
+                "herald_store_state_saves_total" => &mut counters.state_saves,
                 _ => continue,
             };
             if let Ok(value) = value.trim().parse::<f64>() {
@@ -335,6 +338,7 @@ impl HeraldCounters {
             deliveries_dropped: self
                 .deliveries_dropped
                 .saturating_sub(before.deliveries_dropped),
+            state_saves: self.state_saves.saturating_sub(before.state_saves),
         }
     }
 }

@@ -72,6 +72,42 @@ pub(crate) fn qos_of(level: u8) -> QoS {
     }
 }
 
+/// The subscribers' MQTT session: clean, or persistent (`clean_session = 0`), which Herald
+/// saves to its log before each batch of deliveries it sends (Mosquitto, with persistence off,
+/// keeps it in memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum SessionKind {
+    Clean,
+    Persistent,
+}
+
+impl SessionKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Clean => "clean",
+            SessionKind::Persistent => "persistent",
+        }
+    }
+
+    /// What a case's label adds: nothing for the usual clean session.
+    pub(crate) fn label_suffix(self) -> &'static str {
+        match self {
+            SessionKind::Clean => "",
+            SessionKind::Persistent => " persistent",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Result<SessionKind, String> {
+        match text.trim() {
+            "clean" => Ok(SessionKind::Clean),
+            "persistent" => Ok(SessionKind::Persistent),
+            other => Err(format!(
+                "unknown session kind {other:?}; expected clean or persistent"
+            )),
+        }
+    }
+}
+
 /// Where and how the clients connect.
 #[derive(Clone, Debug)]
 pub(crate) struct Endpoint {
@@ -82,15 +118,17 @@ pub(crate) struct Endpoint {
     pub(crate) message_bytes: usize,
     /// The publisher's window of unacknowledged QoS 1/2 publishes.
     pub(crate) inflight: u16,
+    /// The subscribers' session (the publisher's is always clean).
+    pub(crate) subscriber_session: SessionKind,
 }
 
 impl Endpoint {
     /// `packet_ids`: rumqttc's `inflight`, which is also the range its packet ids cycle
     /// through (see [`Publisher`]).
-    fn options(&self, client_id: &str, packet_ids: u16) -> MqttOptions {
+    fn options(&self, client_id: &str, packet_ids: u16, clean_session: bool) -> MqttOptions {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", self.port);
         options.set_keep_alive(KEEP_ALIVE);
-        options.set_clean_session(true);
+        options.set_clean_session(clean_session);
         options.set_inflight(packet_ids);
         let packet_bytes = self.message_bytes + 1024;
         options.set_max_packet_size(packet_bytes, packet_bytes);
@@ -105,9 +143,10 @@ impl Endpoint {
         &self,
         client_id: &str,
         packet_ids: u16,
+        clean_session: bool,
     ) -> anyhow::Result<(AsyncClient, EventLoop)> {
         let (client, mut events) = AsyncClient::new(
-            self.options(client_id, packet_ids),
+            self.options(client_id, packet_ids, clean_session),
             REQUEST_CHANNEL_CAPACITY,
         );
         let connack = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -343,7 +382,10 @@ async fn subscribe(
     topic: &str,
     qos: QoS,
 ) -> anyhow::Result<(AsyncClient, EventLoop)> {
-    let (client, mut events) = endpoint.connect(client_id, SUBSCRIBER_PACKET_IDS).await?;
+    let clean_session = endpoint.subscriber_session == SessionKind::Clean;
+    let (client, mut events) = endpoint
+        .connect(client_id, SUBSCRIBER_PACKET_IDS, clean_session)
+        .await?;
     client
         .subscribe(topic, qos)
         .await
@@ -425,7 +467,9 @@ impl Publisher {
         topic: &str,
         qos: QoS,
     ) -> anyhow::Result<Publisher> {
-        let (client, events_loop) = endpoint.connect(client_id, PUBLISHER_PACKET_IDS).await?;
+        let (client, events_loop) = endpoint
+            .connect(client_id, PUBLISHER_PACKET_IDS, true)
+            .await?;
         let window = (qos != QoS::AtMostOnce)
             .then(|| Arc::new(tokio::sync::Semaphore::new(usize::from(endpoint.inflight))));
         let events = Arc::new(PublisherEvents::default());

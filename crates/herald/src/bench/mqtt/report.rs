@@ -2,6 +2,7 @@
 //! checks, Herald against Mosquitto (issue #6's target), as a table or as JSON.
 
 use super::broker::{Broker, HeraldCounters};
+use super::clients::SessionKind;
 use super::*;
 
 /// What changed over a measured window.
@@ -74,6 +75,11 @@ impl Window {
         Some(self.per_second(self.herald?.group_commits))
     }
 
+    /// Herald's state records saved per second (persistent MQTT sessions, among others).
+    pub(crate) fn state_saves_per_second(&self) -> Option<f64> {
+        Some(self.per_second(self.herald?.state_saves))
+    }
+
     fn to_json(&self) -> Value {
         json!({
             "seconds": self.seconds,
@@ -86,6 +92,7 @@ impl Window {
             "broker_cpu_us_per_delivery": self.broker_cpu_us_per_delivery(),
             "bench_cpu_cores": self.bench_cpu_cores(),
             "fsyncs_per_second": self.fsyncs_per_second(),
+            "state_saves_per_second": self.state_saves_per_second(),
             "herald_deliveries_dropped": self.herald.map(|counters| counters.deliveries_dropped),
         })
     }
@@ -131,22 +138,24 @@ impl DeliveryCheck {
     }
 }
 
-/// One broker, QoS and subscriber count: the throughput phase.
+/// One broker, QoS, subscriber count and session: the throughput phase.
 #[derive(Clone, Debug)]
 pub(crate) struct ThroughputRow {
     pub(crate) broker: Broker,
     pub(crate) qos: u8,
     pub(crate) subscribers: usize,
+    pub(crate) session: SessionKind,
     pub(crate) window: Window,
     pub(crate) check: DeliveryCheck,
 }
 
-/// One broker, QoS and subscriber count: the fixed-rate latency phase.
+/// One broker, QoS, subscriber count and session: the fixed-rate latency phase.
 #[derive(Clone, Debug)]
 pub(crate) struct LatencyRow {
     pub(crate) broker: Broker,
     pub(crate) qos: u8,
     pub(crate) subscribers: usize,
+    pub(crate) session: SessionKind,
     pub(crate) rate: u64,
     pub(crate) window: Window,
     /// Publish-to-deliver latency over the measured window's messages.
@@ -186,11 +195,12 @@ pub(crate) struct Settings {
     pub(crate) warmup: Duration,
 }
 
-/// Herald against Mosquitto for one QoS and subscriber count.
+/// Herald against Mosquitto for one QoS, subscriber count and session.
 #[derive(Clone, Debug)]
 pub(crate) struct Comparison {
     pub(crate) qos: u8,
     pub(crate) subscribers: usize,
+    pub(crate) session: SessionKind,
     pub(crate) herald_per_second: f64,
     pub(crate) mosquitto_per_second: f64,
     /// Herald's delivered/s over Mosquitto's.
@@ -226,6 +236,7 @@ impl MqttReport {
                 row.broker == Broker::Mosquitto
                     && row.qos == herald.qos
                     && row.subscribers == herald.subscribers
+                    && row.session == herald.session
             }) else {
                 continue;
             };
@@ -236,6 +247,7 @@ impl MqttReport {
                         row.broker == broker
                             && row.qos == herald.qos
                             && row.subscribers == herald.subscribers
+                            && row.session == herald.session
                     })
                     .map(|row| row.latency.p99_us)
             };
@@ -249,6 +261,7 @@ impl MqttReport {
             comparisons.push(Comparison {
                 qos: herald.qos,
                 subscribers: herald.subscribers,
+                session: herald.session,
                 herald_per_second,
                 mosquitto_per_second,
                 ratio,
@@ -273,17 +286,27 @@ impl MqttReport {
                     row.broker,
                     row.qos,
                     row.subscribers,
+                    row.session,
                     "throughput",
                     &row.check,
                 )
             })
-            .chain(
-                self.latency
-                    .iter()
-                    .map(|row| (row.broker, row.qos, row.subscribers, "latency", &row.check)),
+            .chain(self.latency.iter().map(|row| {
+                (
+                    row.broker,
+                    row.qos,
+                    row.subscribers,
+                    row.session,
+                    "latency",
+                    &row.check,
+                )
+            }));
+        for (broker, qos, subscribers, session, phase, check) in checks {
+            let case = format!(
+                "{} qos {qos} 1->{subscribers}{} {phase}",
+                broker.as_str(),
+                session.label_suffix()
             );
-        for (broker, qos, subscribers, phase, check) in checks {
-            let case = format!("{} qos {qos} 1->{subscribers} {phase}", broker.as_str());
             if check.failed_clients > 0 {
                 problems.push(format!(
                     "{case}: {} clients failed ({})",
@@ -348,16 +371,18 @@ impl MqttReport {
             settings.warmup.as_secs_f64()
         ));
         out.push_str(&format!(
-            "{:<10} {:>3} {:>5} {:>12} {:>12} {:>7} {:>10} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
+            "{:<10} {:>3} {:>5} {:<10} {:>12} {:>12} {:>7} {:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>8}\n",
             "broker",
             "qos",
             "subs",
+            "session",
             "published/s",
             "delivered/s",
             "broker",
             "cpu/deliv",
             "bench",
             "fsyncs/s",
+            "saves/s",
             "not deliv",
             "dup/ooo",
             "ack ooo"
@@ -365,10 +390,11 @@ impl MqttReport {
         for row in &self.throughput {
             let window = &row.window;
             out.push_str(&format!(
-                "{:<10} {:>3} {:>5} {:>12} {:>12} {:>7} {:>10} {:>6} {:>9} {:>9} {:>7} {:>8}\n",
+                "{:<10} {:>3} {:>5} {:<10} {:>12} {:>12} {:>7} {:>10} {:>6} {:>9} {:>9} {:>9} {:>7} {:>8}\n",
                 row.broker.as_str(),
                 row.qos,
                 row.subscribers,
+                row.session.as_str(),
                 thousands(window.published_per_second()),
                 thousands(window.delivered_per_second()),
                 format_cores(window.broker_cpu_cores()),
@@ -381,6 +407,10 @@ impl MqttReport {
                     .fsyncs_per_second()
                     .map(thousands)
                     .unwrap_or_else(|| "-".to_owned()),
+                window
+                    .state_saves_per_second()
+                    .map(thousands)
+                    .unwrap_or_else(|| "-".to_owned()),
                 row.check.not_delivered,
                 row.check.late,
                 window.acks_out_of_order
@@ -390,7 +420,8 @@ impl MqttReport {
             "(published/s: PUBACKs (QoS 1) or PUBCOMPs (QoS 2) received, QoS 0 messages written; \
              delivered/s: new\n messages received, summed over the subscribers; broker, bench: \
              CPU in cores (this machine has\n its cores shared by both); cpu/deliv: broker CPU \
-             time / deliveries; fsyncs/s: Herald's group commits;\n not deliv: expected \
+             time / deliveries; fsyncs/s: Herald's group commits;\n saves/s: Herald's state \
+             records saved (persistent sessions); session: the subscribers'; not deliv: expected\n \
              deliveries that never arrived; dup/ooo: received again or out of order;\n ack ooo: \
              PUBACKs/PUBRECs that did not answer the publisher's oldest outstanding PUBLISH)\n",
         );
@@ -401,10 +432,11 @@ impl MqttReport {
             settings.rate
         ));
         out.push_str(&format!(
-            "{:<10} {:>3} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}\n",
+            "{:<10} {:>3} {:>5} {:<10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}\n",
             "broker",
             "qos",
             "subs",
+            "session",
             "delivered/s",
             "p50",
             "p99",
@@ -415,10 +447,11 @@ impl MqttReport {
         ));
         for row in &self.latency {
             out.push_str(&format!(
-                "{:<10} {:>3} {:>5} {:>12} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}\n",
+                "{:<10} {:>3} {:>5} {:<10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>7} {:>9}\n",
                 row.broker.as_str(),
                 row.qos,
                 row.subscribers,
+                row.session.as_str(),
                 thousands(row.window.delivered_per_second()),
                 format_us(row.latency.p50_us),
                 format_us(row.latency.p99_us),
@@ -437,10 +470,11 @@ impl MqttReport {
             );
             for comparison in &comparisons {
                 out.push_str(&format!(
-                    "  qos {} 1->{:<4} herald {:>10}/s  mosquitto {:>10}/s  = {:>6.1}%  {}   \
+                    "  qos {} 1->{:<4} {:<10} herald {:>10}/s  mosquitto {:>10}/s  = {:>6.1}%  {}   \
                      p99 at {}/s: herald {} mosquitto {}\n",
                     comparison.qos,
                     comparison.subscribers,
+                    comparison.session.as_str(),
                     thousands(comparison.herald_per_second),
                     thousands(comparison.mosquitto_per_second),
                     comparison.ratio * 100.0,
@@ -491,6 +525,7 @@ impl MqttReport {
                 value["broker"] = json!(row.broker.as_str());
                 value["qos"] = json!(row.qos);
                 value["subscribers"] = json!(row.subscribers);
+                value["session"] = json!(row.session.as_str());
                 value["check"] = row.check.to_json();
                 value
             }).collect::<Vec<Value>>(),
@@ -499,6 +534,7 @@ impl MqttReport {
                 value["broker"] = json!(row.broker.as_str());
                 value["qos"] = json!(row.qos);
                 value["subscribers"] = json!(row.subscribers);
+                value["session"] = json!(row.session.as_str());
                 value["rate"] = json!(row.rate);
                 value["p50_us"] = json!(row.latency.p50_us);
                 value["p99_us"] = json!(row.latency.p99_us);
@@ -510,6 +546,7 @@ impl MqttReport {
             "comparison": self.comparisons().iter().map(|comparison| json!({
                 "qos": comparison.qos,
                 "subscribers": comparison.subscribers,
+                "session": comparison.session.as_str(),
                 "herald_delivered_per_second": comparison.herald_per_second,
                 "mosquitto_delivered_per_second": comparison.mosquitto_per_second,
                 "ratio": comparison.ratio,
