@@ -114,7 +114,7 @@ impl Default for MqttConfig {
             keep_alive_max: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(10),
             subscriptions_per_connection: 100,
-            publishes_in_flight_max: 64,
+            publishes_in_flight_max: 256,
             topic_alias_maximum: 32,
             session_expiry_max: Duration::from_secs(7 * 24 * 3600),
             session_sweep_interval: Duration::from_secs(60),
