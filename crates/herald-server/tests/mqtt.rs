@@ -27,7 +27,7 @@ fn decoded(message: &Value) -> Vec<u8> {
 // ---------- rumqttc 3.1.1 ----------
 
 mod v3 {
-    use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+    use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS};
 
     use super::*;
 
@@ -47,20 +47,7 @@ mod v3 {
         (client, events)
     }
 
-    /// Polls until a packet matches; panics on a connection error or after WAIT.
-    pub async fn next_packet(events: &mut EventLoop, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(packet)) if wanted(&packet) => return packet,
-                    Ok(_) => {}
-                    Err(error) => panic!("MQTT connection failed: {error}"),
-                }
-            }
-        })
-        .await
-        .expect("the packet arrives in time")
-    }
+    pub use crate::common::mqtt::v3_next_packet as next_packet;
 
     /// Polls until the connection fails; returns the error text.
     pub async fn until_error(events: &mut EventLoop) -> String {
@@ -80,7 +67,7 @@ mod v3 {
 
 mod v5 {
     use rumqttc::v5::mqttbytes::v5::Packet;
-    use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+    use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 
     use super::*;
 
@@ -99,19 +86,7 @@ mod v5 {
         (client, events)
     }
 
-    pub async fn next_packet(events: &mut EventLoop, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(packet)) if wanted(&packet) => return packet,
-                    Ok(_) => {}
-                    Err(error) => panic!("MQTT connection failed: {error}"),
-                }
-            }
-        })
-        .await
-        .expect("the packet arrives in time")
-    }
+    pub use crate::common::mqtt::v5_next_packet as next_packet;
 }
 
 /// Every QoS, both versions: a PUBLISH is acknowledged and then readable over HTTP with its

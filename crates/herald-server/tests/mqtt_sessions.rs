@@ -39,19 +39,7 @@ mod v3 {
         (client, events, connack.session_present)
     }
 
-    pub async fn next_packet(events: &mut EventLoop, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(packet)) if wanted(&packet) => return packet,
-                    Ok(_) => {}
-                    Err(error) => panic!("MQTT connection failed: {error}"),
-                }
-            }
-        })
-        .await
-        .expect("the packet arrives in time")
-    }
+    pub use crate::common::mqtt::v3_next_packet as next_packet;
 
     /// The next `count` PUBLISH packets, acknowledged by rumqttc; returns once the QoS 2 ones
     /// are complete too (PUBCOMP sent), so that a disconnect leaves no exchange half done.
@@ -126,19 +114,7 @@ mod v5 {
         (client, events, connack.session_present)
     }
 
-    pub async fn next_packet(events: &mut EventLoop, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        tokio::time::timeout(WAIT, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(packet)) if wanted(&packet) => return packet,
-                    Ok(_) => {}
-                    Err(error) => panic!("MQTT connection failed: {error}"),
-                }
-            }
-        })
-        .await
-        .expect("the packet arrives in time")
-    }
+    pub use crate::common::mqtt::v5_next_packet as next_packet;
 
     /// As `v3::publishes`: returns once the QoS 2 exchanges are complete too.
     pub async fn publishes(

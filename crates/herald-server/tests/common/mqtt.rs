@@ -138,3 +138,40 @@ pub fn mosquitto_available() -> bool {
     }
     found
 }
+
+/// Polls a 3.1.1 client until a packet matches; panics on a connection error or after
+/// [`super::WAIT`].
+pub async fn v3_next_packet(
+    events: &mut rumqttc::EventLoop,
+    wanted: impl Fn(&rumqttc::Packet) -> bool,
+) -> rumqttc::Packet {
+    tokio::time::timeout(super::WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::Event::Incoming(packet)) if wanted(&packet) => return packet,
+                Ok(_) => {}
+                Err(error) => panic!("MQTT connection failed: {error}"),
+            }
+        }
+    })
+    .await
+    .expect("the packet arrives in time")
+}
+
+/// [`v3_next_packet`] for a v5 client.
+pub async fn v5_next_packet(
+    events: &mut rumqttc::v5::EventLoop,
+    wanted: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
+) -> rumqttc::v5::mqttbytes::v5::Packet {
+    tokio::time::timeout(super::WAIT, async {
+        loop {
+            match events.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(packet)) if wanted(&packet) => return packet,
+                Ok(_) => {}
+                Err(error) => panic!("MQTT connection failed: {error}"),
+            }
+        }
+    })
+    .await
+    .expect("the packet arrives in time")
+}
