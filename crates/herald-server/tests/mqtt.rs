@@ -900,6 +900,19 @@ async fn a_will_is_published_when_a_client_vanishes_and_not_after_disconnect() {
     assert_eq!(history.len(), 1, "the will is stored: {history:?}");
     assert_eq!(decoded(&history[0]), b"offline");
     assert_eq!(history[0]["headers"]["mqtt-retain"], "1");
+    // The will is counted once it is also the topic's retained message (the index is updated
+    // just after the append is durable, and a will has no PUBACK to wait for).
+    let indexed = tokio::time::timeout(WAIT, async {
+        while !server
+            .metrics()
+            .await
+            .contains("herald_mqtt_wills_published_total 1\n")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(indexed.is_ok(), "the will is counted in time");
     // Retained: a later subscriber gets it.
     let (subscriber, mut sub_events) = v3::client(&server, "watcher", None).await;
     subscriber

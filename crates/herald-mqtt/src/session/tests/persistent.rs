@@ -576,3 +576,53 @@ fn channels_behind_are_read_in_turn() {
     next.extend(reads(&saved(&mut session, &actions)));
     assert_eq!(next, ["a:y"]);
 }
+
+#[test]
+fn caught_up_deliveries_acknowledged_before_disconnect_are_not_kept() {
+    let mut stored = stored_session();
+    stored.outbound.clear();
+    stored.inbound.clear();
+    stored.subscriptions[0].qos = 1;
+    let mut session = connect_v5(false, 3600);
+    let actions = open(&mut session, Some(stored));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ListChannels { .. }))
+    );
+    session.handle_channels_listed(vec![channel("a:c")]);
+    let actions = drain(&mut session);
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ReadChannel { .. })),
+        "{actions:?}"
+    );
+    session.handle_channel_read(
+        &channel("a:c"),
+        page(
+            vec![message("a:c", 1, None, "m1"), message("a:c", 2, None, "m2")],
+            false,
+        ),
+    );
+    let actions = drain(&mut session);
+    let after = saved(&mut session, &actions);
+    let publishes = sent_publishes(&after);
+    assert_eq!(publishes.len(), 2, "{after:?}");
+    let ids: Vec<NonZeroU16> = publishes.iter().map(|p| p.packet_id.unwrap()).collect();
+    for packet_id in ids {
+        session.handle_packet(Packet::V5(v5::Packet::PublishAck(v5::PublishAck {
+            packet_id,
+            ..v5::PublishAck::default()
+        })));
+    }
+    session.handle_packet(Packet::V5(
+        v5::Packet::Disconnect(v5::Disconnect::default()),
+    ));
+    drain(&mut session);
+    let SessionEnd::Keep(end) = session.session_end() else {
+        panic!("kept")
+    };
+    assert!(end.outbound.is_empty(), "{:?}", end.outbound);
+    assert_eq!(end.cursors["a:c"], "E1:2");
+}
