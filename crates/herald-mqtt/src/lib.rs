@@ -9,11 +9,14 @@
 //! - [`decoder`]: bytes to packets (the CONNECT's protocol level picks the codec).
 //! - [`topic`]: topic name and filter validation, the topic <-> channel mapping, matching.
 //! - [`session`]: one connection's protocol state machine (CONNECT, QoS 0/1/2 flows,
-//!   SUBSCRIBE/UNSUBSCRIBE, the outbound window, protocol violations).
+//!   SUBSCRIBE/UNSUBSCRIBE, the outbound window, protocol violations, persistent sessions
+//!   and their stored record).
 //!
 //! # Invariants
 //! - A PUBLISH is acknowledged (PUBACK/PUBREC) only after its append was answered durable.
-//! - QoS 2: one append per packet id until PUBREL, within a connection.
+//! - QoS 2: one append per packet id until PUBREL, within a connection, and across
+//!   connections and crashes for a persistent session (its message id is recorded first).
+//! - A persistent session's state is durable before any packet that depends on it leaves.
 //! - Nothing panics on client input: every violation becomes a close with a reason code.
 
 pub mod decoder;

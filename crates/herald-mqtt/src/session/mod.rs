@@ -47,7 +47,9 @@
 //!   way to tell the client a limit: the driver pauses reading instead), outbound ones by the
 //!   window (the client's Receive Maximum in v5, capped by `outbound_inflight_max`), then
 //!   `outbound_pending_max` deliveries wait; more are dropped and counted
-//!   ([`Session::deliveries_dropped`]).
+//!   ([`Session::deliveries_dropped`]). A persistent session queues nothing: what does not fit
+//!   the window stays in the log; the packets held for its next save are bounded by
+//!   [`HELD_PACKETS_MAX`].
 //! - Bad input never panics: protocol violations end with [`Action::Close`] and, on a v5
 //!   connection past CONNACK, a DISCONNECT with the reason code first.
 //! - Persistent sessions (see `persistent`): nothing that depends on a change of the stored
