@@ -941,15 +941,7 @@ async fn a_will_is_published_when_a_client_vanishes_and_not_after_disconnect() {
         server.history("devices:d2.status", None).await.is_empty(),
         "a clean DISCONNECT discards the will"
     );
-    let metrics = server
-        .http
-        .get(format!("http://{}/metrics", server.http_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     assert!(
         metrics.contains("herald_mqtt_wills_published_total 1\n"),
         "{metrics}"
